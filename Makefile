@@ -1,0 +1,38 @@
+# Two entry points (see README "Quick start"): `make study` and `make test`.
+# Both create or reuse a local virtual environment in .venv.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hsat-installed
+CORES ?= 2
+# pip's extra indexes on some machines print one warning per package; keep the log readable.
+QUIET_PIP := grep -v '^WARNING: Location' || true
+
+.PHONY: setup study test lint bench clean-results
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e ".[test]" 2>&1 | $(QUIET_PIP)
+	# torchattacks pins an old `requests`; its attacks need only torch, so skip its dependency list.
+	$(BIN)/python -m pip install -q --no-deps "torchattacks==3.5.1" 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "import hsat, torch, torchvision, timm, snakemake, torchattacks"
+	@touch $@
+
+setup: $(STAMP)
+
+study: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) all
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
+
+bench: $(STAMP)
+	$(BIN)/hsat bench --json results/bench.json
+
+clean-results:
+	rm -rf results/ .snakemake/

@@ -1,0 +1,3 @@
+from hsat.cli import main
+
+raise SystemExit(main())

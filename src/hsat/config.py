@@ -1,0 +1,161 @@
+"""Configuration is data: YAML files validated against one JSON schema, with defaults filled in.
+
+The study config (Snakemake's `config/*.yaml`) and the run config (`hsat pretrain --config`) share
+`schemas/config.schema.yaml`; a run config is the study's `pretrain` section merged with one
+model's overrides.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import jsonschema
+import yaml
+
+from hsat.errors import HSATError
+
+SCHEMA_FILE = "config.schema.yaml"
+
+
+@functools.cache
+def load_schema() -> dict:
+    text = resources.files("hsat").joinpath("schemas", SCHEMA_FILE).read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def schema_path() -> Path:
+    """Filesystem path of the schema (for snakemake.utils.validate)."""
+    return Path(str(resources.files("hsat").joinpath("schemas", SCHEMA_FILE)))
+
+
+def _with_defaults(validator_class):
+    """A validator that fills `default` values into objects as it validates (as Snakemake does)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def _subschema(which: str) -> dict:
+    schema = load_schema()
+    if which == "study":
+        return schema
+    if which not in schema["$defs"]:
+        raise ValueError(f"unknown schema part {which!r}")
+    return {"$defs": schema["$defs"], "$ref": f"#/$defs/{which}"}
+
+
+def validate(cfg: Mapping[str, Any], which: str = "run", source: str = "config") -> dict:
+    """Return a validated deep copy of `cfg` with defaults filled in.
+
+    Raises HSATError listing every problem as `source: key.path: message`.
+    """
+    out = copy.deepcopy(dict(cfg))
+    validator = _Validator(_subschema(which))
+    # Fill defaults first (a pass may add nested objects whose own defaults need a second pass).
+    for _ in range(4):
+        before = repr(out)
+        list(validator.iter_errors(out))
+        if repr(out) == before:
+            break
+    errors = sorted(validator.iter_errors(out), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for e in errors:
+            where = ".".join(str(p) for p in e.absolute_path) or "<top>"
+            lines.append(f"{source}: {where}: {e.message}")
+        raise HSATError("invalid configuration\n  " + "\n  ".join(lines))
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise HSATError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise HSATError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise HSATError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict:
+    """Recursively merge `override` into a copy of `base` (mappings merge, everything else replaces)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_overrides(items: Iterable[str]) -> dict:
+    """Turn `["train.steps=10", "model.head_hidden=[256]"]` into a nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise HSATError(f"override {item!r} is not of the form key.path=value")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise HSATError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise HSATError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise HSATError(f"override {item!r} conflicts with another override of {p!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def load_run_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
+    """Read a run config (or start from defaults), apply key=value overrides, validate, resolve the method."""
+    from hsat.methods import resolve_method
+
+    cfg = read_yaml(path) if path else {}
+    cfg = deep_merge(cfg, parse_overrides(overrides))
+    cfg = validate(cfg, "run", source=str(path) if path else "config")
+    cfg["method"] = resolve_method(cfg["method"])
+    return cfg
+
+
+def load_study_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
+    cfg = deep_merge(read_yaml(path), parse_overrides(overrides))
+    return validate(cfg, "study", source=str(path))
+
+
+def run_config_for_model(study: Mapping[str, Any], model: str, manifest: str | None = None) -> dict:
+    """The resolved run config of one model of the study matrix."""
+    if model not in study["models"]:
+        raise HSATError(f"model {model!r} is not in the study config (have: {', '.join(study['models'])})")
+    from hsat.methods import resolve_method
+
+    overrides = {k: v for k, v in study["models"][model].items() if k != "group"}
+    cfg = deep_merge(study.get("pretrain", {}), overrides)
+    if manifest is not None:
+        cfg = deep_merge(cfg, {"data": {"manifest": str(manifest)}})
+    cfg = validate(cfg, "run", source=f"models.{model}")
+    cfg["method"] = resolve_method(cfg["method"])
+    return cfg
