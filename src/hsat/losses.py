@@ -1,0 +1,82 @@
+"""Supervised-contrastive loss (Khosla et al. 2020) and its patient/slide/patch hierarchy (HiDisc).
+
+Both are plain functions of tensors. The hierarchy is only a regrouping of the same embeddings:
+patient-level positives are every view of every patch of the patient, slide-level positives
+every view of every patch of the slide, patch-level positives the views of one patch.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from hsat import LEVELS
+
+
+def supcon_loss(z: torch.Tensor, temperature: float = 0.07, base_temperature: float = 0.07) -> torch.Tensor:
+    """SupCon loss, contrast mode "all", for `z` of shape (G, V, D), rows L2-normalised.
+
+    Each of the G*V embeddings is an anchor; its contrast set is every other embedding; its
+    positives are the other V-1 members of its group. The loss is
+    -(temperature / base_temperature) * mean over anchors of the mean log-probability of its
+    positives. Computed in float32 with log-sum-exp, so it is stable at small temperatures.
+    """
+    if z.dim() != 3:
+        raise ValueError(f"supcon_loss expects z of shape (groups, views, dim), got {tuple(z.shape)}")
+    groups, views, dim = z.shape
+    if views < 2:
+        raise ValueError(f"supcon_loss needs at least 2 mutually positive embeddings per group, got {views}")
+    if not temperature > 0 or not base_temperature > 0:
+        raise ValueError(f"temperatures must be positive, got {temperature} and {base_temperature}")
+    n = groups * views
+    flat = z.reshape(n, dim).float()
+    logits = flat @ flat.T / temperature
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    # log p(j | i) = s_ij - log sum_{k != i} exp(s_ik); logsumexp subtracts the row max itself.
+    log_norm = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True)
+    log_prob = logits - log_norm
+    group = torch.arange(groups, device=z.device).repeat_interleave(views)
+    positive = (group[:, None] == group[None, :]) & ~self_mask
+    mean_log_prob_pos = (log_prob * positive).sum(1) / (views - 1)
+    return -(temperature / base_temperature) * mean_log_prob_pos.mean()
+
+
+def hierarchical_loss(
+    z: torch.Tensor,
+    levels: Sequence[str] = LEVELS,
+    weights: Mapping[str, float] | None = None,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+) -> dict[str, torch.Tensor]:
+    """Patient, slide and patch SupCon terms of `z` shaped (P, S, K, V, D), plus their weighted sum.
+
+    Returns `{level: loss for each requested level, "total": sum of weights[level] * loss}`;
+    weights default to 1.0 per level.
+    """
+    if z.dim() != 5:
+        raise ValueError(
+            f"hierarchical_loss expects z of shape (patients, slides, patches, views, dim), got {tuple(z.shape)}"
+        )
+    levels = list(levels)
+    unknown = [lvl for lvl in levels if lvl not in LEVELS]
+    if not levels or unknown or len(set(levels)) != len(levels):
+        raise ValueError(f"levels must be a non-empty subset of {LEVELS} without repeats, got {levels}")
+    weights = dict(weights or {})
+    bad = [k for k in weights if k not in LEVELS]
+    if bad:
+        raise ValueError(f"weights has unknown levels {bad}; allowed: {LEVELS}")
+    p, s, k, v, d = z.shape
+    groupings = {
+        "patient": (p, s * k * v),
+        "slide": (p * s, k * v),
+        "patch": (p * s * k, v),
+    }
+    out: dict[str, torch.Tensor] = {}
+    for lvl in levels:
+        g, members = groupings[lvl]
+        if members < 2:
+            raise ValueError(f"the {lvl} level needs at least 2 embeddings per {lvl}; z has shape {tuple(z.shape)}")
+        out[lvl] = supcon_loss(z.reshape(g, members, d), temperature, base_temperature)
+    out["total"] = sum(float(weights.get(lvl, 1.0)) * out[lvl] for lvl in levels)
+    return out
