@@ -1,0 +1,188 @@
+"""The manifest: one row per patch (patient, slide, path, label, split), the only input later stages read.
+
+`path` is absolute in memory; on disk it is relative to the folder holding the manifest (so a
+study folder moves as one piece), or absolute where no relative path exists (another drive).
+Validation rejects what would silently corrupt an experiment: patient-level leakage between
+splits, a slide claimed by two patients, missing files, empty labels. Every message names the
+manifest and the offending patient, slide or path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from hsat import CLASSES
+from hsat.errors import HSATError
+from hsat.io import write_csv
+
+log = logging.getLogger(__name__)
+
+COLUMNS: tuple[str, ...] = ("patient", "slide", "path", "label", "split")
+SPLITS: tuple[str, ...] = ("train", "val")
+_MAX_LISTED = 5  # offending items quoted in one message
+
+
+def list_some(items: Sequence, n: int = _MAX_LISTED) -> str:
+    items = list(items)
+    head = ", ".join(str(i) for i in items[:n])
+    return head + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def validate_manifest(df: pd.DataFrame, source: str, check_files: bool = True) -> pd.DataFrame:
+    """Return a clean copy of `df` (the five columns as str) or raise HSATError naming `source`.
+
+    Checks: required columns, at least one row, no empty patient/slide/path/label, split in
+    {train, val}, no patient in both splits, no slide under two patients, and (with
+    `check_files`) that every path exists. Extra columns are kept as they are.
+    """
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise HSATError(f"{source}: missing manifest column(s) {missing}; required: {list(COLUMNS)}")
+    if len(df) == 0:
+        raise HSATError(f"{source}: manifest has no rows")
+    df = df.copy()
+    for col in COLUMNS:
+        empty = df[col].isna() | (df[col].astype(str).str.strip() == "")
+        if empty.any():
+            rows = (np.flatnonzero(empty.to_numpy()) + 2).tolist()  # +2: header line, 1-based
+            raise HSATError(f"{source}: empty {col!r} on line(s) {list_some(rows)}")
+        df[col] = df[col].astype(str)
+
+    bad_split = sorted(set(df["split"]) - set(SPLITS))
+    if bad_split:
+        raise HSATError(f"{source}: unknown split value(s) {bad_split}; allowed: {list(SPLITS)}")
+
+    splits_per_patient = df.groupby("patient", sort=True)["split"].nunique()
+    leaked = splits_per_patient.index[splits_per_patient > 1].tolist()
+    if leaked:
+        raise HSATError(
+            f"{source}: patient-level leakage: patient(s) {list_some(leaked)} appear in both train and val"
+        )
+    patients_per_slide = df.groupby("slide", sort=True)["patient"].unique()
+    shared = {s: sorted(p) for s, p in patients_per_slide.items() if len(p) > 1}
+    if shared:
+        desc = "; ".join(f"slide {s} under patients {p}" for s, p in list(shared.items())[:_MAX_LISTED])
+        raise HSATError(f"{source}: a slide belongs to more than one patient: {desc}")
+    labels_per_patient = df.groupby("patient", sort=True)["label"].unique()
+    mixed = {p: sorted(v) for p, v in labels_per_patient.items() if len(v) > 1}
+    if mixed:
+        log.warning("%s: patients with more than one label (kept): %s", source, list_some(mixed.items()))
+
+    dup = df["path"][df["path"].duplicated()]
+    if len(dup):
+        raise HSATError(f"{source}: path(s) listed more than once: {list_some(dup.unique())}")
+    if check_files:
+        absent = [p for p in df["path"] if not os.path.isfile(p)]
+        if absent:
+            raise HSATError(f"{source}: {len(absent)} image file(s) not found: {list_some(absent)}")
+    return df
+
+
+def read_manifest(path: str | os.PathLike, check_files: bool = True) -> pd.DataFrame:
+    """Read and validate a manifest CSV; `path` values come back absolute.
+
+    Relative paths are taken relative to the folder holding the manifest file, not the
+    working directory, so a study folder can be moved or shared as one piece.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HSATError(f"{path}: manifest file not found")
+    try:
+        # Ids stay strings ("007" is not 7) and empty fields stay empty, not NaN.
+        df = pd.read_csv(path, dtype={c: str for c in COLUMNS}, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise HSATError(f"{path}: cannot parse manifest CSV: {exc}") from exc
+    if "path" in df.columns:
+        base = path.resolve().parent
+        df["path"] = [
+            p if p == "" else os.path.normpath(os.path.join(base, os.path.expanduser(p))) for p in df["path"]
+        ]
+    return validate_manifest(df, str(path), check_files=check_files)
+
+
+def _relative_to(p: str, folder: Path) -> str:
+    try:
+        return Path(os.path.relpath(p, folder)).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        return p
+
+
+def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write `df` atomically with paths relative to the manifest's folder (five columns first)."""
+    path = Path(path)
+    folder = path.resolve().parent
+    out = df.copy()
+    out["path"] = [_relative_to(os.path.abspath(p), folder) for p in out["path"].astype(str)]
+    extra = [c for c in out.columns if c not in COLUMNS]
+    write_csv(path, out[list(COLUMNS) + extra])
+
+
+def class_names(df: pd.DataFrame) -> list[str]:
+    """Class names, index = label id: `hsat.CLASSES` if every label is an OpenSRH class, else sorted labels."""
+    labels = set(df["label"].astype(str))
+    if labels <= set(CLASSES):
+        return list(CLASSES)
+    return sorted(labels)
+
+
+def label_ids(df: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+    """Integer label id of every row (int64), following the order of `classes`."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(df["label"].astype(str)) - set(index))
+    if unknown:
+        raise HSATError(f"label(s) {unknown} not among the classes {list(classes)}")
+    return df["label"].astype(str).map(index).to_numpy(dtype=np.int64)
+
+
+def check_images(df: pd.DataFrame, source: str, srh_only: bool = False) -> None:
+    """Read every image once so corrupt, truncated or mis-shaped files fail now, not mid-training.
+
+    With `srh_only`, each file must be a (2, H, W) uint16 SRH patch.
+    """
+    from hsat.data.srh import read_image, read_srh_raw
+
+    reader = read_srh_raw if srh_only else read_image
+    for row in df.itertuples(index=False):
+        try:
+            reader(row.path)
+        except HSATError as exc:
+            raise HSATError(f"{source}: patient {row.patient}, slide {row.slide}: {exc}") from exc
+
+
+def summary(df: pd.DataFrame) -> str:
+    """One line: patients / slides / patches per split, and the number of classes."""
+    parts = []
+    for split in SPLITS:
+        sub = df[df["split"] == split]
+        parts.append(f"{split}: {sub['patient'].nunique()} patients, {sub['slide'].nunique()} slides, {len(sub)} patches")
+    return "; ".join(parts) + f"; {df['label'].nunique()} classes"
+
+
+def prepare_manifest(
+    out: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    manifest: str | os.PathLike | None = None,
+    check: bool = False,
+) -> pd.DataFrame:
+    """`hsat prepare`: build (from an OpenSRH root) or re-validate (a user manifest), then write `out`.
+
+    Nothing is written unless every check passes.
+    """
+    if (root is None) == (manifest is None):
+        raise HSATError("give exactly one of a dataset root or a manifest")
+    if root is not None:
+        from hsat.data.opensrh import build_manifest
+
+        df = build_manifest(root, check_images=check)
+    else:
+        df = read_manifest(manifest, check_files=True)
+        if check:
+            check_images(df, str(manifest))
+    write_manifest(df, out)
+    return df
