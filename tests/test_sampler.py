@@ -1,0 +1,254 @@
+"""Hierarchical sampling: shapes, replacement rules, determinism by key, resumption, DDP slices."""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from hsat import CLASSES
+from hsat.data.sampler import (
+    HierarchicalBatchSampler,
+    HierarchicalDataset,
+    PatchDataset,
+    collate_hierarchical,
+    make_loader,
+)
+from hsat.data.transforms import strength_at
+from hsat.errors import HSATError
+
+SIZE = 16  # crop side; stored patches are 20 px so the crop has room to move
+
+# patient -> (label, split, patches per slide); p1 has a single patch, stored as an SRH TIFF.
+LAYOUT = {
+    "p0": ("hgg", "train", [2, 2, 2]),
+    "p1": ("hgg", "train", [1]),
+    "p2": ("lgg", "train", [3, 3]),
+    "p3": ("mening", "train", [3, 3]),
+    "p4": ("lgg", "val", [2]),
+}
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> pd.DataFrame:
+    """Patches whose red channel is a constant unique to the patch (identifies it after any crop);
+    the other channels are random texture, so augmentations change something."""
+    root: Path = tmp_path_factory.mktemp("patches")
+    rng = np.random.default_rng(0)
+    rows, code = [], 10
+    for patient, (label, split, slides) in LAYOUT.items():
+        for s, n in enumerate(slides):
+            for k in range(n):
+                path = root / f"{patient}_s{s}_{k}"
+                if patient == "p1":
+                    path = path.with_suffix(".tif")
+                    tifffile.imwrite(path, rng.integers(0, 40000, (2, 20, 20), dtype=np.uint16))
+                else:
+                    path = path.with_suffix(".png")
+                    arr = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+                    arr[..., 0] = code
+                    code += 5
+                    Image.fromarray(arr).save(path)
+                rows.append(
+                    {"patient": patient, "slide": f"{patient}_s{s}", "path": str(path), "label": label, "split": split}
+                )
+    return pd.DataFrame(rows)
+
+
+def _dataset(manifest, **kw) -> HierarchicalDataset:
+    args = dict(num_slide_samples=2, num_patch_samples=2, num_transforms=2, image_size=SIZE, prob=0.5)
+    args.update(kw)
+    return HierarchicalDataset(manifest, **args)
+
+
+def _index(ds: HierarchicalDataset, patient: str) -> int:
+    return ds.patients.index(patient)
+
+
+def _codes(images: torch.Tensor) -> Counter:
+    """Patch identity of every patch in (S, K, V, C, H, W): its constant red value."""
+    red = (images[:, :, 0, 0] * 255).round().to(torch.int64)  # (S, K, H, W)
+    assert (red == red[..., :1, :1]).all()  # constant within each patch (prob 0: crop only)
+    return Counter(red[..., 0, 0].flatten().tolist())
+
+
+def test_item_shape_range_label(manifest):
+    ds = _dataset(manifest, num_slide_samples=2, num_patch_samples=3, num_transforms=4)
+    assert ds.patients == ["p0", "p1", "p2", "p3"]  # train split only, sorted
+    assert len(ds) == 4
+    item = ds[(_index(ds, "p2"), 0)]
+    assert item["images"].shape == (2, 3, 4, 3, SIZE, SIZE)
+    assert item["images"].dtype == torch.float32
+    assert 0.0 <= float(item["images"].min()) and float(item["images"].max()) <= 1.0
+    assert item["patient"] == "p2"
+    assert item["label"] == CLASSES.index("lgg")
+
+
+def test_views_of_one_patch_differ(manifest):
+    ds = _dataset(manifest, prob=1.0)
+    images = ds[(0, 0)]["images"]
+    for s in range(2):
+        for k in range(2):
+            assert not torch.equal(images[s, k, 0], images[s, k, 1])
+
+
+def test_same_key_same_tensor_other_step_or_seed_differs(manifest):
+    ds = _dataset(manifest)
+    a, b = ds[(2, 5)]["images"], ds[(2, 5)]["images"]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, ds[(2, 6)]["images"])
+    assert not torch.equal(a, _dataset(manifest, seed=1)[(2, 5)]["images"])
+
+
+def test_caller_rng_untouched(manifest):
+    ds = _dataset(manifest)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    ds[(0, 3)]
+    assert torch.equal(torch.get_rng_state(), state)
+    expected = torch.rand(5)
+    torch.manual_seed(123)
+    ds[(1, 4)]
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_draw_without_replacement_when_enough(manifest):
+    # p0 has 3 slides x 2 patches: asking for 3 x 2 must return each of its 6 patches once.
+    ds = _dataset(manifest, num_slide_samples=3, num_patch_samples=2, num_transforms=1, prob=0.0)
+    p0 = manifest[manifest.patient == "p0"]
+    for step in range(5):
+        codes = _codes(ds[(_index(ds, "p0"), step)]["images"])
+        assert len(codes) == len(p0) and set(codes.values()) == {1}
+
+
+def test_draw_with_replacement_when_short(manifest):
+    # p1 has one slide with one patch: 3 x 4 draws all repeat it; with prob 0 every view is the patch.
+    from hsat.data.srh import read_image
+
+    ds = _dataset(manifest, num_slide_samples=3, num_patch_samples=4, num_transforms=2, prob=0.0)
+    images = ds[(_index(ds, "p1"), 0)]["images"]
+    assert images.shape == (3, 4, 2, 3, SIZE, SIZE)
+    patch = read_image(manifest.loc[manifest.patient == "p1", "path"].iloc[0])
+    flat = images.reshape(-1, 3, SIZE, SIZE)
+    # Every view is some SIZE x SIZE window of the one patch.
+    windows = patch.unfold(1, SIZE, 1).unfold(2, SIZE, 1)  # (3, nh, nw, SIZE, SIZE)
+    for view in flat:
+        assert (windows - view[:, None, None]).abs().amax(dim=(0, 3, 4)).min() < 1e-6
+    # p2 has 2 slides of 3 patches: asking for 3 slides x 4 patches repeats some.
+    codes = _codes(ds[(_index(ds, "p2"), 0)]["images"][:, :, :1])
+    assert sum(codes.values()) == 12 and len(codes) <= 6
+
+
+def test_strength_fn_zero_gives_near_identity_views(manifest):
+    fn = functools.partial(strength_at, total_steps=10, start=1.0, end=0.0, dynamic=True)
+    ds = _dataset(manifest, prob=1.0, strength_fn=fn, image_size=20)  # crop = whole patch
+    late = ds[(0, 10)]["images"]  # strength 0: flips only (prob 1 -> both flips)
+    early = ds[(0, 0)]["images"]  # strength 1
+    assert torch.allclose(late[:, :, 0], late[:, :, 1], atol=1e-6)
+    assert not torch.allclose(early[:, :, 0], early[:, :, 1], atol=1e-3)
+
+
+def test_collate_shapes(manifest):
+    ds = _dataset(manifest)
+    batch = collate_hierarchical([ds[(i, 0)] for i in range(3)])
+    assert batch["images"].shape == (3, 2, 2, 2, 3, SIZE, SIZE)
+    assert batch["label"].dtype == torch.long and batch["label"].shape == (3,)
+    assert batch["patient"] == ["p0", "p1", "p2"]
+
+
+def test_sampler_deterministic_unique_and_resumable():
+    labels = [0, 0, 1, 1, 2, 2, 3, 3]
+    full = list(HierarchicalBatchSampler(labels, patients_per_batch=4, total_steps=12, seed=7))
+    assert len(full) == 12
+    assert full == list(HierarchicalBatchSampler(labels, patients_per_batch=4, total_steps=12, seed=7))
+    assert full != list(HierarchicalBatchSampler(labels, patients_per_batch=4, total_steps=12, seed=8))
+    for step, keys in enumerate(full):
+        assert len(keys) == 4
+        assert {s for _, s in keys} == {step}
+        assert len({i for i, _ in keys}) == 4  # without replacement within a step
+    assert len({tuple(i for i, _ in keys) for keys in full}) > 1  # batches vary over steps
+    resumed = HierarchicalBatchSampler(labels, patients_per_batch=4, total_steps=12, start_step=5, seed=7)
+    assert len(resumed) == 7
+    assert list(resumed) == full[5:]
+
+
+def test_sampler_class_balancing():
+    labels = [0] * 20 + [1] * 2 + [2] * 2  # imbalanced patients
+    steps = 600
+    plain = Counter(
+        labels[i] for keys in HierarchicalBatchSampler(labels, 1, total_steps=steps, seed=0) for i, _ in keys
+    )
+    balanced = Counter(
+        labels[i]
+        for keys in HierarchicalBatchSampler(labels, 1, total_steps=steps, seed=0, balance_classes=True)
+        for i, _ in keys
+    )
+    assert plain[0] / steps > 0.7
+    for c in (0, 1, 2):
+        assert abs(balanced[c] / steps - 1 / 3) < 0.08
+    # Within a step patients stay unique even when a class runs out.
+    for keys in HierarchicalBatchSampler(labels, 8, total_steps=20, balance_classes=True):
+        assert len({i for i, _ in keys}) == 8
+
+
+def test_sampler_ddp_slices_partition_global_batch():
+    labels = list(range(10))
+    full = list(HierarchicalBatchSampler(labels, 6, total_steps=5, seed=3))
+    r0 = list(HierarchicalBatchSampler(labels, 6, total_steps=5, seed=3, rank=0, world_size=2))
+    r1 = list(HierarchicalBatchSampler(labels, 6, total_steps=5, seed=3, rank=1, world_size=2))
+    for g, a, b in zip(full, r0, r1):
+        assert len(a) == len(b) == 3
+        assert a + b == g
+    with pytest.raises(HSATError, match="divisible"):
+        HierarchicalBatchSampler(labels, 5, total_steps=5, world_size=2)
+
+
+def test_sampler_bad_arguments(manifest):
+    ds = _dataset(manifest)
+    with pytest.raises(HSATError, match="patients_per_batch"):
+        HierarchicalBatchSampler(ds, patients_per_batch=5, total_steps=3)  # 4 train patients
+    with pytest.raises(HSATError, match="start_step"):
+        HierarchicalBatchSampler(ds, 2, total_steps=3, start_step=4)
+    with pytest.raises(HSATError, match="split='test'"):
+        _dataset(manifest, split="test")
+
+
+def test_patch_dataset_fields(manifest):
+    ds = PatchDataset(manifest, split="val", image_size=SIZE)
+    val = manifest[manifest.split == "val"].reset_index(drop=True)
+    assert len(ds) == len(val)
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["image"].shape == (3, SIZE, SIZE)
+        assert torch.equal(item["image"], ds[i]["image"])  # deterministic
+        assert item["index"] == i
+        assert item["path"] == val.path[i] and item["slide"] == val.slide[i] and item["patient"] == "p4"
+        assert item["label"] == CLASSES.index("lgg")
+    full = PatchDataset(manifest, split=None, image_size=SIZE)
+    assert len(full) == len(manifest)
+    assert full.labels.tolist() == [CLASSES.index(lab) for lab in manifest.label]
+    custom = PatchDataset(manifest, classes=["mening", "lgg", "hgg"])
+    assert custom[len(manifest) - 1]["label"] == 1  # p4 is lgg
+    with pytest.raises(HSATError, match="not among the classes"):
+        PatchDataset(manifest, classes=["hgg"])
+
+
+def test_loader_workers_match_main_process(manifest):
+    fn = functools.partial(strength_at, total_steps=3)
+    ds = _dataset(manifest, strength_fn=fn, prob=0.5)
+    batches = {}
+    for workers in (0, 2):
+        sampler = HierarchicalBatchSampler(ds, patients_per_batch=2, total_steps=3, seed=1)
+        batches[workers] = list(make_loader(ds, sampler, num_workers=workers))
+    assert len(batches[0]) == 3
+    for a, b in zip(batches[0], batches[2]):
+        assert a["images"].shape == (2, 2, 2, 2, 3, SIZE, SIZE)
+        assert torch.equal(a["images"], b["images"])
+        assert torch.equal(a["label"], b["label"]) and a["patient"] == b["patient"]
