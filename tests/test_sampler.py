@@ -252,3 +252,18 @@ def test_loader_workers_match_main_process(manifest):
         assert a["images"].shape == (2, 2, 2, 2, 3, SIZE, SIZE)
         assert torch.equal(a["images"], b["images"])
         assert torch.equal(a["label"], b["label"]) and a["patient"] == b["patient"]
+
+
+def test_on_embedded_cohort(tiny_manifest):
+    """End to end on the synthetic SRH cohort's manifest (2-channel uint16 TIFFs)."""
+    from hsat.data.manifest import read_manifest
+
+    df = read_manifest(tiny_manifest)
+    ds = HierarchicalDataset(df, split="train", image_size=SIZE)
+    batch = next(iter(make_loader(ds, HierarchicalBatchSampler(ds, 4, total_steps=1, balance_classes=True))))
+    assert batch["images"].shape == (4, 2, 2, 2, 3, SIZE, SIZE)
+    assert 0.0 <= float(batch["images"].min()) and float(batch["images"].max()) <= 1.0
+    assert set(batch["patient"]) <= set(df.loc[df.split == "train", "patient"])
+    flat = PatchDataset(df, split="val", image_size=SIZE)
+    assert flat[0]["image"].shape == (3, SIZE, SIZE)
+    assert flat.classes == list(CLASSES)
