@@ -1,0 +1,445 @@
+"""Hierarchical (adversarial) self-supervised pretraining: `pretrain(cfg, out_dir)`, top to bottom.
+
+One min-max step (HSAT, Malik et al. MICCAI 2025), on a batch of P patients x S slides x K
+patches x V views:
+
+    x_adv = PGD-maximise  hierarchical_loss(f(x'), method.max_levels)   over ||x' - x||_inf <= eps
+    minimise              hierarchical_loss(f(x_adv), method.min_levels)
+                          + clean_weight * hierarchical_loss(f(x), method.min_levels)
+
+HiDisc (non-adversarial) minimises the clean term alone. Variants are data (hsat.methods).
+
+Choices worth knowing:
+- The attack only builds input gradients: the model's parameters are frozen (`frozen`) and the
+  model runs in `attack.bn_mode` (`attack_mode`) while PGD runs; the attack calls the plain
+  module, never the DDP wrapper.
+- Clean and adversarial views go through the encoder in ONE forward pass (concatenated), so in
+  train mode their batch-norm statistics are shared; the backward is one pass as well.
+- Under torchrun every rank holds a slice of the global batch of patients. Embeddings are
+  gathered with gradients before every loss (the encoder's AND the attack's objective), so each
+  rank computes the loss of the GLOBAL batch and the attack maximises exactly the loss one
+  process would maximise on the whole batch. Only the random start differs: it is drawn per
+  rank from a generator seeded by (seed, step, rank).
+- Weight decay (AdamW) is applied to weight matrices/kernels only, not to biases and norm
+  parameters (as DINO does).
+- `precision: bf16` autocasts the forward passes on CUDA; on CPU it falls back to fp32 with a
+  warning, so one study config runs on a laptop and on a GPU node alike.
+- Resuming is exact on CPU: data and attack noise are pure functions of (seed, step[, rank]),
+  schedules are arrays indexed by the step, and the checkpoint holds model, optimiser and RNG
+  states. Only rank 0's RNG state is saved (nothing in the loop draws from the global RNGs).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import yaml
+
+from hsat.attacks import attack_mode, frozen, pgd
+from hsat.distributed import convert_sync_batchnorm, gather_with_grad, init_distributed, wrap_ddp
+from hsat.errors import HSATError
+from hsat.io import atomic_path, write_text, write_yaml
+from hsat.losses import hierarchical_loss
+from hsat.models import model_from_config, save_weights, unwrap
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "pretrain",
+    "cosine_schedule",
+    "linear_warmup",
+    "load_checkpoint",
+    "config_differences",
+    "BOOKKEEPING_KEYS",
+]
+
+CONFIG, CHECKPOINT, WEIGHTS, LOG = "config.yaml", "checkpoint.pt", "model.safetensors", "log.jsonl"
+
+BOOKKEEPING_KEYS = frozenset(
+    {"train.steps", "train.checkpoint_every", "train.log_every", "data.num_workers", "threads", "device", "compile"}
+)
+"""Config keys that may change between a run and its resumption (they do not change the method).
+
+Changing `train.steps` recomputes the lr / eps / strength schedules for the new length, so a run
+extended this way is not identical to one launched with the final length.
+"""
+
+StepCallback = Callable[[int, Mapping[str, Any]], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules: plain arrays indexed by the global step
+
+
+def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0) -> np.ndarray:
+    """Linear warm-up from 0 to `base`, then half a cosine from `base` to `final` (DINO's scheduler)."""
+    warmup_steps = min(int(warmup_steps), int(total_steps))
+    warmup = np.linspace(0.0, base, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
+    rest = np.arange(total_steps - warmup_steps)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * rest / max(len(rest), 1)))
+    out = np.concatenate([warmup, cosine])
+    assert len(out) == total_steps
+    return out
+
+
+def linear_warmup(value: float, total_steps: int, warmup_steps: int) -> np.ndarray:
+    """`value * min(1, step / warmup_steps)`: grows linearly from 0 (constant without warm-up)."""
+    steps = np.arange(total_steps, dtype=np.float64)
+    if warmup_steps <= 0:
+        return np.full(total_steps, float(value))
+    return float(value) * np.minimum(1.0, steps / warmup_steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints: plain tensors and containers only (torch.load(weights_only=True) executes no code)
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a training checkpoint without executing code (`weights_only=True`); HSATError otherwise."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # UnpicklingError for foreign objects, RuntimeError/EOFError for junk
+        raise HSATError(
+            f"{path}: not a loadable training checkpoint (only tensors and plain containers are "
+            f"accepted; refusing to unpickle arbitrary objects): {exc}"
+        ) from exc
+    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
+        raise HSATError(f"{path}: not an hsat training checkpoint (expected keys model, optimizer, step)")
+    return state
+
+
+def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     step: int, cfg: Mapping[str, Any]) -> None:
+    state = {
+        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "step": int(step),
+        "rng": _rng_state(),
+        "config": json.loads(json.dumps(cfg)),
+    }
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# resume bookkeeping
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
+    """Keys (dotted) whose values differ between two run configs, bookkeeping keys excluded."""
+    a, b = _flatten(saved), _flatten(requested)
+    return sorted(k for k in set(a) | set(b) if k not in BOOKKEEPING_KEYS and a.get(k) != b.get(k))
+
+
+def _resume_log(path: Path, step: int) -> None:
+    """Keep the log entries up to `step` (a killed run may have logged past its last checkpoint)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+            kept.append(json.dumps(rec))
+    write_text(path, "".join(k + "\n" for k in kept))
+
+
+def _normalise(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate (defaults filled) and resolve the method; idempotent on a resolved config."""
+    from hsat.config import validate
+    from hsat.methods import resolve_method
+
+    out = validate(cfg, "run")
+    out["method"] = resolve_method(out["method"])
+    return json.loads(json.dumps(out))  # plain containers (YAML and checkpoint friendly)
+
+
+def _attack_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    state = np.random.SeedSequence([seed % 2**32, step, rank]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed((int(state[0]) << 31) ^ int(state[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def pretrain(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, callback: StepCallback | None = None) -> Path:
+    """Pretrain an encoder as `cfg` says; write config.yaml, checkpoint.pt, log.jsonl, model.safetensors.
+
+    Running it again on a finished `out_dir` returns at once; on a partial one it resumes from
+    checkpoint.pt (refusing if the method-relevant config changed). `callback(step, record)` is
+    called on every rank after each optimiser step (after that step's checkpoint is written);
+    an exception raised there stops the run, as a kill would. Returns `out_dir`.
+    """
+    from hsat.data.manifest import class_names, read_manifest
+    from hsat.data.sampler import HierarchicalBatchSampler, HierarchicalDataset, make_loader
+    from hsat.data.transforms import clean_weight_at, strength_at
+
+    cfg = _normalise(cfg)
+    out_dir = Path(out_dir)
+    seed = int(cfg["seed"])
+    total_steps = int(cfg["train"]["steps"])
+    method, attack, augment = cfg["method"], cfg["attack"], cfg["augment"]
+    levels_kw = dict(weights=method["level_weights"], temperature=method["temperature"],
+                     base_temperature=method["base_temperature"])
+
+    # ============ processes, device, precision ... ============
+    rank, world, _local_rank, device = init_distributed(cfg["device"])
+    is_main = rank == 0
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    use_bf16 = cfg["precision"] == "bf16"
+    if use_bf16 and device.type != "cuda":
+        warnings.warn("precision bf16 is GPU-only here; running in fp32 on the CPU", stacklevel=2)
+        use_bf16 = False
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    # ============ resume or start ... ============
+    ckpt_path = out_dir / CHECKPOINT
+    state = None
+    if (out_dir / CONFIG).exists():
+        with open(out_dir / CONFIG, encoding="utf-8") as fh:
+            saved = yaml.safe_load(fh) or {}
+        diff = config_differences(saved, cfg)
+        if diff:
+            raise HSATError(
+                f"{out_dir / CONFIG}: the run directory holds a run with a different configuration "
+                f"(differing keys: {', '.join(diff)}); use another --out or the original settings"
+            )
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        if state["step"] > total_steps:
+            raise HSATError(f"{ckpt_path} is at step {state['step']}, beyond train.steps={total_steps}")
+        if state["step"] == total_steps and (out_dir / WEIGHTS).exists():
+            log.info("%s: finished run (%d steps); nothing to do", out_dir, total_steps)
+            return out_dir
+    start_step = int(state["step"]) if state else 0
+    if world > 1:
+        torch.distributed.barrier()  # every rank has read the old state before rank 0 writes
+    if is_main:
+        write_yaml(out_dir / CONFIG, cfg)
+        _resume_log(out_dir / LOG, start_step)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+    # ============ data ... ============
+    manifest_path = cfg["data"]["manifest"]
+    if not manifest_path:
+        raise HSATError("data.manifest is not set: pass --manifest or data.manifest=PATH")
+    manifest = read_manifest(manifest_path)
+    strength_fn = functools.partial(strength_at, total_steps=total_steps, start=augment["strength"],
+                                    end=augment["min_strength"], dynamic=augment["dynamic"])
+    dataset = HierarchicalDataset(
+        manifest,
+        split="train",
+        num_slide_samples=cfg["data"]["num_slide_samples"],
+        num_patch_samples=cfg["data"]["num_patch_samples"],
+        num_transforms=cfg["data"]["num_transforms"],
+        image_size=cfg["data"]["image_size"],
+        prob=augment["prob"],
+        strength_fn=strength_fn,
+        seed=seed,
+        classes=class_names(manifest),
+    )
+    sampler = HierarchicalBatchSampler(
+        dataset,
+        patients_per_batch=cfg["data"]["patients_per_batch"],
+        total_steps=total_steps,
+        start_step=start_step,
+        seed=seed,
+        balance_classes=cfg["data"]["balance_classes"],
+        rank=rank,
+        world_size=world,
+    )
+    loader = make_loader(dataset, sampler, num_workers=cfg["data"]["num_workers"],
+                         pin_memory=device.type == "cuda")
+
+    # ============ model ... ============
+    model = model_from_config(cfg)  # identical initialisation on every rank (seeded above)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model = model.to(device)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    if world > 1 and cfg["model"]["sync_bn"]:
+        model = convert_sync_batchnorm(model, device)
+    fast = torch.compile(model) if cfg["compile"] else model  # what the attack calls
+    net = wrap_ddp(fast, device)  # what the encoder's forward/backward goes through
+
+    # ============ loss ... ============
+    def embed(module: torch.nn.Module, x: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
+        """Embeddings of the (N*c, C, H, W) stack as c tensors (P_global, S, K, V, D), gathered."""
+        with autocast():
+            z = module(x)
+        chunks = z.float().chunk(x.shape[0] // math.prod(shape))
+        return [gather_with_grad(c.reshape(*shape, -1)) for c in chunks]
+
+    # ============ optimiser ... ============
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg["optim"]["lr"], weight_decay=cfg["optim"]["weight_decay"],
+    )
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+
+    # ============ schedules ... ============
+    lr_schedule = cosine_schedule(cfg["optim"]["lr"], cfg["optim"]["min_lr"], total_steps, cfg["optim"]["warmup_steps"])
+    eps_schedule = linear_warmup(attack["eps"], total_steps, attack["warmup_steps"])  # 1/255 units
+    strength_schedule = np.array([strength_fn(s) for s in range(total_steps)])
+    clean_weight_schedule = np.array([
+        clean_weight_at(s, attack["clean_weight"], augment["dynamic"], attack["only_adversarial"])
+        for s in strength_schedule
+    ])
+    if state is not None:
+        _set_rng_state(state["rng"])
+        log.info("resuming %s from step %d", out_dir, start_step)
+
+    # ============ training loop ... ============
+    adversarial = bool(method["adversarial"])
+    with_clean = not adversarial or not attack["only_adversarial"]
+    log_every, ckpt_every = cfg["train"]["log_every"], cfg["train"]["checkpoint_every"]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"pretrain {out_dir.name}", unit="step",
+               disable=not (is_main and sys.stderr.isatty()), dynamic_ncols=True)
+    net.train()
+    tick, images_seen = time.perf_counter(), 0
+    last_ckpt = start_step if state is not None else None
+    for step, batch in zip(range(start_step, total_steps), loader):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_schedule[step]
+        optimizer.zero_grad(set_to_none=True)
+        images = batch["images"].to(device, non_blocking=True)  # (P, S, K, V, C, H, W), local slice
+        shape = tuple(images.shape[:4])
+        x = images.flatten(0, 3)  # (N, C, H, W)
+        if cfg["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        images_seen += x.shape[0] * world
+
+        # inner maximisation: input gradients only, parameters frozen, model in attack.bn_mode
+        if adversarial:
+            def objective(x_adv: torch.Tensor) -> torch.Tensor:
+                (z_adv,) = embed(fast, x_adv, shape)
+                return hierarchical_loss(z_adv, method["max_levels"], **levels_kw)["total"]
+
+            with frozen(model), attack_mode(model, attack["bn_mode"]):
+                x_adv = pgd(x, objective, eps=float(eps_schedule[step]) / 255, alpha=attack["alpha"] / 255,
+                            steps=attack["steps"], random_start=attack["random_start"],
+                            generator=_attack_generator(seed, step, rank, device))
+
+        # outer minimisation: one forward of [clean; adversarial] views
+        views = [x] if with_clean else []
+        views += [x_adv] if adversarial else []
+        z = embed(net, torch.cat(views) if len(views) > 1 else views[0], shape)
+        z_clean = z.pop(0) if with_clean else None
+        z_adv = z.pop(0) if adversarial else None
+        losses: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=device)
+        if z_clean is not None:
+            clean = hierarchical_loss(z_clean, method["min_levels"], **levels_kw)
+            losses.update({f"loss_clean_{k}": v for k, v in clean.items() if k != "total"})
+            total = total + (float(clean_weight_schedule[step]) if adversarial else 1.0) * clean["total"]
+        if z_adv is not None:
+            adv = hierarchical_loss(z_adv, method["min_levels"], **levels_kw)
+            losses.update({f"loss_adv_{k}": v for k, v in adv.items() if k != "total"})
+            total = total + adv["total"]
+        loss_value = float(total.detach())
+        if not math.isfinite(loss_value):
+            last = f"step {last_ckpt}" if last_ckpt is not None else "none written yet"
+            raise HSATError(
+                f"non-finite loss ({loss_value}) at step {step + 1} of {out_dir}; stopping. Last good "
+                f"checkpoint: {ckpt_path} ({last}). Lower optim.lr, raise method.temperature, or set "
+                "optim.grad_clip"
+            )
+        total.backward()
+        if cfg["optim"]["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["optim"]["grad_clip"])
+        optimizer.step()
+
+        # logging and checkpoints (rank 0 writes)
+        done = step + 1
+        bar.update(1)
+        record: dict[str, Any] = {
+            "step": done,
+            "lr": float(lr_schedule[step]),
+            "eps": float(eps_schedule[step]) if adversarial else 0.0,
+            "strength": float(strength_schedule[step]),
+            "clean_weight": float(clean_weight_schedule[step]) if adversarial else 1.0,
+            "loss_total": loss_value,
+        }
+        if done % log_every == 0 or done == total_steps:
+            record.update({k: float(v.detach()) for k, v in losses.items()})
+            now = time.perf_counter()
+            record["images_per_s"] = images_seen / max(now - tick, 1e-9)
+            tick, images_seen = now, 0
+            if is_main:
+                with open(out_dir / LOG, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
+        if is_main and (done % ckpt_every == 0 or done == total_steps):
+            _save_checkpoint(ckpt_path, model, optimizer, done, cfg)
+            last_ckpt = done
+        if callback is not None:
+            callback(done, record)
+    bar.close()
+
+    # ============ final weights ... ============
+    if is_main:
+        if start_step == total_steps and not ckpt_path.exists():  # pragma: no cover - defensive
+            _save_checkpoint(ckpt_path, model, optimizer, total_steps, cfg)
+        save_weights(model, out_dir / WEIGHTS)
+    if world > 1:
+        torch.distributed.barrier()
+    return out_dir
