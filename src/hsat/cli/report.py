@@ -1,0 +1,74 @@
+"""`hsat report collect|tables|figures`: concatenate tidy CSVs, write Tables 1-4, draw the figures."""
+
+from __future__ import annotations
+
+import argparse
+
+from hsat.config import load_study_config
+from hsat.io import write_json
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from hsat.report import collect
+
+    collect(args.inputs, args.out)
+    return 0
+
+
+def _tables(args: argparse.Namespace) -> int:
+    from hsat.report import read_tidy
+    from hsat.report.tables import headline, write_tables
+
+    cfg = load_study_config(args.config)
+    whitebox, transfer = read_tidy(args.whitebox), read_tidy(args.transfer)
+    write_tables(whitebox, transfer, cfg, args.out_dir)
+    if args.metrics:
+        sanity = read_tidy(args.sanity) if args.sanity else None
+        write_json(args.metrics, headline(whitebox, cfg, sanity))
+    return 0
+
+
+def _figures(args: argparse.Namespace) -> int:
+    from hsat.report import read_tidy
+    from hsat.report.figures import write_figures
+
+    cfg = load_study_config(args.config)
+    write_figures(
+        read_tidy(args.whitebox),
+        read_tidy(args.transfer),
+        read_tidy(args.sanity),
+        cfg,
+        args.runs_dir,
+        args.embeddings_dir,
+        args.out_dir,
+    )
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="tables and figures from the tidy result CSVs")
+    verbs = p.add_subparsers(dest="report_verb", metavar="STEP", required=True)
+
+    c = verbs.add_parser("collect", help="concatenate per-model tidy CSVs into one")
+    c.add_argument("--out", required=True, help="output CSV")
+    c.add_argument("inputs", nargs="+", help="input CSVs (same columns; empty files are skipped)")
+    c.set_defaults(func=_collect)
+
+    t = verbs.add_parser("tables", help="Tables 1-4 as CSV, Markdown and LaTeX")
+    t.add_argument("--config", required=True, help="study config (YAML)")
+    t.add_argument("--whitebox", required=True, help="results/whitebox.csv")
+    t.add_argument("--transfer", required=True, help="results/transfer.csv")
+    t.add_argument("--out-dir", required=True, help="folder for table1..table4")
+    t.add_argument("--metrics", default=None, help="also write the headline claims as JSON here (e.g. results/metrics.json)")
+    t.add_argument("--sanity", default=None, help="results/sanity.csv: counts failed checks in --metrics")
+    t.set_defaults(func=_tables)
+
+    f = verbs.add_parser("figures", help="figures (PNG and PDF)")
+    f.add_argument("--config", required=True, help="study config (YAML)")
+    f.add_argument("--whitebox", required=True)
+    f.add_argument("--transfer", required=True)
+    f.add_argument("--sanity", required=True)
+    f.add_argument("--runs-dir", required=True, help="folder of run directories (log.jsonl)")
+    f.add_argument("--embeddings-dir", required=True, help="folder of embedding directories")
+    f.add_argument("--out-dir", required=True)
+    f.set_defaults(func=_figures)

@@ -1,0 +1,51 @@
+"""Tables and figures of the study: views of the tidy result CSVs, never recomputation.
+
+`collect` concatenates the per-model CSVs the evaluation stages write; `tables.write_tables`,
+`tables.headline` and `figures.write_figures` only reshape and draw what those CSVs hold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from hsat.errors import HSATError
+from hsat.io import write_csv
+
+METHOD_LABELS: dict[str, str] = {
+    "hidisc": "HiDisc",
+    "hsat": "HSAT",
+    "hsat_patch": "HSAT-Patch",
+    "hsat_slide": "HSAT-Slide",
+    "hsat_lmax_patch": "HSAT (L_max: patch)",
+    "hsat_lmax_patch_slide": "HSAT (L_max: patch+slide)",
+}
+"""Display names of the named variants (hsat.methods.VARIANTS); other names show as they are."""
+
+
+def method_label(name: str) -> str:
+    return METHOD_LABELS.get(str(name), str(name))
+
+
+def read_tidy(path: str | Path) -> pd.DataFrame:
+    """Read a tidy result CSV; an empty file (a stage with nothing to report) is an empty frame."""
+    path = Path(path)
+    if not path.is_file():
+        raise HSATError(f"result file not found: {path}")
+    if path.stat().st_size == 0:
+        return pd.DataFrame()
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+def collect(inputs: Iterable[str | Path], out: str | Path) -> pd.DataFrame:
+    """Concatenate per-model tidy CSVs (same columns) into one tidy CSV at `out`."""
+    frames = [read_tidy(p) for p in inputs]
+    frames = [f for f in frames if not f.empty]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    write_csv(out, df)
+    return df

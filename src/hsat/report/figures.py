@@ -1,0 +1,260 @@
+"""Figures of the study (seaborn; PNG and PDF), drawn from the tidy CSVs and the run logs.
+
+Every figure is always written -- with a "no data" note when its inputs are empty -- so the
+workflow's outputs are the same for every study config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from hsat import LEVELS  # noqa: E402
+from hsat.io import atomic_path  # noqa: E402
+from hsat.report import method_label  # noqa: E402
+from hsat.report.tables import _prepare_whitebox  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+FIGURES = ("robust_accuracy", "transfer_heatmap", "training_curves", "embedding_map", "attack_steps")
+"""Figure names; each is written as results/figures/<name>.png and .pdf."""
+
+
+def save_figure(fig: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
+    out_dir = Path(out_dir)
+    paths = []
+    for ext in ("png", "pdf"):
+        path = out_dir / f"{name}.{ext}"
+        with atomic_path(path, suffix=f".{ext}") as tmp:
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _no_data(title: str, why: str) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(5, 2))
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.5, 0.5, why, ha="center", va="center", wrap=True)
+    return fig
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def robust_accuracy(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> plt.Figure:
+    """Accuracy against eps (clean at eps 0) per method, one panel per attack x level; sd over seeds."""
+    if whitebox.empty:
+        return _no_data("Robust accuracy", "no white-box results")
+    df, classifier, objective = _prepare_whitebox(whitebox, study_cfg)
+    clean = df[df["attack"] == "none"]
+    attacks = [a for a in dict.fromkeys(df["attack"]) if a != "none"]
+    # The clean point starts every attack's curve.
+    parts = [df[df["attack"] != "none"]] + [clean.assign(attack=a) for a in attacks]
+    plot = pd.concat(parts, ignore_index=True)
+    plot["Method"] = plot["method"].map(method_label)
+    plot["Level"] = plot["level"]
+    levels = [lvl for lvl in LEVELS[::-1] if lvl in set(plot["level"])]
+    g = sns.relplot(
+        data=plot, x="eps", y="acc", hue="Method", style="group", col="Level", row="attack",
+        col_order=levels, kind="line", marker="o", errorbar="sd", height=2.6, aspect=1.2,
+        facet_kws={"margin_titles": True},
+    )
+    g.set_axis_labels("eps (1/255)", "accuracy (%)")
+    g.figure.suptitle(f"Robust accuracy ({classifier} classifier, {objective} objective)", y=1.02)
+    return g.figure
+
+
+def transfer_heatmap(transfer: pd.DataFrame) -> plt.Figure:
+    """Accuracy drop on each target (columns) of examples crafted on each surrogate (rows), per level."""
+    if transfer.empty:
+        return _no_data("Transfer", "no transfer results (evaluation.transfer.enabled is false?)")
+    df = transfer.groupby(["level", "surrogate", "target"], sort=False)["acc_drop"].mean().reset_index()
+    levels = [lvl for lvl in LEVELS[::-1] if lvl in set(df["level"])]
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.6), squeeze=False)
+    vmax = float(np.nanmax(np.abs(df["acc_drop"]))) or 1.0
+    for ax, level in zip(axes[0], levels):
+        mat = df[df["level"] == level].pivot(index="surrogate", columns="target", values="acc_drop")
+        sns.heatmap(mat, ax=ax, annot=True, fmt=".1f", cmap="rocket_r", vmin=0, vmax=vmax, cbar=ax is axes[0][-1])
+        ax.set_title(f"{level}: accuracy drop (points)")
+    fig.tight_layout()
+    return fig
+
+
+def read_run_logs(runs_dir: str | Path) -> pd.DataFrame:
+    """Concatenate runs/*/log.jsonl into one frame with a `model` column (skipping unreadable lines)."""
+    rows = []
+    for path in sorted(Path(runs_dir).glob("*/log.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s: skipping a line that is not JSON", path)
+                continue
+            if isinstance(rec, dict) and "step" in rec:
+                rec["model"] = path.parent.name
+                rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+def training_curves(runs_dir: str | Path) -> plt.Figure:
+    """Clean and adversarial loss per level, and the eps schedule, against the optimiser step."""
+    logs = read_run_logs(runs_dir)
+    series = [c for c in logs.columns if c.startswith(("loss_clean_", "loss_adv_"))] + (["eps"] if "eps" in logs else [])
+    if logs.empty or not series:
+        return _no_data("Training curves", "no run logs with losses")
+    order = [f"loss_{kind}_{lvl}" for kind in ("clean", "adv") for lvl in LEVELS if f"loss_{kind}_{lvl}" in series]
+    order += [s for s in series if s not in order]
+    long = logs.melt(id_vars=["model", "step"], value_vars=order, var_name="series", value_name="value").dropna()
+    if long.empty:
+        return _no_data("Training curves", "run logs hold no loss values")
+    g = sns.relplot(
+        data=long, x="step", y="value", hue="model", col="series", col_order=[s for s in order if s in set(long["series"])],
+        col_wrap=min(4, len(order)), kind="line", height=2.3, aspect=1.3,
+        facet_kws={"sharey": False},
+    )
+    g.set_titles("{col_name}")
+    return g.figure
+
+
+def _load_embedding(emb_dir: Path, max_points: int, seed: int) -> pd.DataFrame | None:
+    from safetensors.numpy import load_file
+
+    feats_path, index_path = emb_dir / "features.safetensors", emb_dir / "index.csv"
+    if not feats_path.is_file() or not index_path.is_file():
+        return None
+    tensors = load_file(str(feats_path))
+    if not tensors:
+        return None
+    key = "features" if "features" in tensors else sorted(tensors)[0]
+    feats = np.asarray(tensors[key], dtype=np.float32)
+    index = pd.read_csv(index_path)
+    if len(index) != len(feats):
+        log.warning("%s: %d index rows but %d feature rows; skipping", emb_dir, len(index), len(feats))
+        return None
+    if "split" in index and (index["split"] == "val").any():
+        keep = np.flatnonzero((index["split"] == "val").to_numpy())
+    else:
+        keep = np.arange(len(index))
+    rng = np.random.default_rng(seed)
+    if len(keep) > max_points:
+        keep = np.sort(rng.choice(keep, size=max_points, replace=False))
+    if len(keep) < 5:
+        return None
+    from sklearn.manifold import TSNE
+
+    xy = TSNE(n_components=2, perplexity=min(30.0, (len(keep) - 1) / 3), init="pca", random_state=seed).fit_transform(feats[keep])
+    out = index.iloc[keep].reset_index(drop=True).copy()
+    out["x"], out["y"] = xy[:, 0], xy[:, 1]
+    return out
+
+
+def embedding_map(
+    embeddings_dir: str | Path, whitebox: pd.DataFrame | None = None, max_models: int = 4, max_points: int = 400, seed: int = 0
+) -> plt.Figure:
+    """t-SNE of clean validation features (a subsample), coloured by class (top) and patient (bottom).
+
+    One model per method (the first by name) so the panels compare methods, at most `max_models`.
+    """
+    emb_root = Path(embeddings_dir)
+    models = sorted(p.name for p in emb_root.iterdir() if p.is_dir()) if emb_root.is_dir() else []
+    if whitebox is not None and not whitebox.empty and {"model", "method"} <= set(whitebox.columns):
+        picked = [m for m in whitebox.sort_values("model").drop_duplicates("method")["model"] if m in models]
+        models = picked or models
+    panels = []
+    for model in models[:max_models]:
+        emb = _load_embedding(emb_root / model, max_points, seed)
+        if emb is not None:
+            panels.append((model, emb))
+    if not panels:
+        return _no_data("Embedding map", "no embeddings found")
+    fig, axes = plt.subplots(2, len(panels), figsize=(3.6 * len(panels), 7), squeeze=False)
+    for j, (model, emb) in enumerate(panels):
+        for i, colour in enumerate(("label", "patient")):
+            ax = axes[i][j]
+            if colour in emb:
+                sns.scatterplot(data=emb, x="x", y="y", hue=colour, s=8, ax=ax, legend=(colour == "label" and j == len(panels) - 1), linewidth=0)
+            else:
+                ax.scatter(emb["x"], emb["y"], s=8)
+            ax.set_title(f"{model}: by {'class' if colour == 'label' else 'patient'}")
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_xlabel(""), ax.set_ylabel("")
+    if axes[0][-1].get_legend() is not None:
+        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1, 1), fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _passed(values: pd.Series) -> pd.Series:
+    return values.astype(str).str.lower().isin(["true", "1", "1.0"])
+
+
+def attack_steps(sanity: pd.DataFrame) -> plt.Figure:
+    """Accuracy against each sanity sweep's parameter (attack steps, eps, ...); failed checks marked."""
+    if sanity.empty or not {"model", "check", "value", "acc"} <= set(sanity.columns):
+        return _no_data("Attack sanity checks", "no sanity results")
+    df = sanity.copy()
+    df["passed"] = _passed(df["passed"]) if "passed" in df else True
+    df["value"] = pd.to_numeric(df["value"], errors="coerce")
+    df["acc"] = pd.to_numeric(df["acc"], errors="coerce")
+    checks = list(dict.fromkeys(df["check"]))
+    fig, axes = plt.subplots(1, len(checks), figsize=(4 * len(checks), 3.4), squeeze=False)
+    for ax, check in zip(axes[0], checks):
+        sub = df[df["check"] == check].sort_values("value")
+        label = str(sub["param"].iloc[0]) if "param" in sub and sub["param"].notna().any() else "value"
+        if sub["value"].notna().any():
+            sns.lineplot(data=sub, x="value", y="acc", hue="model", marker="o", ax=ax, legend=ax is axes[0][-1])
+            failed = sub[~sub["passed"]]
+            if not failed.empty:
+                ax.scatter(failed["value"], failed["acc"], marker="x", s=80, color="red", zorder=5, label="failed")
+        else:
+            sns.barplot(data=sub, x="model", y="acc", hue="passed", ax=ax)
+        n_failed = int((~sub["passed"]).sum())
+        ax.set_title(f"{check}" + (f"  [FAILED: {n_failed}]" if n_failed else "  [passed]"), color="red" if n_failed else "black")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy (%)")
+    if axes[0][-1].get_legend() is not None:
+        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1, 1), fontsize=7)
+    fig.tight_layout()
+    failed = df[~df["passed"]]
+    if not failed.empty:
+        log.warning("failed sanity checks:\n%s", failed.to_string(index=False))
+    return fig
+
+
+def write_figures(
+    whitebox: pd.DataFrame,
+    transfer: pd.DataFrame,
+    sanity: pd.DataFrame,
+    study_cfg: Mapping[str, Any],
+    runs_dir: str | Path,
+    embeddings_dir: str | Path,
+    out_dir: str | Path,
+) -> list[Path]:
+    """Write every figure of FIGURES as PNG and PDF under `out_dir`; return the paths."""
+    sns.set_theme(style="whitegrid", context="paper")
+    figs = {
+        "robust_accuracy": lambda: robust_accuracy(whitebox, study_cfg),
+        "transfer_heatmap": lambda: transfer_heatmap(transfer),
+        "training_curves": lambda: training_curves(runs_dir),
+        "embedding_map": lambda: embedding_map(embeddings_dir, whitebox),
+        "attack_steps": lambda: attack_steps(sanity),
+    }
+    written: list[Path] = []
+    for name in FIGURES:
+        written += save_figure(figs[name](), out_dir, name)
+    return written
