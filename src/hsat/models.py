@@ -1,0 +1,322 @@
+"""Encoder = timm backbone + MLP projection head, with input normalisation inside the model.
+
+Inputs stay in [0, 1] pixel space (attacks and their eps-balls live there); the per-channel
+mean/std of the backbone's pretraining recipe is applied in `forward_features`. Any timm model
+works, CNN or ViT, because only timm's uniform face is used (`create_model(num_classes=0)`
+returns pooled pre-logits features of width `num_features`).
+
+ImageNet initialisation never downloads: weights come from a local file (`pretrained_path`) or
+from a file already in the Hugging Face / torch hub cache, else `HSATError` at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hsat.errors import HSATError
+
+_log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Prefixes that wrappers add to state_dict keys: DistributedDataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class HSATModel(nn.Module):
+    """Backbone features (for kNN / linear evaluation) and an L2-normalised projection (for the loss)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head_hidden: Sequence[int] = (512,),
+        embed_dim: int = 128,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_features = int(backbone.num_features)
+        self.embed_dim = int(embed_dim)
+        self.head = projection_head(self.num_features, head_hidden, embed_dim)
+        # Persistent buffers: a saved model carries the normalisation it was trained with.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] -> (N, num_features) pooled backbone features."""
+        return self.backbone((x - self.mean) / self.std)
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        """(N, num_features) -> (N, embed_dim), L2-normalised (the contrastive embedding)."""
+        return F.normalize(self.head(f), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def projection_head(in_features: int, hidden: Sequence[int], out_features: int) -> nn.Sequential:
+    """MLP as in HiDisc/SimCLR: [Linear -> ReLU] per hidden width, then Linear to the embedding.
+
+    No batch norm in the head, so it behaves the same at any batch size and needs no syncing.
+    """
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), nn.ReLU(inplace=True)]
+        width = int(h)
+    layers.append(nn.Linear(width, int(out_features)))
+    return nn.Sequential(*layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+def build_model(
+    backbone: str,
+    pretrained: bool = False,
+    pretrained_path: str | os.PathLike | None = None,
+    head_hidden: Sequence[int] = (512,),
+    embed_dim: int = 128,
+    image_size: int | None = None,
+) -> HSATModel:
+    """Build the encoder around any timm backbone name (CNN or ViT).
+
+    `pretrained_path` (a .safetensors or .pth state dict) implies ImageNet-style initialisation
+    from that file; `pretrained=True` alone looks for the timm weights in the local Hugging Face
+    and torch hub caches. `image_size` is passed to backbones that take `img_size` (ViTs) so
+    their patch grid and position embeddings match the training crops.
+    """
+    import timm
+
+    if backbone.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        raise HSATError(
+            f"model.backbone {backbone!r}: hub/local-dir model names are not supported (they may "
+            "download); use a timm architecture name and model.pretrained_path for the weights"
+        )
+    if not timm.is_model(backbone):
+        close = difflib.get_close_matches(backbone, timm.list_models(), n=5, cutoff=0.5)
+        hint = f"; close timm names: {', '.join(close)}" if close else ""
+        raise HSATError(f"model.backbone {backbone!r} is not a timm model name{hint}")
+
+    weights: Path | None = None
+    if pretrained_path is not None:
+        weights = Path(pretrained_path)
+        if not weights.is_file():
+            raise HSATError(f"model.pretrained_path: weights file not found: {weights}")
+        if weights.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
+            raise HSATError(f"model.pretrained_path {weights}: expected a .safetensors or .pth state dict")
+    elif pretrained:
+        weights = _find_cached_weights(backbone)
+
+    with _hub_offline():
+        net = _create_backbone(backbone, image_size, {"num_classes": 0, "pretrained": False})
+    if weights is not None:
+        load_backbone_weights(net, weights)
+
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    mean = tuple(cfg.get("mean") or IMAGENET_MEAN)
+    std = tuple(cfg.get("std") or IMAGENET_STD)
+    return HSATModel(net, head_hidden=head_hidden, embed_dim=embed_dim, mean=mean, std=std)
+
+
+def load_backbone_weights(net: nn.Module, path: Path) -> None:
+    """Load a timm-style state dict (classifier keys dropped) into a headless backbone, strictly.
+
+    Reads with timm (safetensors, or torch.load(weights_only=True): no pickled code runs) and
+    applies the architecture's own `checkpoint_filter_fn` when it has one (e.g. ViT position
+    embeddings resampled to a new image size). Every backbone parameter must be present.
+    """
+    import sys
+
+    import timm.models
+
+    try:
+        state = timm.models.load_state_dict(str(path), weights_only=True)
+        filter_fn = getattr(sys.modules[type(net).__module__], "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            state = filter_fn(state, net)
+        classifiers = (getattr(net, "pretrained_cfg", None) or {}).get("classifier") or ()
+        classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+        state = {k: v for k, v in state.items() if not any(k.startswith(c + ".") for c in classifiers)}
+        result = net.load_state_dict(state, strict=False)
+    except HSATError:
+        raise
+    except Exception as exc:  # unpickling refusals, bad files, shape mismatches
+        raise HSATError(f"could not load backbone weights from {path}: {type(exc).__name__}: {exc}") from exc
+    if result.missing_keys:
+        shown = ", ".join(result.missing_keys[:5])
+        raise HSATError(
+            f"{path} does not hold weights for this backbone: {len(result.missing_keys)} missing keys "
+            f"(e.g. {shown})"
+        )
+    if result.unexpected_keys:
+        _log.warning("%s: ignored %d unexpected keys (e.g. %s)", path, len(result.unexpected_keys),
+                     ", ".join(result.unexpected_keys[:5]))
+
+
+def _create_backbone(name: str, image_size: int | None, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    if image_size is not None:
+        try:
+            return timm.create_model(name, img_size=int(image_size), **kwargs)
+        except TypeError as exc:  # CNNs take any input size and have no img_size argument
+            if "img_size" not in str(exc):
+                raise
+    return timm.create_model(name, **kwargs)
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Belt and braces: Hugging Face libraries read HF_HUB_OFFLINE; nothing may download."""
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, resolved from the environment now (not at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "huggingface" / "hub"
+
+
+def _find_cached_weights(backbone: str) -> Path:
+    """Locate timm's ImageNet weights for `backbone` on disk, or explain how to provide them."""
+    import timm
+    import torch.hub
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(backbone)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise HSATError(f"timm has no pretrained weights for {backbone!r}; set model.pretrained=false")
+    looked: list[str] = []
+    cache = hf_cache_dir()
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        for name in names:
+            found = try_to_load_from_cache(repo, name, cache_dir=cache, revision=revision or None)
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
+            looked.append(f"{cache}/models--{repo.replace('/', '--')}/snapshots/*/{name}")
+    if cfg.url and cfg.url.endswith((".pth", ".safetensors")):
+        candidate = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        if candidate.is_file():
+            return candidate
+        looked.append(str(candidate))
+    hint = f"`hf download {cfg.hf_hub_id.partition('@')[0]}`" if cfg.hf_hub_id else f"download {cfg.url}"
+    raise HSATError(
+        f"ImageNet weights for {backbone!r} are not available locally (nothing is downloaded at run "
+        f"time); looked for: {'; '.join(looked)}. Provide them by setting model.pretrained_path to a "
+        f".safetensors/.pth state dict, or fill the Hugging Face cache (HF_HOME / HF_HUB_CACHE) on a "
+        f"machine with network, e.g. {hint}; or set model.pretrained=false"
+    )
+
+
+def model_from_config(cfg: Mapping[str, Any]) -> HSATModel:
+    """Build the encoder of a resolved run config (`model` section and `data.image_size`)."""
+    m = dict(cfg.get("model") or {})
+    data = cfg.get("data") or {}
+    return build_model(
+        backbone=m.get("backbone", "resnet10t"),
+        pretrained=bool(m.get("pretrained", False)),
+        pretrained_path=m.get("pretrained_path"),
+        head_hidden=tuple(m.get("head_hidden", (512,))),
+        embed_dim=int(m.get("embed_dim", 128)),
+        image_size=data.get("image_size"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# saving and loading
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip `module.` / `_orig_mod.` prefixes (any order, any depth at the front)."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the unwrapped model's state dict as safetensors, atomically (loading runs no code)."""
+    from safetensors.torch import save_file
+
+    from hsat.io import atomic_path
+
+    state = clean_state_dict(unwrap(model).state_dict())
+    # Clone so that tied/shared tensors become independent (safetensors refuses shared storage).
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+
+def load_trained_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> HSATModel:
+    """Rebuild a trained encoder from RUN_DIR/config.yaml and RUN_DIR/model.safetensors (eval mode)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from hsat.config import read_yaml
+
+    run_dir = Path(run_dir)
+    cfg_path, weights_path = run_dir / "config.yaml", run_dir / "model.safetensors"
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise HSATError(f"run directory {run_dir}: missing {p.name} (is this a finished `hsat pretrain` run?)")
+    cfg = read_yaml(cfg_path)
+    # Architecture only: the trained weights replace any initialisation, so nothing is fetched.
+    model_cfg = dict(cfg.get("model") or {})
+    model_cfg.update(pretrained=False, pretrained_path=None)
+    model = model_from_config({**cfg, "model": model_cfg})
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise HSATError(f"{weights_path}: not a readable safetensors file: {exc}") from exc
+    try:
+        model.load_state_dict(clean_state_dict(state), strict=True)
+    except RuntimeError as exc:
+        raise HSATError(
+            f"{weights_path} does not match the model described by {cfg_path} "
+            f"(backbone {model_cfg.get('backbone')!r}): {exc}"
+        ) from exc
+    return model.to(device).eval()
