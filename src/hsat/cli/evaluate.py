@@ -1,0 +1,106 @@
+"""`hsat embed`, `hsat evaluate`, `hsat sanity`, `hsat transfer craft|evaluate`: robustness evaluation.
+
+Each handler loads the study config, calls one library function (hsat.evaluate / hsat.transfer)
+and returns 0. The device is CUDA when available, else CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def _study(args: argparse.Namespace) -> dict:
+    from hsat.config import load_study_config
+
+    return load_study_config(args.config)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from hsat.evaluate import embed_run
+
+    out = embed_run(args.run, args.manifest, _study(args), args.out)
+    log.info("embeddings written to %s", out)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from hsat.evaluate import whitebox_run
+
+    df = whitebox_run(args.run, args.manifest, args.embeddings, _study(args), args.model, args.out)
+    log.info("%d white-box rows written to %s", len(df), args.out)
+    return 0
+
+
+def _sanity(args: argparse.Namespace) -> int:
+    from hsat.evaluate import sanity_run
+
+    df = sanity_run(args.run, args.manifest, args.embeddings, _study(args), args.model, args.out)
+    failed = df[~df["passed"].astype(bool)]
+    for r in failed.itertuples():
+        log.warning("sanity check FAILED for %s: %s %s=%s acc=%.2f (%s)", r.model, r.check, r.param, r.value, r.acc, r.criterion)
+    log.info("%d sanity rows (%d failed) written to %s", len(df), len(failed), args.out)
+    return 0
+
+
+def _craft(args: argparse.Namespace) -> int:
+    from hsat.transfer import craft_run
+
+    out = craft_run(args.run, args.manifest, args.embeddings, _study(args), args.out)
+    log.info("adversarial validation set written to %s", out)
+    return 0
+
+
+def _transfer_evaluate(args: argparse.Namespace) -> int:
+    from hsat.transfer import transfer_run
+
+    df = transfer_run(args.adversarial, args.surrogate, args.target, args.target_run, args.target_embeddings,
+                      _study(args), args.out)
+    log.info("%d transfer rows written to %s", len(df), args.out)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, embeddings: bool = True, model: bool = True) -> None:
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory of `hsat pretrain` (config.yaml, model.safetensors)")
+    p.add_argument("--manifest", required=True, metavar="CSV", help="manifest of the study (its val split is attacked)")
+    if embeddings:
+        p.add_argument("--embeddings", required=True, metavar="EMB_DIR", help="folder written by `hsat embed` for this run")
+    p.add_argument("--config", required=True, metavar="STUDY.yaml", help="study config; its `evaluation` section sets the attacks")
+    if model:
+        p.add_argument("--model", required=True, metavar="NAME", help="model name in the study's `models` (method, group, seed columns)")
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser("embed", help="clean backbone features of every patch and the linear probe (once per model)")
+    _common(p, embeddings=False, model=False)
+    p.add_argument("--out", required=True, metavar="EMB_DIR")
+    p.set_defaults(func=_embed)
+
+    p = subparsers.add_parser("evaluate", help="white-box sweep (PGD/BIM/MI-FGSM[/AutoAttack]) -> tidy CSV",
+                              description="Attacks are crafted once per (attack, eps, objective) and scored by every classifier.")
+    _common(p)
+    p.add_argument("--out", required=True, metavar="CSV")
+    p.set_defaults(func=_evaluate)
+
+    p = subparsers.add_parser("sanity", help="attack sanity checks (Carlini et al. 2019) -> CSV; failures are flagged, not fatal")
+    _common(p)
+    p.add_argument("--out", required=True, metavar="CSV")
+    p.set_defaults(func=_sanity)
+
+    p = subparsers.add_parser("transfer", help="black-box transfer: craft once per surrogate, evaluate on each target")
+    sub = p.add_subparsers(dest="transfer_verb", metavar="ACTION", required=True)
+    c = sub.add_parser("craft", help="craft the surrogate's adversarial validation set (float32 safetensors)")
+    _common(c, model=False)
+    c.add_argument("--out", required=True, metavar="FILE.safetensors")
+    c.set_defaults(func=_craft)
+    e = sub.add_parser("evaluate", help="score a stored adversarial set on a target model")
+    e.add_argument("--adversarial", required=True, metavar="FILE.safetensors")
+    e.add_argument("--surrogate", required=True, metavar="NAME")
+    e.add_argument("--target", required=True, metavar="NAME")
+    e.add_argument("--target-run", required=True, metavar="RUN_DIR")
+    e.add_argument("--target-embeddings", required=True, metavar="EMB_DIR")
+    e.add_argument("--config", required=True, metavar="STUDY.yaml")
+    e.add_argument("--out", required=True, metavar="CSV")
+    e.set_defaults(func=_transfer_evaluate)

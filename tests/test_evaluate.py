@@ -1,0 +1,323 @@
+"""Evaluation: kNN, metrics, aggregation, linear probe, white-box sweep, embeddings, CLI round trip.
+
+A toy problem keeps these fast: 3 classes whose images differ by +0.04 in one colour channel,
+and a "model" whose backbone features are the centred channel means (one affine layer). Its
+clean accuracy is perfect and an 8/255 attack flips it: a non-robust model by construction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score
+from torch import nn
+from torch.utils.data import Dataset
+
+import hsat.evaluate as ev
+from hsat.evaluate import (
+    WHITEBOX_COLUMNS,
+    aggregate,
+    classification_metrics,
+    fit_linear_probe,
+    knn_predict,
+    level_metrics,
+    stratified_subset,
+    whitebox_sweep,
+)
+
+torch.set_num_threads(1)
+
+# ----------------------------------------------------------------------------- toy problem
+
+
+class ToyModel(nn.Module):
+    """HSATModel-like: forward_features = affine map of the centred channel means."""
+
+    def __init__(self, masked: bool = False):
+        super().__init__()
+        self.proj = nn.Linear(3, 3)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(3))
+            self.proj.bias.zero_()
+        self.head = nn.Linear(3, 2)
+        self.num_features = 3
+        self.masked = masked  # zero input gradient: a gradient-masking model
+        self.calls = 0
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.masked:
+            x = x.detach() + 0.0 * x
+        return self.proj(x.mean((2, 3)) - 0.5)
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(f), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class ToyPatches(Dataset):
+    """Items like hsat.data.sampler.PatchDataset: class c brightens channel c by 0.04."""
+
+    def __init__(self, n_patients: int = 6, slides: int = 2, patches: int = 3, seed: int = 0, size: int = 8, tag: str = "v"):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for p in range(n_patients):
+            label = p % 3
+            for s in range(slides):
+                for k in range(patches):
+                    img = 0.5 + 0.01 * torch.randn(3, size, size, generator=g)
+                    img[label] += 0.04
+                    self.items.append((img.clamp(0, 1), label, f"{tag}P{p}", f"{tag}P{p}-S{s}", f"/{tag}/P{p}/S{s}/{k}.png"))
+        self.labels = np.array([it[1] for it in self.items])
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        img, label, patient, slide, path = self.items[i]
+        return {"image": img, "label": label, "patient": patient, "slide": slide, "path": path, "index": i}
+
+
+def toy_cfg(**whitebox) -> dict:
+    wb = {"attacks": ["pgd"], "eps": [8], "alpha": 2, "steps": 10, "objectives": ["feature", "linear_ce"], "classifiers": ["knn", "linear"]}
+    wb.update(whitebox)
+    return {"batch_size": 16, "max_val_patches": None, "knn": {"k": 10, "temperature": 0.07},
+            "linear": {"epochs": 200, "lr": 0.05, "weight_decay": 0.0}, "whitebox": wb,
+            "sanity": {"steps": [1, 3, 6], "eps": [2, 8, 64], "restarts": 2}}
+
+
+def toy_setup(seed: int = 0):
+    """(model, probe, bank, val_dataset) for the toy problem; bank/probe from clean train features."""
+    model = ToyModel()
+    train = ToyPatches(seed=seed + 1, tag="t")
+    emb = ev.embed(model, train, batch_size=16, progress=False)
+    probe = fit_linear_probe(emb["features"], emb["labels"], 3, epochs=200, lr=0.05, weight_decay=0.0)
+    return model, probe, (emb["features"], emb["labels"]), ToyPatches(seed=seed + 2, tag="v")
+
+
+# ----------------------------------------------------------------------------- kNN
+
+
+def _knn_bruteforce(query, bank, labels, C, k, T):
+    out = np.zeros((len(query), C))
+    bn = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    for i, q in enumerate(query):
+        sims = bn @ (q / np.linalg.norm(q))
+        top = sorted(range(len(bank)), key=lambda j: -sims[j])[: min(k, len(bank))]
+        for j in top:
+            out[i, labels[j]] += np.exp(sims[j] / T)
+        out[i] /= out[i].sum()
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 5, 50])
+def test_knn_predict_matches_bruteforce(k):
+    g = torch.Generator().manual_seed(k)
+    query, bank = torch.randn(13, 6, generator=g), torch.randn(20, 6, generator=g) * 3
+    labels = torch.randint(0, 4, (20,), generator=g)
+    got = knn_predict(query, bank, labels, 4, k=k, temperature=0.5, batch_size=4)
+    want = _knn_bruteforce(query.double().numpy(), bank.double().numpy(), labels.numpy(), 4, k, 0.5)
+    assert got.shape == (13, 4)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.sum(1).numpy(), 1.0, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_mca_is_balanced_accuracy_and_hand_check():
+    labels = np.array([0, 0, 0, 1])
+    scores = np.array([[0.9, 0.1, 0], [0.8, 0.2, 0], [0.3, 0.7, 0], [0.1, 0.9, 0]])
+    m = classification_metrics(scores, labels, 3)
+    assert m["acc"] == pytest.approx(75.0)
+    assert m["mca"] == pytest.approx(100 * (2 / 3 + 1) / 2)  # recall 2/3 for class 0, 1 for class 1
+    assert m["top2"] == pytest.approx(100.0)
+    assert m["confusion"].tolist() == [[2, 1, 0], [0, 1, 0], [0, 0, 0]]
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 200)
+    s = rng.random((200, 5))
+    assert classification_metrics(s, y, 5)["mca"] == pytest.approx(100 * balanced_accuracy_score(y, s.argmax(1)))
+
+
+def test_metrics_handle_absent_classes():
+    y = np.array([0, 0, 2, 2])  # class 1 absent from the split
+    s = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
+    m = classification_metrics(s, y, 3)
+    assert np.isfinite([m["acc"], m["mca"], m["top2"], m["top3"], m["map"]]).all()
+    assert m["top3"] == 100.0
+    assert m["mca"] == pytest.approx(75.0)
+
+
+def test_aggregate_sums_patch_probabilities_by_group():
+    scores = np.array([[0.6, 0.4], [0.1, 0.9], [0.2, 0.8], [0.7, 0.3], [0.6, 0.4]])
+    groups = ["s2", "s1", "s1", "s2", "s2"]
+    labels = [0, 1, 1, 0, 0]
+    gs, gl, keys = aggregate(scores, groups, labels)
+    assert keys == ["s1", "s2"]
+    assert gl.tolist() == [1, 0]
+    np.testing.assert_allclose(gs, [[0.3 / 2, 1.7 / 2], [1.9 / 3, 1.1 / 3]])
+    # A slide whose single confident patch is outvoted by its other patches.
+    gs, _, _ = aggregate(np.array([[0.99, 0.01], [0.4, 0.6], [0.4, 0.6]]), ["a", "a", "a"], [1, 1, 1])
+    assert gs.argmax(1).tolist() == [0]
+    with pytest.raises(Exception, match="mixes labels"):
+        aggregate(scores, ["a"] * 5, labels)
+
+
+def test_level_metrics_levels():
+    scores = np.array([[0.9, 0.1, 0], [0.2, 0.8, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1], [1, 0, 0]])
+    labels = [0, 0, 1, 2, 2, 2]
+    m = level_metrics(scores, labels, ["p1", "p1", "p2", "p3", "p3", "p3"], ["a", "b", "c", "d", "d", "e"], 3)
+    assert set(m) == {"patch", "slide", "patient"}
+    assert m["patch"]["acc"] == pytest.approx(100 * 4 / 6)
+    assert m["slide"]["acc"] == pytest.approx(60.0)  # b and e wrong
+    assert m["patient"]["acc"] == pytest.approx(100.0)  # summed votes fix p1 and p3
+
+
+def test_stratified_subset_is_deterministic_and_balanced():
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    a = stratified_subset(labels, 10, seed=0)
+    assert a == stratified_subset(labels, 10, seed=0) and len(a) == 10
+    assert np.bincount(labels[a]).tolist() == [5, 3, 2]
+    assert stratified_subset(labels, None) is None and stratified_subset(labels, 1000) is None
+    assert np.bincount(labels[stratified_subset(labels, 3)]).tolist() == [1, 1, 1]
+
+
+# ----------------------------------------------------------------------------- probe, embeddings
+
+
+def test_linear_probe_fits_separable_problem_deterministically():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(90) % 3
+    x = torch.randn(90, 5, generator=g) * 0.3 + 100.0  # large offset: standardisation matters
+    x[torch.arange(90), y] += 1.0
+    p1 = fit_linear_probe(x, y, 3, epochs=150, lr=0.05, weight_decay=0.0)
+    p2 = fit_linear_probe(x, y, 3, epochs=150, lr=0.05, weight_decay=0.0)
+    assert (p1(x).argmax(1) == y).float().mean() == 1.0
+    assert torch.equal(p1.linear.weight, p2.linear.weight)
+    assert not any(p.requires_grad for p in p1.parameters())
+
+
+def test_embeddings_round_trip(tmp_path):
+    model, probe, bank, val = toy_setup()
+    tr = ev.embed(model, ToyPatches(seed=1, tag="t"), batch_size=7, progress=False)
+    va = ev.embed(model, val, batch_size=7, progress=False)
+    assert tr["features"].shape == (36, 3) and tr["features"].dtype == torch.float32
+    ev.write_embeddings(tmp_path / "emb", tr, va, probe, ["a", "b", "c"], {"image_size": 8})
+    emb = ev.load_embeddings(tmp_path / "emb")
+    assert torch.equal(emb.train_features, tr["features"]) and torch.equal(emb.val_labels, va["labels"])
+    assert emb.val_index["path"].tolist() == va["path"]
+    assert emb.classes == ["a", "b", "c"]
+    x = torch.randn(4, 3)
+    assert torch.equal(emb.probe(x), probe(x))
+    with pytest.raises(Exception, match="hsat embed"):
+        ev.load_embeddings(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- white-box sweep
+
+
+def test_whitebox_sweep_rows_and_attack_lowers_accuracy():
+    model, probe, bank, val = toy_setup()
+    cfg = toy_cfg(attacks=["pgd", "bim", "mifgsm"], eps=[4, 8])
+    df = whitebox_sweep(model, probe, bank, val, cfg, model_name="toy", method="hidisc", group="g", seed=3, progress=False)
+    assert list(df.columns) == list(WHITEBOX_COLUMNS)
+    n_specs = 3 * 2 * 2
+    assert len(df) == (1 + n_specs) * 2 * 3
+    key = ["attack", "eps", "objective", "classifier", "level"]
+    assert not df.duplicated(key).any()
+    clean = df[(df.attack == "none") & (df.level == "patch")].set_index("classifier")["acc"]
+    assert (clean > 90).all()
+    for clf in ("knn", "linear"):
+        for obj in ("feature", "linear_ce"):
+            adv = df[(df.attack == "pgd") & (df.eps == 8) & (df.objective == obj) & (df.classifier == clf) & (df.level == "patch")]["acc"].item()
+            assert adv < clean[clf] - 30, (clf, obj, adv)
+    assert set(df.level) == {"patch", "slide", "patient"}
+    assert (df[df.attack == "none"][["eps", "steps"]] == 0).all().all()
+    assert df["model"].eq("toy").all() and df["seed"].eq(3).all()
+
+
+def test_clean_bank_is_never_recomputed(monkeypatch):
+    """Forward passes = batches x (1 clean + per config: steps + 1 scoring); no bank embedding."""
+    model, probe, bank, val = toy_setup()
+    monkeypatch.setattr(ev, "embed", lambda *a, **k: pytest.fail("whitebox_sweep re-embedded the bank"))
+    n_batches = -(-len(val) // 16)
+    counts = []
+    for attacks in (["pgd"], ["pgd", "bim", "mifgsm"]):
+        cfg = toy_cfg(attacks=attacks, eps=[4, 8])
+        model.calls = 0
+        whitebox_sweep(model, probe, bank, val, cfg, progress=False)
+        n_cfg = len(attacks) * 2 * 2
+        assert model.calls == n_batches * (1 + n_cfg * (cfg["whitebox"]["steps"] + 1))
+        counts.append(model.calls)
+    assert counts[1] > counts[0]
+
+
+def test_whitebox_subset_and_autoattack():
+    pytest.importorskip("torchattacks")
+    model, probe, bank, val = toy_setup()
+    cfg = toy_cfg(attacks=["autoattack"], eps=[8], classifiers=["linear"])
+    cfg["max_val_patches"] = 9
+    df = whitebox_sweep(model, probe, bank, val, cfg, progress=False)
+    patch = df[df.level == "patch"].set_index("attack")["acc"]
+    assert patch["autoattack"] < patch["none"] - 30
+    assert set(df.objective) == {"none", ev.AUTOATTACK_OBJECTIVE}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def cli_study(tiny_manifest, tmp_path_factory):
+    """A hand-built run directory (test_resnet) and a tiny study config."""
+    import yaml
+
+    from hsat.models import build_model, save_weights
+
+    root = tmp_path_factory.mktemp("study")
+    run = root / "runs" / "m1"
+    run.mkdir(parents=True)
+    run_cfg = {"seed": 0, "data": {"image_size": 32}, "model": {"backbone": "test_resnet", "head_hidden": [16], "embed_dim": 8}}
+    (run / "config.yaml").write_text(yaml.safe_dump(run_cfg))
+    torch.manual_seed(0)
+    save_weights(build_model("test_resnet", head_hidden=(16,), embed_dim=8), run / "model.safetensors")
+    study = {
+        "models": {"m1": {"group": "scratch", "seed": 4, "method": {"name": "hidisc"}}},
+        "evaluation": {"batch_size": 16, "max_val_patches": 14, "knn": {"k": 5},
+                       "linear": {"epochs": 20},
+                       "whitebox": {"attacks": ["pgd", "bim"], "eps": [8], "steps": 2, "objectives": ["feature", "linear_ce"]},
+                       "transfer": {"steps": 2},
+                       "sanity": {"steps": [1, 2], "eps": [8, 64], "restarts": 2}},
+    }
+    (root / "study.yaml").write_text(yaml.safe_dump(study))
+    return root, run, tiny_manifest
+
+
+def test_cli_embed_evaluate_sanity(cli_study):
+    from hsat.cli import main
+
+    root, run, manifest = cli_study
+    emb = root / "emb" / "m1"
+    assert main(["embed", "--run", str(run), "--manifest", str(manifest), "--config", str(root / "study.yaml"), "--out", str(emb)]) == 0
+    for name in ("features.safetensors", "index.csv", "probe.safetensors", "meta.json"):
+        assert (emb / name).is_file()
+    out = root / "whitebox" / "m1.csv"
+    common = ["--run", str(run), "--manifest", str(manifest), "--embeddings", str(emb), "--config", str(root / "study.yaml"), "--model", "m1"]
+    assert main(["evaluate", *common, "--out", str(out)]) == 0
+    df = pd.read_csv(out)
+    assert list(df.columns) == list(WHITEBOX_COLUMNS)
+    assert len(df) == (1 + 2 * 2) * 2 * 3
+    assert set(df["method"]) == {"hidisc"} and set(df["group"]) == {"scratch"} and set(df["seed"]) == {4}
+    assert df[["acc", "mca"]].apply(lambda c: c.between(0, 100)).all().all()
+    san = root / "sanity" / "m1.csv"
+    assert main(["sanity", *common, "--out", str(san)]) == 0
+    s = pd.read_csv(san)
+    assert {"steps", "steps_feature_knn", "restarts", "eps", "noise", "clean"} <= set(s["check"])
+    # Unknown model name: exit 2 with a message, nothing written.
+    bad = root / "whitebox" / "nope.csv"
+    assert main(["evaluate", *common[:-1], "nope", "--out", str(bad)]) == 2
+    assert not bad.exists()
