@@ -96,18 +96,48 @@ def barrier() -> None:
         dist.barrier()
 
 
-def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate `t` from every rank along dim 0, keeping gradients (rank order).
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward = sum of every rank's gradient, local slice kept."""
 
-    The backward sums the incoming gradients of all ranks for the local slice (reduce-scatter;
-    all-to-all on gloo), which is right when every rank computes the same loss of the gathered
-    tensor: see the module docstring. Identity in a single process.
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # all_reduce works on gloo and nccl alike (reduce_scatter does not on gloo)
+        return grad.chunk(dist.get_world_size(), dim=0)[dist.get_rank()].contiguous()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose gradient is the sum over ranks as well (every rank uses the result)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate `t` (same shape on every rank) from all ranks along dim 0, keeping gradients.
+
+    The backward sums the incoming gradients of all ranks and returns the local slice, which is
+    right when every rank computes the same loss of the gathered tensor: see the module
+    docstring. Identity in a single process.
     """
     if not is_distributed() or world_size() == 1:
         return t
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(t.contiguous()), dim=0)
+    return _AllGatherWithGrad.apply(t.contiguous())
 
 
 class GlooSyncBatchNorm(_BatchNorm):
@@ -126,15 +156,13 @@ class GlooSyncBatchNorm(_BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed() and world_size() > 1):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
         self._check_input_dim(input)
         c = input.shape[1]
         dims = [0] + list(range(2, input.dim()))
         x = input.float()
         local_n = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
         stats = torch.cat([x.sum(dims), (x * x).sum(dims), local_n])
-        stats = all_reduce(stats)
+        stats = _AllReduceSum.apply(stats)
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)
