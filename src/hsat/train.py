@@ -359,7 +359,7 @@ def pretrain(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, callback: St
     last_ckpt = start_step if state is not None else None
     for step, batch in zip(range(start_step, total_steps), loader):
         for group in optimizer.param_groups:
-            group["lr"] = lr_schedule[step]
+            group["lr"] = float(lr_schedule[step])  # a python float: checkpoints hold no numpy objects
         optimizer.zero_grad(set_to_none=True)
         images = batch["images"].to(device, non_blocking=True)  # (P, S, K, V, C, H, W), local slice
         shape = tuple(images.shape[:4])
