@@ -229,6 +229,8 @@ def pretrain(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, callback: St
     seed = int(cfg["seed"])
     total_steps = int(cfg["train"]["steps"])
     method, attack, augment = cfg["method"], cfg["attack"], cfg["augment"]
+    if not cfg["data"]["manifest"]:
+        raise HSATError("data.manifest is not set: pass --manifest or data.manifest=PATH")
     levels_kw = dict(weights=method["level_weights"], temperature=method["temperature"],
                      base_temperature=method["base_temperature"])
 
@@ -273,10 +275,7 @@ def pretrain(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, callback: St
     torch.manual_seed(seed)
 
     # ============ data ... ============
-    manifest_path = cfg["data"]["manifest"]
-    if not manifest_path:
-        raise HSATError("data.manifest is not set: pass --manifest or data.manifest=PATH")
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(cfg["data"]["manifest"])
     strength_fn = functools.partial(strength_at, total_steps=total_steps, start=augment["strength"],
                                     end=augment["min_strength"], dynamic=augment["dynamic"])
     dataset = HierarchicalDataset(

@@ -38,7 +38,12 @@ def _pretrain(args: argparse.Namespace) -> int:
         if args.manifest is not None:
             overrides.append(f"data.manifest={args.manifest}")
         cfg = load_run_config(args.config, overrides)
-    out = pretrain(cfg, args.out)
+    from hsat.distributed import cleanup
+
+    try:
+        out = pretrain(cfg, args.out)
+    finally:
+        cleanup()  # leave the torchrun process group cleanly (no-op without torchrun)
     if os.environ.get("RANK", "0") == "0":  # one line per job, not per torchrun rank
         print(f"hsat pretrain: {cfg['method']['name']} ({cfg['model']['backbone']}, "
               f"{cfg['train']['steps']} steps) -> {out}")
