@@ -165,9 +165,10 @@ def test_cli_tables_and_figures(whitebox, transfer, study, tmp_path):
     emb = tmp_path / "emb" / "hsat_s0"
     emb.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    save_file({"features": rng.normal(size=(30, 8)).astype(np.float32)}, str(emb / "features.safetensors"))
-    pd.DataFrame({"patient": [f"p{i % 5}" for i in range(30)], "label": [f"c{i % 3}" for i in range(30)],
-                  "split": ["val"] * 30}).to_csv(emb / "index.csv", index=False)
+    save_file({"train_features": rng.normal(size=(10, 8)).astype(np.float32),
+               "val_features": rng.normal(size=(30, 8)).astype(np.float32)}, str(emb / "features.safetensors"))
+    pd.DataFrame({"patient": [f"p{i % 5}" for i in range(40)], "label": [f"c{i % 3}" for i in range(40)],
+                  "split": ["train"] * 10 + ["val"] * 30}).to_csv(emb / "index.csv", index=False)
 
     metrics = tmp_path / "metrics.json"
     assert main(["report", "tables", "--config", str(cfg), "--whitebox", str(wb), "--transfer", str(tr),

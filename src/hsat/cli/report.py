@@ -51,7 +51,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     c = verbs.add_parser("collect", help="concatenate per-model tidy CSVs into one")
     c.add_argument("--out", required=True, help="output CSV")
-    c.add_argument("inputs", nargs="+", help="input CSVs (same columns; empty files are skipped)")
+    c.add_argument("inputs", nargs="*", help="input CSVs (same columns; empty files are skipped; none -> an empty CSV)")
     c.set_defaults(func=_collect)
 
     t = verbs.add_parser("tables", help="Tables 1-4 as CSV, Markdown and LaTeX")

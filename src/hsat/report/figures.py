@@ -140,8 +140,10 @@ def _load_embedding(emb_dir: Path, max_points: int, seed: int) -> pd.DataFrame |
     tensors = load_file(str(feats_path))
     if not tensors:
         return None
-    key = "features" if "features" in tensors else sorted(tensors)[0]
-    feats = np.asarray(tensors[key], dtype=np.float32)
+    if "train_features" in tensors and "val_features" in tensors:  # hsat embed: train rows, then val rows
+        feats = np.concatenate([tensors["train_features"], tensors["val_features"]]).astype(np.float32)
+    else:
+        feats = np.asarray(tensors["features" if "features" in tensors else sorted(tensors)[0]], dtype=np.float32)
     index = pd.read_csv(index_path)
     if len(index) != len(feats):
         log.warning("%s: %d index rows but %d feature rows; skipping", emb_dir, len(index), len(feats))

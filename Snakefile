@@ -1,0 +1,66 @@
+# The HSAT study as one workflow: dataset -> manifest -> pretrain (per model) -> embeddings ->
+# white-box sweep + sanity checks -> transfer matrix -> tables, figures, metrics.
+#
+#   snakemake --cores 2 all                                  # the default study (config/config.yaml)
+#   snakemake --cores 2 --configfile config/tiny.yaml all    # the tiny study the tests run
+#   snakemake --cores 8 --resources gpu=1 --configfile config/opensrh.yaml all
+#   snakemake paper_figures | model_<name> | results/runs/<name>/model.safetensors
+#
+# See docs/workflow.md. Rules are thin: each calls one `hsat` verb.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+# The default config applies only when no --configfile is given: Snakemake would otherwise merge
+# the two files and a tiny study would inherit the default study's models.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/dataset.smk"
+include: "rules/pretrain.smk"
+include: "rules/evaluate.smk"
+include: "rules/transfer.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        report_outputs(),
+        expand(f"{RESULTS}/runs/{{model}}/model.safetensors", model=MODELS),
+    default_target: True
+    localrule: True
+
+
+rule paper_figures:
+    input:
+        report_outputs(),
+    localrule: True
+
+
+rule pretrain_all:
+    """DVC stage `pretrain`: the dataset, the manifest and every checkpoint."""
+    input:
+        expand(f"{RESULTS}/runs/{{model}}/model.safetensors", model=MODELS),
+    localrule: True
+
+
+rule evaluate_all:
+    """DVC stage `evaluate`: embeddings, white-box sweeps, sanity checks and the transfer matrix."""
+    input:
+        sweep_outputs(),
+    localrule: True
+
+
+# Per-model targets: `snakemake model_<name>` trains and evaluates one model of the matrix.
+for _model in MODELS:
+
+    rule:
+        name:
+            f"model_{_model}"
+        input:
+            model_outputs(_model),
+        localrule: True

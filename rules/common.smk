@@ -1,0 +1,198 @@
+# Config validation (once), the study matrix, paths, and the rerun keys of every stage.
+#
+# Rerun policy: Snakemake reruns a job when its params or code change (rerun-triggers). Each rule's
+# params therefore carry (a) only the settings that stage reads -- a model's resolved run config for
+# its pretraining, the relevant `evaluation` keys for the sweeps -- and (b) a hash of the library
+# modules the stage runs. Changing one model's settings reruns that model's chain only; editing
+# src/hsat/train.py reruns every pretraining and what depends on it; editing the report code
+# reruns only the report.
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import hsat
+from hsat.config import run_config_for_model, validate as validate_config
+from hsat.errors import HSATError
+from hsat.io import write_yaml
+from snakemake.exceptions import WorkflowError
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+# Run the verbs of the Python that runs Snakemake (its venv need not be activated). Under
+# --sdm conda the shared environment provides them instead.
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    shell.prefix(f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\"; ")
+
+# ---------------------------------------------------------------- config: validate once, fill defaults
+# hsat.config.validate is the JSON-schema validation of snakemake.utils.validate against the same
+# schema (hsat.config.schema_path()), with the library's defaults and messages naming the key.
+_CONFIG_SOURCE = ", ".join(str(p) for p in workflow.configfiles) or "config"
+try:
+    _study = validate_config(config, "study", source=_CONFIG_SOURCE)
+    RUN_CONFIGS = {name: run_config_for_model(_study, name) for name in _study["models"]}
+except HSATError as exc:
+    raise WorkflowError(str(exc)) from None
+config.clear()
+config.update(_study)
+
+RESULTS = os.path.normpath(config["results_dir"])
+MODELS = list(config["models"])
+MODEL_RE = "|".join(re.escape(m) for m in sorted(MODELS, key=len, reverse=True))
+EVAL = config["evaluation"]
+NPROC = int(config["launcher"]["nproc_per_node"])
+
+# The study config every verb reads: the validated config with defaults, written at parse time
+# only when its content changes. It is not a rule input on purpose -- its time stamp would rerun
+# everything; each rule's params carry the part of it that the rule depends on.
+STUDY = f"{RESULTS}/config.resolved.yaml"
+
+
+def _write_resolved(path, cfg):
+    path = Path(path)
+    text = json.dumps(cfg, sort_keys=True)
+    old = None
+    if path.is_file():
+        import yaml
+
+        try:
+            old = json.dumps(yaml.safe_load(path.read_text(encoding="utf-8")), sort_keys=True)
+        except Exception:
+            old = None
+    if old != text:
+        write_yaml(path, cfg)
+
+
+_write_resolved(STUDY, config)
+
+
+# ---------------------------------------------------------------- dataset
+def _dataset_source():
+    """('manifest', CSV) | ('root', DIR) | ('synth', DIR): where the study's patches come from."""
+    ds = config["dataset"]
+    if ds["manifest"]:
+        if not Path(ds["manifest"]).is_file():
+            raise WorkflowError(f"dataset.manifest: file not found: {ds['manifest']} (edit the study config)")
+        return "manifest", ds["manifest"]
+    if ds["root"]:
+        root = Path(ds["root"])
+        if not (root / "meta" / "opensrh.json").is_file():
+            raise WorkflowError(
+                f"dataset.root: {root} does not hold meta/opensrh.json. Point dataset.root of "
+                f"{_CONFIG_SOURCE} at your OpenSRH download, or set dataset.manifest to a manifest CSV."
+            )
+        return "root", str(root)
+    return "synth", f"{RESULTS}/dataset"
+
+
+DATASET_KIND, DATASET_PATH = _dataset_source()
+MANIFEST = f"{RESULTS}/manifest.csv"
+
+
+# ---------------------------------------------------------------- rerun keys
+def canonical(obj):
+    """Compact, key-sorted JSON: a stable, readable params value (see `snakemake --list-changes params`)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+_SRC = Path(hsat.__file__).resolve().parent
+_CODE = {
+    "synth": ["data/synthetic.py", "cli/data.py"],
+    "prepare": ["data/manifest.py", "data/opensrh.py", "cli/data.py"],
+    "pretrain": ["data/*.py", "models.py", "losses.py", "attacks.py", "distributed.py", "train.py", "methods.py",
+                 "cli/train.py"],
+    "evaluate": ["data/*.py", "models.py", "attacks.py", "evaluate.py", "cli/evaluate.py"],
+    "transfer": ["data/*.py", "models.py", "attacks.py", "evaluate.py", "transfer.py", "cli/evaluate.py"],
+    "report": ["report/*.py", "cli/report.py"],
+}
+
+
+def code_version(stage):
+    """sha256 (16 hex) of the library modules a stage runs, so editing them reruns the stage."""
+    h = hashlib.sha256()
+    for pattern in _CODE[stage]:
+        for path in sorted(_SRC.glob(pattern)):
+            h.update(path.relative_to(_SRC).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+CODE_VERSION = {stage: code_version(stage) for stage in _CODE}
+
+
+def run_settings(wildcards):
+    """The resolved run config of one model: changing it reruns that model's chain only."""
+    return canonical(RUN_CONFIGS[wildcards.model])
+
+
+def eval_settings(stage, wildcards=None):
+    """The `evaluation` keys a stage reads (and the model's table group, which goes into the CSV)."""
+    drop = {
+        "embed": {"whitebox", "transfer", "sanity"},
+        "evaluate": {"transfer", "sanity"},
+        "sanity": {"transfer"},
+        "transfer": {"sanity"},
+    }[stage]
+    out = {k: v for k, v in EVAL.items() if k not in drop}
+    if wildcards is not None and "model" in wildcards.keys():
+        out["group"] = config["models"][wildcards.model].get("group")
+    return canonical(out)
+
+
+# ---------------------------------------------------------------- the study matrix and its files
+def _subset(names):
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        raise WorkflowError(f"{_CONFIG_SOURCE}: evaluation lists unknown model(s) {unknown}; models are {MODELS}")
+    return list(names) or list(MODELS)
+
+
+SANITY_MODELS = _subset(EVAL["sanity"]["models"]) if EVAL["sanity"]["enabled"] else []
+TRANSFER_MODELS = _subset(EVAL["transfer"]["models"]) if EVAL["transfer"]["enabled"] else []
+TRANSFER_PAIRS = [(s, t) for s in TRANSFER_MODELS for t in TRANSFER_MODELS if s != t]
+
+
+def run_dir(model):
+    return f"{RESULTS}/runs/{model}"
+
+
+def sweep_outputs():
+    out = [f"{RESULTS}/whitebox/{m}.csv" for m in MODELS]
+    out += [f"{RESULTS}/sanity/{m}.csv" for m in SANITY_MODELS]
+    out += [f"{RESULTS}/transfer/{s}__{t}.csv" for s, t in TRANSFER_PAIRS]
+    return out
+
+
+def model_outputs(model):
+    out = [f"{run_dir(model)}/model.safetensors", f"{RESULTS}/whitebox/{model}.csv"]
+    if model in SANITY_MODELS:
+        out.append(f"{RESULTS}/sanity/{model}.csv")
+    return out
+
+
+FIGURES = ["robust_accuracy", "transfer_heatmap", "training_curves", "embedding_map", "attack_steps"]
+TABLES = [f"table{i}.{ext}" for i in range(1, 5) for ext in ("csv", "md", "tex")]
+
+
+def report_outputs():
+    return (
+        [f"{RESULTS}/{name}.csv" for name in ("whitebox", "transfer", "sanity")]
+        + [f"{RESULTS}/tables/{t}" for t in TABLES]
+        + [f"{RESULTS}/metrics.json"]
+        + [f"{RESULTS}/figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")]
+    )
+
+
+def pretrain_launcher():
+    """`hsat`, or torchrun with one process per GPU when launcher.nproc_per_node > 1."""
+    if NPROC > 1:
+        return f"torchrun --standalone --nproc_per_node {NPROC} -m hsat"
+    return "hsat"
+
+
+def report_settings(wildcards):
+    """Everything the report reads of the study config (all but the launcher)."""
+    return canonical({k: v for k, v in config.items() if k != "launcher"})

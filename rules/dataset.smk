@@ -1,0 +1,52 @@
+# The dataset: the embedded synthetic cohort (dataset.root and dataset.manifest null), a user's
+# OpenSRH root, or a ready manifest -> RESULTS/manifest.csv (paths relative to its folder).
+
+
+rule synth:
+    output:
+        directory(f"{RESULTS}/dataset"),
+    params:
+        synth=config["dataset"]["synth"],
+        settings=canonical(config["dataset"]["synth"]),
+        code=CODE_VERSION["synth"],
+    log:
+        f"{RESULTS}/logs/synth.log",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "hsat synth --out {output} --patients {params.synth[patients]} --slides {params.synth[slides]}"
+        " --patches {params.synth[patches]} --size {params.synth[size]} --seed {params.synth[seed]}"
+        " --val-fraction {params.synth[val_fraction]} > {log} 2>&1"
+
+
+if DATASET_KIND == "manifest":
+
+    rule prepare:
+        input:
+            DATASET_PATH,
+        output:
+            MANIFEST,
+        params:
+            code=CODE_VERSION["prepare"],
+        log:
+            f"{RESULTS}/logs/prepare.log",
+        conda:
+            "../envs/hsat.yaml"
+        shell:
+            "hsat prepare --manifest {input} --out {output} > {log} 2>&1"
+
+else:
+
+    rule prepare:
+        input:
+            DATASET_PATH,
+        output:
+            MANIFEST,
+        params:
+            code=CODE_VERSION["prepare"],
+        log:
+            f"{RESULTS}/logs/prepare.log",
+        conda:
+            "../envs/hsat.yaml"
+        shell:
+            "hsat prepare --root {input} --out {output} > {log} 2>&1"

@@ -1,0 +1,80 @@
+# Per model: clean embeddings + linear probe (once), the white-box sweep, the attack sanity checks.
+
+
+rule embed:
+    input:
+        model=f"{RESULTS}/runs/{{model}}/model.safetensors",
+        manifest=MANIFEST,
+    output:
+        features=f"{RESULTS}/embeddings/{{model}}/features.safetensors",
+        index=f"{RESULTS}/embeddings/{{model}}/index.csv",
+        probe=f"{RESULTS}/embeddings/{{model}}/probe.safetensors",
+        meta=f"{RESULTS}/embeddings/{{model}}/meta.json",
+    params:
+        run_dir=lambda wildcards: run_dir(wildcards.model),
+        emb_dir=lambda wildcards, output: str(Path(output.features).parent),
+        study=STUDY,
+        settings=lambda wildcards: eval_settings("embed"),
+        code=CODE_VERSION["evaluate"],
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/embed/{{model}}.log",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} hsat embed --run {params.run_dir} --manifest {input.manifest}"
+        " --config {params.study} --out {params.emb_dir} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        model=f"{RESULTS}/runs/{{model}}/model.safetensors",
+        manifest=MANIFEST,
+        features=f"{RESULTS}/embeddings/{{model}}/features.safetensors",
+    output:
+        f"{RESULTS}/whitebox/{{model}}.csv",
+    params:
+        run_dir=lambda wildcards: run_dir(wildcards.model),
+        emb_dir=lambda wildcards, input: str(Path(input.features).parent),
+        study=STUDY,
+        settings=lambda wildcards: eval_settings("evaluate", wildcards),
+        code=CODE_VERSION["evaluate"],
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/evaluate/{{model}}.log",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} hsat evaluate --run {params.run_dir} --manifest {input.manifest}"
+        " --embeddings {params.emb_dir} --config {params.study} --model {wildcards.model} --out {output}"
+        " > {log} 2>&1"
+
+
+rule sanity:
+    input:
+        model=f"{RESULTS}/runs/{{model}}/model.safetensors",
+        manifest=MANIFEST,
+        features=f"{RESULTS}/embeddings/{{model}}/features.safetensors",
+    output:
+        f"{RESULTS}/sanity/{{model}}.csv",
+    params:
+        run_dir=lambda wildcards: run_dir(wildcards.model),
+        emb_dir=lambda wildcards, input: str(Path(input.features).parent),
+        study=STUDY,
+        settings=lambda wildcards: eval_settings("sanity", wildcards),
+        code=CODE_VERSION["evaluate"],
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/sanity/{{model}}.log",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} hsat sanity --run {params.run_dir} --manifest {input.manifest}"
+        " --embeddings {params.emb_dir} --config {params.study} --model {wildcards.model} --out {output}"
+        " > {log} 2>&1"

@@ -1,0 +1,80 @@
+# Tidy CSVs of the whole study -> Tables 1-4, headline metrics, figures (and the --report HTML).
+
+
+rule collect:
+    input:
+        lambda wildcards: {
+            "whitebox": [f"{RESULTS}/whitebox/{m}.csv" for m in MODELS],
+            "sanity": [f"{RESULTS}/sanity/{m}.csv" for m in SANITY_MODELS],
+            "transfer": [f"{RESULTS}/transfer/{s}__{t}.csv" for s, t in TRANSFER_PAIRS],
+        }[wildcards.kind],
+    output:
+        f"{RESULTS}/{{kind}}.csv",
+    wildcard_constraints:
+        kind="whitebox|sanity|transfer",
+    params:
+        code=CODE_VERSION["report"],
+    log:
+        f"{RESULTS}/logs/report/collect_{{kind}}.log",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "hsat report collect --out {output} {input} > {log} 2>&1"
+
+
+rule tables:
+    input:
+        whitebox=f"{RESULTS}/whitebox.csv",
+        transfer=f"{RESULTS}/transfer.csv",
+        sanity=f"{RESULTS}/sanity.csv",
+    output:
+        tables=[
+            report(f"{RESULTS}/tables/{t}", caption="../workflow/report/tables.rst", category="Tables")
+            if t.endswith(".csv")
+            else f"{RESULTS}/tables/{t}"
+            for t in TABLES
+        ],
+        metrics=f"{RESULTS}/metrics.json",
+    params:
+        out_dir=lambda wildcards, output: str(Path(output.tables[0]).parent),
+        study=STUDY,
+        settings=report_settings,
+        code=CODE_VERSION["report"],
+    log:
+        f"{RESULTS}/logs/report/tables.log",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "hsat report tables --config {params.study} --whitebox {input.whitebox} --transfer {input.transfer}"
+        " --sanity {input.sanity} --out-dir {params.out_dir} --metrics {output.metrics} > {log} 2>&1"
+
+
+rule figures:
+    input:
+        whitebox=f"{RESULTS}/whitebox.csv",
+        transfer=f"{RESULTS}/transfer.csv",
+        sanity=f"{RESULTS}/sanity.csv",
+        logs=expand(f"{RESULTS}/runs/{{model}}/log.jsonl", model=MODELS),
+        features=expand(f"{RESULTS}/embeddings/{{model}}/features.safetensors", model=MODELS),
+    output:
+        [
+            report(f"{RESULTS}/figures/{name}.png", caption=f"../workflow/report/{name}.rst", category="Figures")
+            for name in FIGURES
+        ],
+        expand(f"{RESULTS}/figures/{{name}}.pdf", name=FIGURES),
+    params:
+        out_dir=lambda wildcards, output: str(Path(output[0]).parent),
+        runs_dir=lambda wildcards, input: str(Path(input.logs[0]).parent.parent),
+        emb_dir=lambda wildcards, input: str(Path(input.features[0]).parent.parent),
+        study=STUDY,
+        settings=report_settings,
+        code=CODE_VERSION["report"],
+    threads: 1
+    log:
+        f"{RESULTS}/logs/report/figures.log",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} hsat report figures --config {params.study} --whitebox {input.whitebox}"
+        " --transfer {input.transfer} --sanity {input.sanity} --runs-dir {params.runs_dir}"
+        " --embeddings-dir {params.emb_dir} --out-dir {params.out_dir} > {log} 2>&1"

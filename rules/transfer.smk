@@ -1,0 +1,56 @@
+# Black-box transfer: craft the adversarial validation set once per surrogate, then score it on
+# every other target (evaluation.transfer.models, or every model).
+
+
+rule transfer_craft:
+    input:
+        model=f"{RESULTS}/runs/{{surrogate}}/model.safetensors",
+        manifest=MANIFEST,
+        features=f"{RESULTS}/embeddings/{{surrogate}}/features.safetensors",
+    output:
+        f"{RESULTS}/adversarial/{{surrogate}}.safetensors",
+    params:
+        run_dir=lambda wildcards: run_dir(wildcards.surrogate),
+        emb_dir=lambda wildcards, input: str(Path(input.features).parent),
+        study=STUDY,
+        settings=lambda wildcards: eval_settings("transfer"),
+        code=CODE_VERSION["transfer"],
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/transfer/craft_{{surrogate}}.log",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} hsat transfer craft --run {params.run_dir} --manifest {input.manifest}"
+        " --embeddings {params.emb_dir} --config {params.study} --out {output} > {log} 2>&1"
+
+
+rule transfer_evaluate:
+    input:
+        adversarial=f"{RESULTS}/adversarial/{{surrogate}}.safetensors",
+        model=f"{RESULTS}/runs/{{target}}/model.safetensors",
+        features=f"{RESULTS}/embeddings/{{target}}/features.safetensors",
+    output:
+        f"{RESULTS}/transfer/{{surrogate}}__{{target}}.csv",
+    params:
+        run_dir=lambda wildcards: run_dir(wildcards.target),
+        emb_dir=lambda wildcards, input: str(Path(input.features).parent),
+        study=STUDY,
+        settings=lambda wildcards: eval_settings("transfer"),
+        code=CODE_VERSION["transfer"],
+    wildcard_constraints:
+        surrogate=MODEL_RE,
+        target=MODEL_RE,
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/transfer/{{surrogate}}__{{target}}.log",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} hsat transfer evaluate --adversarial {input.adversarial}"
+        " --surrogate {wildcards.surrogate} --target {wildcards.target} --target-run {params.run_dir}"
+        " --target-embeddings {params.emb_dir} --config {params.study} --out {output} > {log} 2>&1"
