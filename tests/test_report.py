@@ -121,7 +121,7 @@ def test_write_tables_and_headline_match_hand_computation(whitebox, transfer, st
     t3 = pd.read_csv(tmp_path / "table3.csv")
     assert list(t3["Method"]) == ["HSAT-Patient", "HSAT-Patch", "HSAT-Slide"] or set(t3["Method"]) == {"HSAT-Patch", "HSAT-Slide", "HSAT-Patient"}
 
-    h = headline(whitebox, study)["groups"]["scratch"]
+    h = headline(whitebox, study)["groups"]["scratch:test_resnet"]
     pick = dict(attack="pgd", eps=8, classifier="knn", objective="feature", level="patch")
     hsat = _sel(whitebox, method="hsat", **pick)["acc"]
     base = _sel(whitebox, method="hidisc", **pick)["acc"]
@@ -174,7 +174,7 @@ def test_cli_tables_and_figures(whitebox, transfer, study, tmp_path):
     assert main(["report", "tables", "--config", str(cfg), "--whitebox", str(wb), "--transfer", str(tr),
                  "--out-dir", str(tmp_path / "tables"), "--metrics", str(metrics), "--sanity", str(sa)]) == 0
     m = json.loads(metrics.read_text())
-    assert m["sanity_failed"] == 1 and "scratch" in m["groups"]
+    assert m["sanity_failed"] == 1 and list(m["groups"]) == ["scratch:test_resnet"]
     figs = tmp_path / "figures"
     assert main(["report", "figures", "--config", str(cfg), "--whitebox", str(wb), "--transfer", str(tr), "--sanity", str(sa),
                  "--runs-dir", str(runs), "--embeddings-dir", str(tmp_path / "emb"), "--out-dir", str(figs)]) == 0

@@ -342,7 +342,7 @@ def headline(
     level: str = "patch",
     margin: float = 15.0,
 ) -> dict[str, Any]:
-    """The paper's claims as measured, per group: numbers for results/metrics.json.
+    """The paper's claims as measured, per group (initialisation) and backbone: results/metrics.json.
 
     - robust gain: HSAT's `level` accuracy under PGD at eps 8 (the largest PGD eps if 8 is absent)
       minus the baseline's, mean over models (seeds); holds when >= `margin` points.
@@ -355,7 +355,7 @@ def headline(
     eps = 8.0 if 8.0 in pgd_eps else (float(pgd_eps[-1]) if pgd_eps else None)
     out: dict[str, Any] = {"classifier": classifier, "objective": objective, "level": level, "pgd_eps": eps}
     groups: dict[str, Any] = {}
-    for group, g in df[df["level"] == level].groupby("group", sort=True):
+    for (group, backbone), g in df[df["level"] == level].groupby(["group", "backbone"], sort=True):
         per_model = lambda method, attack, e: g[(g["method"] == method) & (g["attack"] == attack) & (g["eps"] == e)].groupby("model")["acc"].mean()  # noqa: E731
         hsat_pgd = _stats(per_model("hsat", "pgd", eps))
         base_pgd = _stats(per_model(baseline, "pgd", eps))
@@ -365,7 +365,7 @@ def headline(
             hsat_pgd["mean"] - base_pgd["mean"] if hsat_pgd["n"] and base_pgd["n"] else None
         )
         clean = hsat_clean["mean"] - patch_clean["mean"] if hsat_clean["n"] and patch_clean["n"] else None
-        groups[str(group)] = {
+        groups[f"{group}:{backbone}"] = {
             "hsat_pgd_acc": hsat_pgd,
             f"{baseline}_pgd_acc": base_pgd,
             "hsat_minus_baseline_pgd_acc": robust,

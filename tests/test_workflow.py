@@ -1,0 +1,127 @@
+"""The workflow through its command line: dry runs build the DAG, the linter is clean, and the
+tiny study runs end to end under `dvc repro`, after which nothing is left to do and changing one
+model's settings reruns only that model's chain."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ["Snakefile", "rules", "workflow", "config", "envs", "dvc.yaml", "params.yaml", ".dvcignore"]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def snakemake(*args: str, cwd: Path = REPO, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
+    """Job counts of a dry run's "Job stats" table (empty when there is nothing to do)."""
+    out = proc.stdout + proc.stderr
+    if "Job stats" not in out:
+        return {}
+    table = out.split("Job stats:", 1)[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M) if m.group(1) != "total"}
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A copy of the workflow (not the results) with results_dir pointing inside it."""
+    for name in WORKFLOW_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, tmp_path / name)
+        elif src.exists():
+            shutil.copy2(src, tmp_path / name)
+    shutil.copytree(REPO / "src" / "hsat", tmp_path / "src" / "hsat", ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("configfile", ["config/config.yaml", "config/tiny.yaml"])
+def test_dry_run_builds_the_dag(workdir, configfile):
+    proc = snakemake("-n", "all", "--configfile", configfile, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = planned_jobs(proc)
+    models = yaml.safe_load((workdir / configfile).read_text())["models"]
+    assert jobs["pretrain"] == len(models) and jobs["evaluate"] == len(models)
+    assert jobs["tables"] == 1 and jobs["figures"] == 1
+
+
+def test_default_config_without_configfile(workdir):
+    proc = snakemake("-n", "paper_figures", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert planned_jobs(proc)["pretrain"] == len(yaml.safe_load((workdir / "config/config.yaml").read_text())["models"])
+
+
+def test_lint_is_clean():
+    proc = snakemake("--lint", "--configfile", "config/tiny.yaml")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Lints for" not in proc.stdout + proc.stderr
+
+
+def test_invalid_config_and_missing_opensrh_root_fail_readably(workdir):
+    bad = workdir / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"models": {"m": {"method": {"name": "hsat"}}}, "evaluation": {"whitebox": {"eps": "eight"}}}))
+    proc = snakemake("-n", "all", "--configfile", str(bad), cwd=workdir)
+    assert proc.returncode != 0 and "evaluation.whitebox.eps" in proc.stdout + proc.stderr
+    proc = snakemake("-n", "all", "--configfile", "config/opensrh.yaml", cwd=workdir)
+    assert proc.returncode != 0 and "dataset.root" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(workdir):
+    params = workdir / "params.yaml"
+    p = yaml.safe_load(params.read_text())
+    p["study"].update(configfile="config/tiny.yaml", results_dir="results/tiny", cores=2)
+    params.write_text(yaml.safe_dump(p))
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    run = lambda *a: subprocess.run(dvc + list(a), cwd=workdir, env=_env(), capture_output=True, text=True, timeout=400)  # noqa: E731
+    assert run("init", "--no-scm", "-q").returncode == 0
+
+    proc = run("repro")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    res = workdir / "results" / "tiny"
+    for i in range(1, 5):
+        for ext in ("csv", "md", "tex"):
+            assert (res / "tables" / f"table{i}.{ext}").stat().st_size > 0
+    for name in ("robust_accuracy", "transfer_heatmap", "training_curves", "embedding_map", "attack_steps"):
+        assert (res / "figures" / f"{name}.png").is_file() and (res / "figures" / f"{name}.pdf").is_file()
+    t1 = (res / "tables" / "table1.csv").read_text()
+    assert "HiDisc" in t1 and "HSAT" in t1
+    assert "groups" in (res / "metrics.json").read_text()
+
+    status = run("status")
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+    assert run("metrics", "show").returncode == 0
+
+    # A second Snakemake run has nothing to do.
+    proc = snakemake("-n", "all", "--configfile", "config/tiny.yaml", cwd=workdir)
+    assert proc.returncode == 0 and planned_jobs(proc) == {}, proc.stdout[-3000:]
+
+    # Changing one model's settings reruns that model's chain (and the report), nothing else.
+    cfg = yaml.safe_load((workdir / "config/tiny.yaml").read_text())
+    cfg["models"]["hsat_patch"]["optim"] = {"lr": 0.002}
+    (workdir / "config/tiny2.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "all", "--configfile", "config/tiny2.yaml", cwd=workdir)
+    jobs = planned_jobs(proc)
+    assert jobs.get("pretrain") == 1 and jobs.get("embed") == 1 and jobs.get("evaluate") == 1, proc.stdout[-3000:]
+    assert "synth" not in jobs and "prepare" not in jobs
+    assert "hsat_patch" in proc.stdout and "wildcards: model=hidisc" not in proc.stdout
