@@ -1,5 +1,8 @@
 """Hierarchical (adversarial) self-supervised pretraining: `pretrain(cfg, out_dir)`, top to bottom.
 
+The per-step work is one function, `hsat_step` (inner maximisation `adversarial_views` + outer
+minimisation `encoder_update`), so `hsat bench` times exactly the step `pretrain` runs.
+
 One min-max step (HSAT, Malik et al. MICCAI 2025), on a batch of P patients x S slides x K
 patches x V views:
 
@@ -31,6 +34,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -40,6 +44,7 @@ import random
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -58,6 +63,15 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "pretrain",
+    "hsat_step",
+    "adversarial_views",
+    "encoder_update",
+    "embed_views",
+    "StepResult",
+    "NonFiniteLoss",
+    "training_loader",
+    "make_optimizer",
+    "strength_function",
     "cosine_schedule",
     "linear_warmup",
     "load_checkpoint",
@@ -209,6 +223,219 @@ def _attack_generator(seed: int, step: int, rank: int, device: torch.device) -> 
 
 
 # ---------------------------------------------------------------------------------------------
+# one min-max step: the function `pretrain` runs, and the one `hsat bench` times
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The step's loss is NaN or infinite; raised before the backward, so no parameter changed."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(f"non-finite loss ({value})")
+        self.value = value
+
+
+@dataclass
+class StepResult:
+    """What one optimiser step reports: the minimised total and its detached per-level terms."""
+
+    loss: float
+    losses: dict[str, torch.Tensor]  # loss_clean_<level>, loss_adv_<level> (detached tensors)
+    images: int  # images (views) in the local batch
+
+
+def _levels_kw(method: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(weights=method["level_weights"], temperature=method["temperature"],
+                base_temperature=method["base_temperature"])
+
+
+def embed_views(module: torch.nn.Module, x: torch.Tensor, shape: tuple[int, ...],
+                autocast: Callable[[], Any] = contextlib.nullcontext) -> list[torch.Tensor]:
+    """Embeddings of the (N*c, C, H, W) stack as c tensors (P_global, S, K, V, D), gathered over ranks."""
+    with autocast():
+        z = module(x)
+    chunks = z.float().chunk(x.shape[0] // math.prod(shape))
+    return [gather_with_grad(c.reshape(*shape, -1)) for c in chunks]
+
+
+def adversarial_views(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    shape: tuple[int, ...],
+    *,
+    method: Mapping[str, Any],
+    attack: Mapping[str, Any],
+    eps: float,
+    generator: torch.Generator | None = None,
+    fast: torch.nn.Module | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """Inner maximisation: PGD on the hierarchical loss of `method.max_levels` (eps in 1/255).
+
+    Only input gradients are built: parameters are frozen and the model runs in
+    `attack.bn_mode` (restored after). `fast` is what the attack calls (the compiled model);
+    never the DDP wrapper, whose hooks would expect a parameter backward.
+    """
+    fast = model if fast is None else fast
+    levels_kw = _levels_kw(method)
+
+    def objective(x_adv: torch.Tensor) -> torch.Tensor:
+        (z_adv,) = embed_views(fast, x_adv, shape, autocast)
+        return hierarchical_loss(z_adv, method["max_levels"], **levels_kw)["total"]
+
+    with frozen(model), attack_mode(model, attack["bn_mode"]):
+        return pgd(x, objective, eps=float(eps) / 255, alpha=attack["alpha"] / 255, steps=attack["steps"],
+                   random_start=attack["random_start"], generator=generator)
+
+
+def encoder_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor | None,
+    x_adv: torch.Tensor | None,
+    shape: tuple[int, ...],
+    *,
+    method: Mapping[str, Any],
+    clean_weight: float = 1.0,
+    net: torch.nn.Module | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    grad_clip: float | None = None,
+) -> StepResult:
+    """Outer minimisation: ONE forward of [clean; adversarial] views, loss, ONE backward, optimiser step.
+
+    `x` None means no clean term (attack.only_adversarial); `x_adv` None means HiDisc. Raises
+    NonFiniteLoss before the backward. Parameter gradients are accumulated into whatever
+    `.grad` holds (the caller zeroes them).
+    """
+    net = model if net is None else net
+    levels_kw = _levels_kw(method)
+    views = [v for v in (x, x_adv) if v is not None]
+    z = embed_views(net, torch.cat(views) if len(views) > 1 else views[0], shape, autocast)
+    losses: dict[str, torch.Tensor] = {}
+    total: torch.Tensor | None = None
+    if x is not None:
+        clean = hierarchical_loss(z.pop(0), method["min_levels"], **levels_kw)
+        losses.update({f"loss_clean_{k}": v.detach() for k, v in clean.items() if k != "total"})
+        total = float(clean_weight) * clean["total"]
+    if x_adv is not None:
+        adv = hierarchical_loss(z.pop(0), method["min_levels"], **levels_kw)
+        losses.update({f"loss_adv_{k}": v.detach() for k, v in adv.items() if k != "total"})
+        total = adv["total"] if total is None else total + adv["total"]
+    assert total is not None, "encoder_update needs clean or adversarial views"
+    loss_value = float(total.detach())
+    if not math.isfinite(loss_value):
+        raise NonFiniteLoss(loss_value)
+    total.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return StepResult(loss=loss_value, losses=losses, images=int(math.prod(shape)))
+
+
+def hsat_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    *,
+    method: Mapping[str, Any],
+    attack: Mapping[str, Any],
+    eps: float,
+    clean_weight: float = 1.0,
+    generator: torch.Generator | None = None,
+    fast: torch.nn.Module | None = None,
+    net: torch.nn.Module | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    channels_last: bool = False,
+    grad_clip: float | None = None,
+) -> StepResult:
+    """One HSAT (or HiDisc) optimiser step on `images` (P, S, K, V, C, H, W), already on the device.
+
+    `model` is the plain HSATModel (frozen during the attack), `fast` what the attack calls
+    (default `model`), `net` what the encoder's forward/backward goes through (default `fast`;
+    the DDP wrapper under torchrun). `eps` is this step's radius in 1/255 units and
+    `clean_weight` the weight of the clean term (adversarial methods only). The optimiser's
+    learning rate is the caller's to set.
+    """
+    fast = model if fast is None else fast
+    net = fast if net is None else net
+    optimizer.zero_grad(set_to_none=True)
+    shape = tuple(images.shape[:4])
+    x = images.flatten(0, 3)  # (N, C, H, W)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    adversarial = bool(method["adversarial"])
+    x_adv = None
+    if adversarial:
+        x_adv = adversarial_views(model, x, shape, method=method, attack=attack, eps=eps, generator=generator,
+                                  fast=fast, autocast=autocast)
+    with_clean = not adversarial or not attack["only_adversarial"]
+    return encoder_update(model, optimizer, x if with_clean else None, x_adv, shape, method=method,
+                          clean_weight=float(clean_weight) if adversarial else 1.0, net=net, autocast=autocast,
+                          grad_clip=grad_clip)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces pretrain builds, shared with `hsat bench`
+
+
+def strength_function(cfg: Mapping[str, Any]) -> Callable[[int], float]:
+    """Augmentation strength as a function of the step (constant, or decaying when dynamic)."""
+    from hsat.data.transforms import strength_at
+
+    augment = cfg["augment"]
+    return functools.partial(strength_at, total_steps=int(cfg["train"]["steps"]), start=augment["strength"],
+                             end=augment["min_strength"], dynamic=augment["dynamic"])
+
+
+def training_loader(
+    cfg: Mapping[str, Any],
+    *,
+    start_step: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    """The hierarchical DataLoader of a run config (its `data.manifest`, train split), from `start_step`."""
+    from hsat.data.manifest import class_names, read_manifest
+    from hsat.data.sampler import HierarchicalBatchSampler, HierarchicalDataset, make_loader
+
+    data, seed = cfg["data"], int(cfg["seed"])
+    manifest = read_manifest(data["manifest"])
+    dataset = HierarchicalDataset(
+        manifest,
+        split="train",
+        num_slide_samples=data["num_slide_samples"],
+        num_patch_samples=data["num_patch_samples"],
+        num_transforms=data["num_transforms"],
+        image_size=data["image_size"],
+        prob=cfg["augment"]["prob"],
+        strength_fn=strength_function(cfg),
+        seed=seed,
+        classes=class_names(manifest),
+    )
+    sampler = HierarchicalBatchSampler(
+        dataset,
+        patients_per_batch=data["patients_per_batch"],
+        total_steps=int(cfg["train"]["steps"]),
+        start_step=start_step,
+        seed=seed,
+        balance_classes=data["balance_classes"],
+        rank=rank,
+        world_size=world,
+    )
+    return make_loader(dataset, sampler, num_workers=data["num_workers"], pin_memory=pin_memory)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """AdamW with weight decay on weight matrices/kernels only (not biases and norms), as DINO."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.AdamW(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg["optim"]["lr"], weight_decay=cfg["optim"]["weight_decay"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # the run
 
 
@@ -220,9 +447,7 @@ def pretrain(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, callback: St
     called on every rank after each optimiser step (after that step's checkpoint is written);
     an exception raised there stops the run, as a kill would. Returns `out_dir`.
     """
-    from hsat.data.manifest import class_names, read_manifest
-    from hsat.data.sampler import HierarchicalBatchSampler, HierarchicalDataset, make_loader
-    from hsat.data.transforms import clean_weight_at, strength_at
+    from hsat.data.transforms import clean_weight_at
 
     cfg = _normalise(cfg)
     out_dir = Path(out_dir)
@@ -231,8 +456,6 @@ def pretrain(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, callback: St
     method, attack, augment = cfg["method"], cfg["attack"], cfg["augment"]
     if not cfg["data"]["manifest"]:
         raise HSATError("data.manifest is not set: pass --manifest or data.manifest=PATH")
-    levels_kw = dict(weights=method["level_weights"], temperature=method["temperature"],
-                     base_temperature=method["base_temperature"])
 
     # ============ processes, device, precision ... ============
     rank, world, _local_rank, device = init_distributed(cfg["device"])
@@ -275,33 +498,7 @@ def pretrain(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, callback: St
     torch.manual_seed(seed)
 
     # ============ data ... ============
-    manifest = read_manifest(cfg["data"]["manifest"])
-    strength_fn = functools.partial(strength_at, total_steps=total_steps, start=augment["strength"],
-                                    end=augment["min_strength"], dynamic=augment["dynamic"])
-    dataset = HierarchicalDataset(
-        manifest,
-        split="train",
-        num_slide_samples=cfg["data"]["num_slide_samples"],
-        num_patch_samples=cfg["data"]["num_patch_samples"],
-        num_transforms=cfg["data"]["num_transforms"],
-        image_size=cfg["data"]["image_size"],
-        prob=augment["prob"],
-        strength_fn=strength_fn,
-        seed=seed,
-        classes=class_names(manifest),
-    )
-    sampler = HierarchicalBatchSampler(
-        dataset,
-        patients_per_batch=cfg["data"]["patients_per_batch"],
-        total_steps=total_steps,
-        start_step=start_step,
-        seed=seed,
-        balance_classes=cfg["data"]["balance_classes"],
-        rank=rank,
-        world_size=world,
-    )
-    loader = make_loader(dataset, sampler, num_workers=cfg["data"]["num_workers"],
-                         pin_memory=device.type == "cuda")
+    loader = training_loader(cfg, start_step=start_step, rank=rank, world=world, pin_memory=device.type == "cuda")
 
     # ============ model ... ============
     model = model_from_config(cfg)  # identical initialisation on every rank (seeded above)
@@ -315,25 +512,13 @@ def pretrain(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, callback: St
     fast = torch.compile(model) if cfg["compile"] else model  # what the attack calls
     net = wrap_ddp(fast, device)  # what the encoder's forward/backward goes through
 
-    # ============ loss ... ============
-    def embed(module: torch.nn.Module, x: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
-        """Embeddings of the (N*c, C, H, W) stack as c tensors (P_global, S, K, V, D), gathered."""
-        with autocast():
-            z = module(x)
-        chunks = z.float().chunk(x.shape[0] // math.prod(shape))
-        return [gather_with_grad(c.reshape(*shape, -1)) for c in chunks]
-
     # ============ optimiser ... ============
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg["optim"]["lr"], weight_decay=cfg["optim"]["weight_decay"],
-    )
+    optimizer = make_optimizer(model, cfg)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
 
     # ============ schedules ... ============
+    strength_fn = strength_function(cfg)
     lr_schedule = cosine_schedule(cfg["optim"]["lr"], cfg["optim"]["min_lr"], total_steps, cfg["optim"]["warmup_steps"])
     eps_schedule = linear_warmup(attack["eps"], total_steps, attack["warmup_steps"])  # 1/255 units
     strength_schedule = np.array([strength_fn(s) for s in range(total_steps)])
@@ -347,7 +532,6 @@ def pretrain(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, callback: St
 
     # ============ training loop ... ============
     adversarial = bool(method["adversarial"])
-    with_clean = not adversarial or not attack["only_adversarial"]
     log_every, ckpt_every = cfg["train"]["log_every"], cfg["train"]["checkpoint_every"]
     from tqdm.auto import tqdm
 
@@ -359,53 +543,23 @@ def pretrain(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, callback: St
     for step, batch in zip(range(start_step, total_steps), loader):
         for group in optimizer.param_groups:
             group["lr"] = float(lr_schedule[step])  # a python float: checkpoints hold no numpy objects
-        optimizer.zero_grad(set_to_none=True)
         images = batch["images"].to(device, non_blocking=True)  # (P, S, K, V, C, H, W), local slice
-        shape = tuple(images.shape[:4])
-        x = images.flatten(0, 3)  # (N, C, H, W)
-        if cfg["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
-        images_seen += x.shape[0] * world
-
-        # inner maximisation: input gradients only, parameters frozen, model in attack.bn_mode
-        if adversarial:
-            def objective(x_adv: torch.Tensor) -> torch.Tensor:
-                (z_adv,) = embed(fast, x_adv, shape)
-                return hierarchical_loss(z_adv, method["max_levels"], **levels_kw)["total"]
-
-            with frozen(model), attack_mode(model, attack["bn_mode"]):
-                x_adv = pgd(x, objective, eps=float(eps_schedule[step]) / 255, alpha=attack["alpha"] / 255,
-                            steps=attack["steps"], random_start=attack["random_start"],
-                            generator=_attack_generator(seed, step, rank, device))
-
-        # outer minimisation: one forward of [clean; adversarial] views
-        views = [x] if with_clean else []
-        views += [x_adv] if adversarial else []
-        z = embed(net, torch.cat(views) if len(views) > 1 else views[0], shape)
-        z_clean = z.pop(0) if with_clean else None
-        z_adv = z.pop(0) if adversarial else None
-        losses: dict[str, torch.Tensor] = {}
-        total = torch.zeros((), device=device)
-        if z_clean is not None:
-            clean = hierarchical_loss(z_clean, method["min_levels"], **levels_kw)
-            losses.update({f"loss_clean_{k}": v for k, v in clean.items() if k != "total"})
-            total = total + (float(clean_weight_schedule[step]) if adversarial else 1.0) * clean["total"]
-        if z_adv is not None:
-            adv = hierarchical_loss(z_adv, method["min_levels"], **levels_kw)
-            losses.update({f"loss_adv_{k}": v for k, v in adv.items() if k != "total"})
-            total = total + adv["total"]
-        loss_value = float(total.detach())
-        if not math.isfinite(loss_value):
+        try:
+            # inner maximisation (input gradients only) + outer minimisation (one forward/backward)
+            result = hsat_step(
+                model, optimizer, images, method=method, attack=attack, eps=float(eps_schedule[step]),
+                clean_weight=float(clean_weight_schedule[step]), generator=_attack_generator(seed, step, rank, device),
+                fast=fast, net=net, autocast=autocast, channels_last=cfg["channels_last"],
+                grad_clip=cfg["optim"]["grad_clip"],
+            )
+        except NonFiniteLoss as exc:
             last = f"step {last_ckpt}" if last_ckpt is not None else "none written yet"
             raise HSATError(
-                f"non-finite loss ({loss_value}) at step {step + 1} of {out_dir}; stopping. Last good "
+                f"non-finite loss ({exc.value}) at step {step + 1} of {out_dir}; stopping. Last good "
                 f"checkpoint: {ckpt_path} ({last}). Lower optim.lr, raise method.temperature, or set "
                 "optim.grad_clip"
-            )
-        total.backward()
-        if cfg["optim"]["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["optim"]["grad_clip"])
-        optimizer.step()
+            ) from None
+        images_seen += result.images * world
 
         # logging and checkpoints (rank 0 writes)
         done = step + 1
@@ -416,17 +570,17 @@ def pretrain(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, callback: St
             "eps": float(eps_schedule[step]) if adversarial else 0.0,
             "strength": float(strength_schedule[step]),
             "clean_weight": float(clean_weight_schedule[step]) if adversarial else 1.0,
-            "loss_total": loss_value,
+            "loss_total": result.loss,
         }
         if done % log_every == 0 or done == total_steps:
-            record.update({k: float(v.detach()) for k, v in losses.items()})
+            record.update({k: float(v) for k, v in result.losses.items()})
             now = time.perf_counter()
             record["images_per_s"] = images_seen / max(now - tick, 1e-9)
             tick, images_seen = now, 0
             if is_main:
                 with open(out_dir / LOG, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
+                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{record['lr']:.2e}")
         if is_main and (done % ckpt_every == 0 or done == total_steps):
             _save_checkpoint(ckpt_path, model, optimizer, done, cfg)
             last_ckpt = done
