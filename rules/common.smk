@@ -89,6 +89,7 @@ def _dataset_source():
 
 
 DATASET_KIND, DATASET_PATH = _dataset_source()
+SYNTH = config["dataset"]["synth"]
 MANIFEST = f"{RESULTS}/manifest.csv"
 
 

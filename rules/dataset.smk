@@ -6,17 +6,22 @@ rule synth:
     output:
         directory(f"{RESULTS}/dataset"),
     params:
-        synth=config["dataset"]["synth"],
-        settings=canonical(config["dataset"]["synth"]),
+        # Scalars, not the dict: a dict param's key order would count as a change.
+        patients=SYNTH["patients"],
+        slides=SYNTH["slides"],
+        patches=SYNTH["patches"],
+        size=SYNTH["size"],
+        seed=SYNTH["seed"],
+        val_fraction=SYNTH["val_fraction"],
         code=CODE_VERSION["synth"],
     log:
         f"{RESULTS}/logs/synth.log",
     conda:
         "../envs/hsat.yaml"
     shell:
-        "hsat synth --out {output} --patients {params.synth[patients]} --slides {params.synth[slides]}"
-        " --patches {params.synth[patches]} --size {params.synth[size]} --seed {params.synth[seed]}"
-        " --val-fraction {params.synth[val_fraction]} > {log} 2>&1"
+        "hsat synth --out {output} --patients {params.patients} --slides {params.slides}"
+        " --patches {params.patches} --size {params.size} --seed {params.seed}"
+        " --val-fraction {params.val_fraction} > {log} 2>&1"
 
 
 if DATASET_KIND == "manifest":

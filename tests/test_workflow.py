@@ -18,17 +18,21 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ["Snakefile", "rules", "workflow", "config", "envs", "dvc.yaml", "params.yaml", ".dvcignore"]
 
 
-def _env() -> dict:
+def _env(cwd: Path = REPO) -> dict:
+    """The venv's tools first; in a copied workflow, its own snapshot of src/hsat (so edits made to
+    the checkout while the test runs do not count as code changes)."""
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["OMP_NUM_THREADS"] = "1"
+    if cwd != REPO:
+        env["PYTHONPATH"] = str(cwd / "src") + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
 def snakemake(*args: str, cwd: Path = REPO, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "snakemake", *args],
-        cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=timeout,
     )
 
 
@@ -93,7 +97,7 @@ def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(workdir):
     p["study"].update(configfile="config/tiny.yaml", results_dir="results/tiny", cores=2)
     params.write_text(yaml.safe_dump(p))
     dvc = [str(Path(sys.executable).parent / "dvc")]
-    run = lambda *a: subprocess.run(dvc + list(a), cwd=workdir, env=_env(), capture_output=True, text=True, timeout=400)  # noqa: E731
+    run = lambda *a: subprocess.run(dvc + list(a), cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=400)  # noqa: E731
     assert run("init", "--no-scm", "-q").returncode == 0
 
     proc = run("repro")
