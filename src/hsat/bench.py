@@ -1,0 +1,531 @@
+"""`hsat bench`: how close adversarial pretraining and the attack sweep run to their floor.
+
+Everything is measured in ONE process on ONE model and ONE batch, and reported as ratios, so
+the numbers compare implementations rather than machines:
+
+- `step_s`: one HSAT optimiser step, timed through `hsat.train.hsat_step` itself (the function
+  `pretrain` runs), PGD-k inner maximisation + one forward/backward of [clean; adversarial].
+- `floor_s`: k input-gradient passes (forward + backward to the input only, parameters frozen,
+  model in `attack.bn_mode`; timed together, as one unit) plus one full training pass (forward
+  of the same [clean; adversarial] views, loss, backward into the parameters, optimiser step),
+  the two timed alone and summed.
+- `naive_step_s`: the straightforward loop most implementations use: every attack step calls
+  `loss.backward()` with the parameters requiring grad, reads `x.grad`, then zeroes the
+  parameter gradients; the outer update is the same as ours (so only the attack differs).
+- `data_wait_fraction`: a short pretrain-like loop over the embedded cohort through the real
+  DataLoader: time blocked in `next(loader)` over total step time (after warm-up steps).
+- `eval_patches_per_s`: validation patches x attack steps per second through
+  `hsat.evaluate.run_attacks` (the white-box sweep path: clean features once, PGD, scoring).
+- `peak_rss_mb`: peak resident memory of this process (and, separately, of its finished
+  children: DataLoader workers).
+
+Timing: warm-up calls, then `repeats` rounds in which every variant runs once (interleaved, so
+a load change on a shared machine hits all variants alike); the median of each is reported.
+Thread count is fixed (`threads`) for the whole run. Speed is a benchmark, never a timed test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from hsat.attacks import attack_mode, frozen
+from hsat.errors import HSATError
+from hsat.losses import hierarchical_loss
+from hsat.train import StepResult, embed_views, encoder_update, hsat_step, make_optimizer
+
+__all__ = [
+    "run_benchmark",
+    "naive_adversarial_views",
+    "naive_step",
+    "format_table",
+    "TARGETS",
+]
+
+TARGETS = {"ratio_to_floor": 1.15, "ratio_to_naive": 0.85, "data_wait_fraction": 0.10, "peak_rss_mb": 4096.0}
+"""Issue 6: step <= 1.15 x floor, <= 0.85 x naive; < 10% of step time waiting for data; <= 4 GB."""
+
+# The default study's embedded cohort (config/config.yaml, dataset.synth).
+COHORT = {"patients": 42, "slides": 2, "patches": 24, "size": 48, "seed": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# the comparison: a straightforward attack loop, and the floor's two kinds of pass
+
+
+def naive_adversarial_views(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    shape: tuple[int, ...],
+    *,
+    method: Mapping[str, Any],
+    attack: Mapping[str, Any],
+    eps: float,
+    generator: torch.Generator | None = None,
+    fast: torch.nn.Module | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """PGD as commonly written: `loss.backward()` into every parameter at each attack step.
+
+    Same objective, random start, step and projection as `hsat.train.adversarial_views` (and
+    the same model mode, `attack.bn_mode`), so for one generator it crafts the same example;
+    it only builds (and then zeroes) every parameter's gradient on the way.
+    """
+    fast = model if fast is None else fast
+    eps, alpha = float(eps) / 255, attack["alpha"] / 255
+    levels_kw = dict(weights=method["level_weights"], temperature=method["temperature"],
+                     base_temperature=method["base_temperature"])
+    x = x.detach()
+    if attack["random_start"]:
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_adv = (x + (2 * noise - 1) * eps).clamp(0, 1)
+    else:
+        x_adv = x.clone()
+    with attack_mode(model, attack["bn_mode"]):
+        for _ in range(int(attack["steps"])):
+            x_adv = x_adv.detach().requires_grad_(True)
+            (z,) = embed_views(fast, x_adv, shape, autocast)
+            loss = hierarchical_loss(z, method["max_levels"], **levels_kw)["total"]
+            loss.backward()
+            x_adv = x_adv.detach() + alpha * x_adv.grad.sign()
+            x_adv = (x + (x_adv - x).clamp(-eps, eps)).clamp(0, 1)
+            optimizer.zero_grad(set_to_none=True)
+    return x_adv.detach()
+
+
+def naive_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    *,
+    method: Mapping[str, Any],
+    attack: Mapping[str, Any],
+    eps: float,
+    clean_weight: float = 1.0,
+    generator: torch.Generator | None = None,
+    fast: torch.nn.Module | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    channels_last: bool = False,
+    grad_clip: float | None = None,
+) -> StepResult:
+    """`hsat_step` with the attack replaced by `naive_adversarial_views` (outer update identical)."""
+    optimizer.zero_grad(set_to_none=True)
+    shape = tuple(images.shape[:4])
+    x = images.flatten(0, 3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_adv = naive_adversarial_views(model, optimizer, x, shape, method=method, attack=attack, eps=eps,
+                                    generator=generator, fast=fast, autocast=autocast)
+    with_clean = not attack["only_adversarial"]
+    return encoder_update(model, optimizer, x if with_clean else None, x_adv, shape, method=method,
+                          clean_weight=clean_weight, net=fast, autocast=autocast, grad_clip=grad_clip)
+
+
+def _input_gradient_passes(model, fast, x, shape, method, attack, autocast) -> None:
+    """The attack's floor: `attack.steps` forward + backward passes to the input only, parameters
+    frozen, model in `attack.bn_mode`; no random start, sign, projection or clamping."""
+    levels_kw = dict(weights=method["level_weights"], temperature=method["temperature"],
+                     base_temperature=method["base_temperature"])
+    with frozen(model), attack_mode(model, attack["bn_mode"]):
+        for _ in range(int(attack["steps"])):
+            xg = x.detach().requires_grad_(True)
+            (z,) = embed_views(fast, xg, shape, autocast)
+            loss = hierarchical_loss(z, method["max_levels"], **levels_kw)["total"]
+            torch.autograd.grad(loss, xg)
+
+
+def _training_pass(model, fast, optimizer, views, shape, method, autocast) -> None:
+    """The floor's training pass: one forward of the views, their losses, backward, optimiser step."""
+    levels_kw = dict(weights=method["level_weights"], temperature=method["temperature"],
+                     base_temperature=method["base_temperature"])
+    optimizer.zero_grad(set_to_none=True)
+    zs = embed_views(fast, torch.cat(views) if len(views) > 1 else views[0], shape, autocast)
+    loss = sum(hierarchical_loss(z, method["min_levels"], **levels_kw)["total"] for z in zs)
+    loss.backward()
+    optimizer.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, warmup: int, repeats: int,
+                     device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each function: `warmup` untimed rounds, then `repeats` timed rounds
+    in which every function runs once, in turn."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident set size (MiB) of this process and of its finished (waited-for) children."""
+    scale = 1.0 / 1024 if sys.platform != "darwin" else 1.0 / 1024**2  # Linux: KiB; macOS: bytes
+    return {
+        "self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+        "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HSATError("device=cuda: no CUDA device is available here (use device=cpu or auto)")
+    return torch.device(name)
+
+
+def bench_config(config: Mapping[str, Any] | str | os.PathLike | None = None,
+                 overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """The run config to benchmark: schema defaults, a run config (dict or YAML file), or a
+    study config (its first adversarial model), then `key.path=value` overrides."""
+    from hsat.config import deep_merge, parse_overrides, read_yaml, run_config_for_model, validate
+    from hsat.methods import resolve_method
+
+    source = "config"
+    if config is None:
+        cfg: dict[str, Any] = {}
+    elif isinstance(config, Mapping):
+        cfg = copy.deepcopy(dict(config))
+    else:
+        source = str(config)
+        cfg = read_yaml(config)
+    if "models" in cfg:  # a study config
+        study = validate(cfg, "study", source=source)
+        names = list(study["models"])
+        adversarial = [n for n in names if resolve_method(study["models"][n].get("method", {})).get("adversarial")]
+        cfg = run_config_for_model(study, (adversarial or names)[0])
+    cfg = deep_merge(cfg, parse_overrides(overrides))
+    cfg = validate(cfg, "run", source=source)
+    cfg["method"] = resolve_method(cfg["method"])
+    if not cfg["method"]["adversarial"]:
+        raise HSATError(f"{source}: method {cfg['method']['name']!r} is not adversarial; the benchmark "
+                        "times the HSAT min-max step (use method.name=hsat or a variant)")
+    return cfg
+
+
+def _entry_config(cfg: Mapping[str, Any], extra: str) -> dict[str, Any]:
+    """`BACKBONE@PX` (either part optional: `resnet18`, `@64`) as overrides of `cfg`."""
+    backbone, _, size = extra.partition("@")
+    out = copy.deepcopy(dict(cfg))
+    if backbone:
+        out["model"] = {**out["model"], "backbone": backbone, "pretrained": False, "pretrained_path": None}
+    if size:
+        try:
+            out["data"] = {**out["data"], "image_size": int(size)}
+        except ValueError:
+            raise HSATError(f"--extra {extra!r}: expected BACKBONE@PIXELS, e.g. resnet18@64") from None
+    return out
+
+
+def _setup(cfg: Mapping[str, Any], device: torch.device):
+    """Model (on device, channels_last, compiled as configured), optimiser, autocast factory."""
+    from hsat.models import model_from_config
+
+    model = model_from_config(cfg).to(device)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    fast = torch.compile(model) if cfg["compile"] else model
+    use_bf16 = cfg["precision"] == "bf16" and device.type == "cuda"
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    model.train()
+    return model, fast, make_optimizer(model, cfg), autocast, use_bf16
+
+
+# ---------------------------------------------------------------------------------------------
+# the measurements
+
+
+def bench_step(cfg: Mapping[str, Any], device: torch.device, *, warmup: int = 2, repeats: int = 5,
+               seed: int = 0) -> dict[str, Any]:
+    """step_s, floor_s (and its parts), naive_step_s and the ratios, on one model and one batch."""
+    torch.manual_seed(seed)
+    model, fast, optimizer, autocast, _ = _setup(cfg, device)
+    d, method, attack = cfg["data"], cfg["method"], cfg["attack"]
+    shape = (d["patients_per_batch"], d["num_slide_samples"], d["num_patch_samples"], d["num_transforms"])
+    images = torch.rand(*shape, 3, d["image_size"], d["image_size"],
+                        generator=torch.Generator().manual_seed(seed)).to(device)
+    x = images.flatten(0, 3)
+    if cfg["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    eps = float(attack["eps"])
+    x_adv = (x + (2 * torch.rand_like(x) - 1) * eps / 255).clamp(0, 1)
+    views = [x_adv] if attack["only_adversarial"] else [x, x_adv]
+    step_kw = dict(method=method, attack=attack, eps=eps, clean_weight=float(attack["clean_weight"]),
+                   fast=fast, autocast=autocast, channels_last=cfg["channels_last"],
+                   grad_clip=cfg["optim"]["grad_clip"])
+
+    def gen() -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed)
+
+    fns = {
+        "step": lambda: hsat_step(model, optimizer, images, generator=gen(), **step_kw),
+        "input_grads": lambda: _input_gradient_passes(model, fast, x, shape, method, attack, autocast),
+        "train_pass": lambda: _training_pass(model, fast, optimizer, views, shape, method, autocast),
+        "naive": lambda: naive_step(model, optimizer, images, generator=gen(), **step_kw),
+    }
+    times = time_interleaved(fns, warmup=warmup, repeats=repeats, device=device)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    floor = med["input_grads"] + med["train_pass"]
+    return {
+        "step_s": med["step"],
+        "floor_s": floor,
+        "input_grad_passes_s": med["input_grads"],
+        "train_pass_s": med["train_pass"],
+        "naive_step_s": med["naive"],
+        "ratio_to_floor": med["step"] / floor,
+        "ratio_to_naive": med["step"] / med["naive"],
+        "images_per_step": math.prod(shape),
+        "step_times_s": times["step"],
+    }
+
+
+def bench_data(cfg: Mapping[str, Any], manifest: Path, device: torch.device, *, num_workers: int,
+               steps: int = 6, warmup: int = 2) -> dict[str, Any]:
+    """Fraction of step time blocked in next(loader) in a pretrain-like loop on the real loader."""
+    from hsat.config import deep_merge
+    from hsat.train import training_loader
+
+    run = deep_merge(cfg, {"data": {"manifest": str(manifest), "num_workers": int(num_workers)},
+                           "train": {"steps": warmup + steps}})
+    torch.manual_seed(int(run["seed"]))
+    model, fast, optimizer, autocast, _ = _setup(run, device)
+    loader = training_loader(run, pin_memory=device.type == "cuda")
+    kw = dict(method=run["method"], attack=run["attack"], eps=float(run["attack"]["eps"]),
+              clean_weight=float(run["attack"]["clean_weight"]), fast=fast, autocast=autocast,
+              channels_last=run["channels_last"], grad_clip=run["optim"]["grad_clip"])
+    waits, totals = [], []
+    it = iter(loader)
+    try:
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            batch = next(it)
+            t1 = time.perf_counter()
+            images = batch["images"].to(device, non_blocking=True)
+            hsat_step(model, optimizer, images, generator=torch.Generator(device=device).manual_seed(i), **kw)
+            _sync(device)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                waits.append(t1 - t0)
+                totals.append(t2 - t0)
+    finally:
+        del it, loader  # shut the workers down (their peak memory then counts as children's)
+    return {
+        "num_workers": int(num_workers),
+        "data_wait_fraction": sum(waits) / sum(totals),
+        "data_wait_s_per_step": statistics.median(waits),
+        "loop_step_s": statistics.median(totals),
+    }
+
+
+def bench_eval(cfg: Mapping[str, Any], manifest: Path, device: torch.device, *, patches: int = 128,
+               steps: int = 5, repeats: int = 3, batch_size: int = 128) -> dict[str, Any]:
+    """Validation patches x attack steps per second through the white-box sweep's `run_attacks`."""
+    from hsat.data.manifest import class_names, read_manifest
+    from hsat.data.sampler import PatchDataset
+    from hsat.evaluate import AttackSpec, LinearProbe, run_attacks
+
+    torch.manual_seed(int(cfg["seed"]))
+    model, _, _, _, _ = _setup(cfg, device)
+    table = read_manifest(manifest)
+    classes = class_names(table)
+    val = PatchDataset(table, split="val", image_size=cfg["data"]["image_size"], classes=classes)
+    indices = list(range(min(int(patches), len(val))))
+    probe = LinearProbe(model.num_features, len(classes))
+    bank = (torch.nn.functional.normalize(torch.randn(512, model.num_features), dim=1),
+            torch.arange(512) % len(classes))
+    specs = [AttackSpec("pgd", 8.0, int(steps), "feature", 2.0, 0)]
+    run = functools.partial(run_attacks, model, probe, bank, val, specs, ["knn", "linear"], len(classes),
+                            knn={"k": 20}, batch_size=batch_size, device=device, progress=False)
+    run(indices=indices[: min(len(indices), 8)])  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        run(indices=indices)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    return {"eval_patches": len(indices), "eval_attack_steps": int(steps), "eval_sweep_s": sec,
+            "eval_patches_per_s": len(indices) * int(steps) / sec}
+
+
+def _machine(device: torch.device, threads: int) -> dict[str, Any]:
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_benchmark(
+    config: Mapping[str, Any] | str | os.PathLike | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    extra: Sequence[str] = (),
+    repeats: int = 5,
+    warmup: int = 2,
+    threads: int | None = 1,
+    data_steps: int = 6,
+    data_workers: Sequence[int] | None = None,
+    eval_patches: int = 128,
+    cohort: Mapping[str, int] | None = None,
+    workdir: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Benchmark the config's model/resolution (and each `extra` `BACKBONE@PX`); return the report.
+
+    `threads` fixes torch's intra-op threads for the whole run (None: leave torch's choice).
+    `data_workers`: DataLoader worker counts for the data-wait loop; default the config's
+    `data.num_workers`, plus 1 when that is 0 (to show what workers buy). The first of them
+    gives `data_wait_fraction`. The embedded cohort (`cohort`, default the study's) is
+    synthesised into `workdir` (default a temporary folder, removed after).
+    """
+    say = progress or (lambda msg: None)
+    if repeats < 1 or warmup < 0 or data_steps < 1 or eval_patches < 1:
+        raise HSATError("repeats, data_steps and eval_patches must be >= 1 and warmup >= 0")
+    t_start = time.perf_counter()
+    import_rss = peak_rss_mb()["self"]  # torch, timm, pandas ... before any work
+    base = bench_config(config, overrides)
+    device = _resolve_device(base["device"])
+    threads_before = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        return _run(base, device, extra=extra, repeats=repeats, warmup=warmup, threads=threads,
+                    data_steps=data_steps, data_workers=data_workers, eval_patches=eval_patches,
+                    cohort=cohort, workdir=workdir, say=say, t_start=t_start, import_rss=import_rss)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(base, device, *, extra, repeats, warmup, threads, data_steps, data_workers, eval_patches, cohort,
+         workdir, say, t_start, import_rss) -> dict[str, Any]:
+    from hsat.data.manifest import write_manifest
+    from hsat.data.opensrh import build_manifest
+    from hsat.data.synthetic import synthesize_cohort
+
+    if data_workers is None:
+        data_workers = [int(base["data"]["num_workers"])] + ([1] if base["data"]["num_workers"] == 0 else [])
+    entries_cfg = [("default", base)] + [(e, _entry_config(base, e)) for e in extra]
+    sizes = [c["data"]["image_size"] for _, c in entries_cfg]
+    cohort = {**COHORT, **(cohort or {})}
+
+    with contextlib.ExitStack() as stack:
+        work = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hsat-bench-")))
+        say(f"synthesising the embedded cohort ({cohort['patients']} patients) in {work}")
+        synthesize_cohort(work / "cohort", **{**cohort, "size": max(cohort["size"], *sizes)})
+        manifest = work / "manifest.csv"
+        write_manifest(build_manifest(work / "cohort"), manifest)
+
+        entries = []
+        for name, cfg in entries_cfg:
+            label = f"{cfg['model']['backbone']}@{cfg['data']['image_size']}"
+            say(f"[{label}] step, floor and naive loop ({warmup} warm-up + {repeats} rounds)")
+            entry: dict[str, Any] = {
+                "name": name, "backbone": cfg["model"]["backbone"], "image_size": cfg["data"]["image_size"],
+                "batch": [cfg["data"][k] for k in ("patients_per_batch", "num_slide_samples", "num_patch_samples", "num_transforms")],
+                "method": cfg["method"]["name"], "pgd_steps": cfg["attack"]["steps"], "bn_mode": cfg["attack"]["bn_mode"],
+                "precision": cfg["precision"], "channels_last": cfg["channels_last"], "compile": cfg["compile"],
+            }
+            entry.update(bench_step(cfg, device, warmup=warmup, repeats=repeats, seed=int(cfg["seed"])))
+            by_workers = {}
+            for nw in data_workers:
+                say(f"[{label}] data wait, num_workers={nw} ({data_steps} steps)")
+                by_workers[str(nw)] = bench_data(cfg, manifest, device, num_workers=nw, steps=data_steps)
+            first = by_workers[str(data_workers[0])]
+            entry.update({"data_num_workers": first["num_workers"], "data_wait_fraction": first["data_wait_fraction"],
+                          "data_wait_by_workers": {k: v["data_wait_fraction"] for k, v in by_workers.items()},
+                          "data_loop": by_workers})
+            say(f"[{label}] white-box sweep path ({eval_patches} patches, PGD-{cfg['attack']['steps']})")
+            entry.update(bench_eval(cfg, manifest, device, patches=eval_patches, steps=int(cfg["attack"]["steps"]),
+                                    repeats=max(1, min(repeats, 3))))
+            rss = peak_rss_mb()
+            entry["peak_rss_mb"] = rss["self"]
+            entry["peak_rss_children_mb"] = rss["children"]
+            entry["meets_floor_target"] = bool(entry["ratio_to_floor"] <= TARGETS["ratio_to_floor"])
+            entry["meets_naive_target"] = bool(entry["ratio_to_naive"] <= TARGETS["ratio_to_naive"])
+            entry["meets_data_target"] = bool(entry["data_wait_fraction"] < TARGETS["data_wait_fraction"])
+            entry["meets_memory_target"] = bool(max(rss.values()) <= TARGETS["peak_rss_mb"])
+            entries.append(entry)
+
+    head = entries[0]
+    return {
+        "entries": entries,
+        "targets": dict(TARGETS),
+        **{k: head[k] for k in ("meets_floor_target", "meets_naive_target", "meets_data_target", "meets_memory_target")},
+        "settings": {"repeats": repeats, "warmup": warmup, "threads": threads, "data_steps": data_steps,
+                     "data_workers": list(data_workers), "eval_patches": eval_patches, "cohort": cohort,
+                     "config": {k: base[k] for k in ("seed", "device", "precision", "channels_last", "compile",
+                                                     "data", "model", "method", "attack")}},
+        "machine": _machine(device, torch.get_num_threads()),
+        "import_rss_mb": import_rss,
+        "total_s": time.perf_counter() - t_start,
+    }
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """The report as a Markdown table (one row per benchmarked model/resolution)."""
+    cols = [("model", lambda e: f"{e['backbone']}@{e['image_size']}px"),
+            ("PGD", lambda e: str(e["pgd_steps"])),
+            ("step_s", lambda e: f"{e['step_s']:.3f}"),
+            ("floor_s", lambda e: f"{e['floor_s']:.3f}"),
+            ("ratio_to_floor", lambda e: f"{e['ratio_to_floor']:.2f}"),
+            ("naive_step_s", lambda e: f"{e['naive_step_s']:.3f}"),
+            ("ratio_to_naive", lambda e: f"{e['ratio_to_naive']:.2f}"),
+            ("data_wait_fraction", lambda e: ", ".join(f"{v:.3f} (w={k})" for k, v in e["data_wait_by_workers"].items())),
+            ("eval_patches_per_s", lambda e: f"{e['eval_patches_per_s']:.0f}"),
+            ("peak_rss_mb", lambda e: f"{e['peak_rss_mb']:.0f}")]
+    rows = [[name for name, _ in cols], ["---"] * len(cols)]
+    rows += [[fn(e) for _, fn in cols] for e in report["entries"]]
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    m = report["machine"]
+    t = report["targets"]
+    lines.append("")
+    lines.append(f"torch {m['torch']}, device {m['device']}, {m['threads']} thread(s), {m['cpu_count']} CPUs; "
+                 f"total {report['total_s']:.0f} s")
+    lines.append(f"targets (first row): ratio_to_floor <= {t['ratio_to_floor']}: {report['meets_floor_target']}; "
+                 f"ratio_to_naive <= {t['ratio_to_naive']}: {report['meets_naive_target']}; "
+                 f"data_wait_fraction < {t['data_wait_fraction']}: {report['meets_data_target']}; "
+                 f"peak RSS <= {t['peak_rss_mb']:.0f} MB: {report['meets_memory_target']}")
+    return "\n".join(lines)
