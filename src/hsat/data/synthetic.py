@@ -84,7 +84,7 @@ class SynthParams:
     """
 
     # --- coarse morphology (robust cues): how class-informative, and the hierarchy's spread
-    morph_separation: float = 0.7
+    morph_separation: float = 0.9
     """Scale of the class means of the morphology features; 0 makes morphology class-blind."""
     patient_sd: float = 0.7
     """Patient-level latent offset of every morphology feature, shared by all its slides."""
@@ -115,6 +115,8 @@ class SynthParams:
     """Standard deviation of the class texture in the protein channel, in /255 of the converted image."""
     texture_amplitude_sd: float = 0.35
     """Patch-level log-normal spread of the texture amplitude (some patches carry little)."""
+    texture_purity: float = 0.92
+    """Probability that a patch's texture is its own class's; otherwise another class's (a mimic)."""
     texture_bandwidth: float = 0.035
     """Radial width (cycles/px) of the texture's spectral peak."""
     texture_angle_sd: float = 8.0
@@ -158,10 +160,9 @@ def _texture_filter(size: int, freq: float, orient: str, p: SynthParams) -> np.n
     return radial * angular
 
 
-def _texture(rng: np.random.Generator, n: int, size: int, filt: np.ndarray) -> np.ndarray:
-    """Band-pass speckle: white noise through `filt`, random phase per patch, unit std."""
-    spec = np.fft.rfft2(rng.standard_normal((n, size, size))) * filt
-    out = np.fft.irfft2(spec, s=(size, size))
+def _bandpass(noise: np.ndarray, filt: np.ndarray) -> np.ndarray:
+    """Band-pass speckle: white `noise` (n, size, size) through `filt`, unit std per patch."""
+    out = np.fft.irfft2(np.fft.rfft2(noise) * filt, s=noise.shape[-2:])
     return out / (out.std(axis=(-2, -1), keepdims=True) + 1e-12)
 
 
@@ -231,10 +232,21 @@ def render_slide(
     lipid = (m["lipid"][:, None, None] + cloud) * (1.0 - p.nuclear_lipid_drop * nuc)
     protein = m["protein"][:, None, None] + 0.6 * cloud + m["contrast"][:, None, None] * nuc
 
-    _, orient = p.class_texture[label]
-    filt = _texture_filter(size, texture_freq, orient, p)
+    # Fine texture: the class's own signature (at the patient's jittered frequency), except for
+    # mimic patches that carry another class's signature.
+    names = list(p.class_texture)
+    own = rng.random(n) < p.texture_purity
+    mimic = rng.choice([c for c in names if c != label], size=n)
     amp = p.texture_amplitude / 255.0 * np.exp(p.texture_amplitude_sd * rng.standard_normal(n))
-    protein = protein + amp[:, None, None] * _texture(rng, n, size, filt)
+    noise_field = rng.standard_normal((n, size, size))
+    texture = np.empty((n, size, size))
+    for cls in dict.fromkeys([label, *mimic.tolist()]):
+        sel = own if cls == label else (~own & (mimic == cls))
+        if not sel.any():
+            continue
+        freq = texture_freq if cls == label else p.class_texture[cls][0]
+        texture[sel] = _bandpass(noise_field[sel], _texture_filter(size, freq, p.class_texture[cls][1], p))
+    protein = protein + amp[:, None, None] * texture
 
     raw = np.stack((lipid * gain[0], protein * gain[1]), axis=1)
     raw = raw + p.noise_sd / 255.0 * rng.standard_normal(raw.shape)
