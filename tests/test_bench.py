@@ -49,8 +49,10 @@ def test_run_benchmark_reports_every_number(tmp_path):
     for key in ("step_s", "floor_s", "naive_step_s", "ratio_to_floor", "ratio_to_naive", "eval_patches_per_s", "peak_rss_mb"):
         assert _positive_finite(entry[key]), (key, entry[key])
     assert 0.0 <= entry["data_wait_fraction"] < 1.0
+    # one round: the per-round ratios are the ratios of the reported seconds
     assert entry["ratio_to_floor"] == pytest.approx(entry["step_s"] / entry["floor_s"])
     assert entry["ratio_to_naive"] == pytest.approx(entry["step_s"] / entry["naive_step_s"])
+    assert entry["floor_s"] == pytest.approx(entry["input_grad_passes_s"] + entry["train_pass_s"])
     assert (entry["backbone"], entry["image_size"], entry["pgd_steps"]) == ("test_resnet", 16, 2)
     for key in ("meets_floor_target", "meets_naive_target", "meets_data_target", "meets_memory_target"):
         assert isinstance(report[key], bool) and report[key] == entry[key]

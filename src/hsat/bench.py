@@ -20,7 +20,8 @@ the numbers compare implementations rather than machines:
   children: DataLoader workers).
 
 Timing: warm-up calls, then `repeats` rounds in which every variant runs once (interleaved, so
-a load change on a shared machine hits all variants alike); the median of each is reported.
+a load change on a shared machine hits all variants alike); seconds are medians over rounds,
+ratios medians of the per-round ratios.
 Thread count is fixed (`threads`) for the whole run. Speed is a benchmark, never a timed test.
 """
 
@@ -299,17 +300,19 @@ def bench_step(cfg: Mapping[str, Any], device: torch.device, *, warmup: int = 2,
     }
     times = time_interleaved(fns, warmup=warmup, repeats=repeats, device=device)
     med = {k: statistics.median(v) for k, v in times.items()}
-    floor = med["input_grads"] + med["train_pass"]
+    floors = [a + b for a, b in zip(times["input_grads"], times["train_pass"])]
+    # Ratios are medians of per-round ratios: a round's variants run back to back, so a load
+    # change on a shared machine between rounds cancels out.
     return {
         "step_s": med["step"],
-        "floor_s": floor,
+        "floor_s": statistics.median(floors),
         "input_grad_passes_s": med["input_grads"],
         "train_pass_s": med["train_pass"],
         "naive_step_s": med["naive"],
-        "ratio_to_floor": med["step"] / floor,
-        "ratio_to_naive": med["step"] / med["naive"],
+        "ratio_to_floor": statistics.median(s / f for s, f in zip(times["step"], floors)),
+        "ratio_to_naive": statistics.median(s / n for s, n in zip(times["step"], times["naive"])),
         "images_per_step": math.prod(shape),
-        "step_times_s": times["step"],
+        "times_s": times,
     }
 
 
@@ -403,7 +406,7 @@ def run_benchmark(
     overrides: Iterable[str] = (),
     *,
     extra: Sequence[str] = (),
-    repeats: int = 5,
+    repeats: int = 7,
     warmup: int = 2,
     threads: int | None = 1,
     data_steps: int = 6,

@@ -49,7 +49,7 @@ def add_parsers(subparsers) -> None:
                    "model); omit for the schema defaults (resnet10t, 32 px, 8x2x2x2 views, PGD-5)")
     p.add_argument("--extra", action="append", default=[], metavar="BACKBONE@PX",
                    help="also benchmark this backbone and/or resolution (repeatable), e.g. resnet18@64 or @64")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default 5)")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds; medians are reported (default 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up rounds (default 2)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads, fixed for the run (default 1: stable on a shared machine; "
