@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.hsat-installed
 CORES ?= 2
 # pip's extra indexes on some machines print one warning per package; keep the log readable.
-QUIET_PIP := grep -v '^WARNING: Location' || true
+QUIET_PIP := { grep -v '^WARNING: Location' || true; }
 
 .PHONY: setup study test lint bench clean-results
 
