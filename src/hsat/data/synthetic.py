@@ -9,7 +9,7 @@ Why it looks the way it does (docs/synthetic_cohort.md has the full design and c
   HiDisc's positives assume.
 - **Two kinds of class cue.** Coarse morphology is only weakly class-informative (class means
   overlap under the patient spread), so it is learnable but noisy; a perturbation of 8/255
-  cannot fake it. A fine, low-amplitude (a few /255 of the converted image), high-frequency,
+  cannot fake it. A fine, low-amplitude (a few /255 of the converted image), mid-frequency,
   class-specific texture in the protein channel (band-pass speckle whose spectral peak --
   frequency and orientation -- depends on the class) is highly predictive; a non-robust encoder
   latches onto it and an 8/255 PGD perturbation can erase and forge it. This mirrors real SRH,
@@ -61,14 +61,16 @@ CLASS_MORPHOLOGY: dict[str, tuple[float, ...]] = {
 # Class texture signatures: (spatial frequency in cycles/px, orientation). Orientation "h"/"v"
 # put the spectral peak on one axis, "x" on both diagonals (cross-hatch); all three survive
 # horizontal and vertical flips, the augmentations HiDisc uses.
+# Frequencies (0.12-0.24 cycles/px, periods of 4-8 px) were lowered from 0.22-0.44 when the cohort
+# was calibrated against the HiDisc baseline: its blur and resized crops erase finer textures.
 CLASS_TEXTURE: dict[str, tuple[float, str]] = {
-    "hgg": (0.22, "h"),
-    "lgg": (0.22, "v"),
-    "mening": (0.30, "x"),
-    "metast": (0.38, "h"),
-    "normal": (0.38, "v"),
-    "pituita": (0.22, "x"),
-    "schwan": (0.44, "x"),
+    "hgg": (0.12, "h"),
+    "lgg": (0.12, "v"),
+    "mening": (0.16, "x"),
+    "metast": (0.20, "h"),
+    "normal": (0.20, "v"),
+    "pituita": (0.12, "x"),
+    "schwan": (0.24, "x"),
 }
 _ORIENT_DEG = {"h": (0.0,), "v": (90.0,), "x": (45.0, 135.0)}
 
@@ -111,9 +113,9 @@ class SynthParams:
     slide_gain_sd: float = 0.06
     """Slide-level multiplicative illumination change (log-normal) of both channels."""
     # --- fine texture (non-robust cue)
-    texture_amplitude: float = 2.5
+    texture_amplitude: float = 6.0
     """Standard deviation of the class texture in the protein channel, in /255 of the converted image."""
-    texture_amplitude_sd: float = 0.35
+    texture_amplitude_sd: float = 0.2
     """Patch-level log-normal spread of the texture amplitude (some patches carry little)."""
     texture_purity: float = 0.92
     """Probability that a patch's texture is its own class's; otherwise another class's (a mimic)."""
@@ -121,7 +123,7 @@ class SynthParams:
     """Radial width (cycles/px) of the texture's spectral peak."""
     texture_angle_sd: float = 8.0
     """Angular width (degrees) of the texture's spectral peak."""
-    texture_patient_jitter: float = 0.06
+    texture_patient_jitter: float = 0.12
     """Patient-level log-normal jitter of the texture frequency (a patient's own fingerprint)."""
     noise_sd: float = 1.5
     """White pixel noise per raw channel, in /255."""
