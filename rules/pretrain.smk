@@ -1,9 +1,11 @@
 # Pretraining, one job per model of the study matrix -> RESULTS/runs/<model>/.
 #
-# A rerun of this rule starts the run afresh: Snakemake reruns it only when the model's settings,
-# the training code or the manifest changed, and a checkpoint of other settings or code must not
-# be resumed. (To resume an interrupted long run, run the logged `hsat pretrain` command by hand:
-# it resumes from checkpoint.pt; then `snakemake --touch`.)
+# An interrupted job resumes: Snakemake reruns it (its model.safetensors is missing) and
+# `hsat pretrain` continues from runs/<model>/checkpoint.pt. A job rerun because the model's
+# settings changed starts afresh (--restart-if-changed), and so does one rerun because the
+# training code changed (the code version stamped in the run directory differs), so a checkpoint
+# of other settings or code is never resumed. log.jsonl is not a declared output, so Snakemake
+# does not delete it before a resumed job; it lives beside the weights.
 
 
 rule pretrain:
@@ -11,7 +13,6 @@ rule pretrain:
         manifest=MANIFEST,
     output:
         model=f"{RESULTS}/runs/{{model}}/model.safetensors",
-        log_jsonl=f"{RESULTS}/runs/{{model}}/log.jsonl",
     params:
         run_dir=lambda wildcards: run_dir(wildcards.model),
         study=STUDY,
@@ -28,6 +29,9 @@ rule pretrain:
     conda:
         "../envs/hsat.yaml"
     shell:
-        "rm -f {params.run_dir}/checkpoint.pt {params.run_dir}/config.yaml;"
+        "mkdir -p {params.run_dir};"
+        " if [ \"$(cat {params.run_dir}/code.version 2>/dev/null)\" != {params.code} ]; then"
+        " rm -f {params.run_dir}/checkpoint.pt {params.run_dir}/config.yaml {params.run_dir}/log.jsonl;"
+        " echo {params.code} > {params.run_dir}/code.version; fi;"
         " OMP_NUM_THREADS={threads} {params.launcher} pretrain --study {params.study} --model {wildcards.model}"
-        " --manifest {input.manifest} --out {params.run_dir} > {log} 2>&1"
+        " --manifest {input.manifest} --out {params.run_dir} --restart-if-changed > {log} 2>&1"

@@ -54,7 +54,7 @@ rule figures:
         whitebox=f"{RESULTS}/whitebox.csv",
         transfer=f"{RESULTS}/transfer.csv",
         sanity=f"{RESULTS}/sanity.csv",
-        logs=expand(f"{RESULTS}/runs/{{model}}/log.jsonl", model=MODELS),
+        runs=expand(f"{RESULTS}/runs/{{model}}/model.safetensors", model=MODELS),  # log.jsonl beside each
         features=expand(f"{RESULTS}/embeddings/{{model}}/features.safetensors", model=MODELS),
     output:
         [
@@ -64,7 +64,7 @@ rule figures:
         expand(f"{RESULTS}/figures/{{name}}.pdf", name=FIGURES),
     params:
         out_dir=lambda wildcards, output: str(Path(output[0]).parent),
-        runs_dir=lambda wildcards, input: str(Path(input.logs[0]).parent.parent),
+        runs_dir=lambda wildcards, input: str(Path(input.runs[0]).parent.parent),
         emb_dir=lambda wildcards, input: str(Path(input.features[0]).parent.parent),
         study=STUDY,
         settings=report_settings,

@@ -96,7 +96,10 @@ def test_config_differences_ignore_bookkeeping_only():
 
 
 def test_tiny_hsat_run_lowers_its_training_loss(tiny_manifest, tmp_path):
-    run = pretrain(tiny_cfg(tiny_manifest, train={"steps": 40, "checkpoint_every": 40}), tmp_path / "run")
+    # 4 patients per batch gives the contrastive levels enough negatives to learn in 40 steps.
+    cfg = tiny_cfg(tiny_manifest, train={"steps": 40, "checkpoint_every": 40}, optim={"lr": 3e-3, "warmup_steps": 0})
+    cfg["data"]["patients_per_batch"] = 4
+    run = pretrain(cfg, tmp_path / "run")
     log = read_log(run)
     assert [r["step"] for r in log] == list(range(1, 41))
     expected = {"step", "lr", "eps", "strength", "clean_weight", "loss_total", "images_per_s"}
@@ -195,6 +198,20 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_manifest, tmp_path):
     # ... and refuses to continue under a different method, naming the keys
     with pytest.raises(HSATError, match=r"attack\.eps.*method\.max_levels|method\.max_levels.*attack\.eps"):
         pretrain({**cfg, "attack": {"steps": 1, "eps": 4}, "method": {"name": "hsat_lmax_patch"}}, resumed)
+
+
+def test_changed_settings_restart_afresh_when_asked(tiny_manifest, tmp_path):
+    # The workflow's mode: a run dir of other settings is discarded, not resumed and not refused.
+    cfg = tiny_cfg(tiny_manifest, train={"steps": 3, "log_every": 1, "checkpoint_every": 3})
+    other = tiny_cfg(tiny_manifest, train={"steps": 3, "log_every": 1, "checkpoint_every": 3}, seed=1)
+    pretrain(cfg, tmp_path / "run")
+    steps_run: list[int] = []
+    pretrain(other, tmp_path / "run", on_config_change="restart", callback=lambda d, r: steps_run.append(d))
+    assert steps_run == [1, 2, 3]  # started over
+    fresh = pretrain(other, tmp_path / "fresh")
+    a, b = weights(tmp_path / "run"), weights(fresh)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(read_log(tmp_path / "run")) == 3
 
 
 def test_checkpoint_is_plain_data(tiny_manifest, tmp_path):

@@ -129,3 +129,16 @@ def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(workdir):
     assert jobs.get("pretrain") == 1 and jobs.get("embed") == 1 and jobs.get("evaluate") == 1, proc.stdout[-3000:]
     assert "synth" not in jobs and "prepare" not in jobs
     assert "hsat_patch" in proc.stdout and "wildcards: model=hidisc" not in proc.stdout
+
+    # An interrupted pretraining job resumes from its checkpoint instead of starting afresh: lose
+    # the final weights (as a kill before the end would), rerun that one target, and the run
+    # continues from checkpoint.pt (the log, with its measured images/s, is kept, not rewritten).
+    run_dir = res / "runs" / "hsat"
+    log_before = (run_dir / "log.jsonl").read_text()
+    weights_before = (run_dir / "model.safetensors").read_bytes()
+    (run_dir / "model.safetensors").unlink()
+    proc = snakemake("--cores", "1", str(run_dir.relative_to(workdir) / "model.safetensors"),
+                     "--configfile", "config/tiny.yaml", cwd=workdir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (run_dir / "log.jsonl").read_text() == log_before
+    assert (run_dir / "model.safetensors").read_bytes() == weights_before

@@ -439,11 +439,19 @@ def make_optimizer(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.opti
 # the run
 
 
-def pretrain(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, callback: StepCallback | None = None) -> Path:
+def pretrain(
+    cfg: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    callback: StepCallback | None = None,
+    on_config_change: str = "error",
+) -> Path:
     """Pretrain an encoder as `cfg` says; write config.yaml, checkpoint.pt, log.jsonl, model.safetensors.
 
     Running it again on a finished `out_dir` returns at once; on a partial one it resumes from
-    checkpoint.pt (refusing if the method-relevant config changed). `callback(step, record)` is
+    checkpoint.pt. If the method-relevant config changed, it refuses (`on_config_change="error"`)
+    or discards the old run and starts afresh (`"restart"`, what the workflow uses so that an
+    interrupted job resumes while a changed one retrains). `callback(step, record)` is
     called on every rank after each optimiser step (after that step's checkpoint is written);
     an exception raised there stops the run, as a kill would. Returns `out_dir`.
     """
@@ -469,18 +477,24 @@ def pretrain(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, callback: St
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     # ============ resume or start ... ============
+    if on_config_change not in ("error", "restart"):
+        raise ValueError(f"on_config_change must be 'error' or 'restart', not {on_config_change!r}")
     ckpt_path = out_dir / CHECKPOINT
-    state = None
+    state, restart = None, False
     if (out_dir / CONFIG).exists():
         with open(out_dir / CONFIG, encoding="utf-8") as fh:
             saved = yaml.safe_load(fh) or {}
         diff = config_differences(saved, cfg)
-        if diff:
+        if diff and on_config_change != "restart":
             raise HSATError(
                 f"{out_dir / CONFIG}: the run directory holds a run with a different configuration "
-                f"(differing keys: {', '.join(diff)}); use another --out or the original settings"
+                f"(differing keys: {', '.join(diff)}); use another --out, the original settings, "
+                "or --restart-if-changed"
             )
-    if ckpt_path.exists():
+        if diff:
+            log.warning("%s: configuration changed (%s); starting afresh", out_dir, ", ".join(diff))
+            restart = True
+    if ckpt_path.exists() and not restart:
         state = load_checkpoint(ckpt_path)
         if state["step"] > total_steps:
             raise HSATError(f"{ckpt_path} is at step {state['step']}, beyond train.steps={total_steps}")
@@ -491,6 +505,9 @@ def pretrain(cfg: Mapping[str, Any], out_dir: str | os.PathLike, *, callback: St
     if world > 1:
         torch.distributed.barrier()  # every rank has read the old state before rank 0 writes
     if is_main:
+        if restart:
+            ckpt_path.unlink(missing_ok=True)
+            (out_dir / WEIGHTS).unlink(missing_ok=True)
         write_yaml(out_dir / CONFIG, cfg)
         _resume_log(out_dir / LOG, start_step)
     random.seed(seed)

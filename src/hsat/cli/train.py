@@ -41,7 +41,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from hsat.distributed import cleanup
 
     try:
-        out = pretrain(cfg, args.out)
+        out = pretrain(cfg, args.out, on_config_change="restart" if args.restart_if_changed else "error")
     finally:
         cleanup()  # leave the torchrun process group cleanly (no-op without torchrun)
     if os.environ.get("RANK", "0") == "0":  # one line per job, not per torchrun rank
@@ -69,6 +69,11 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--model", help="model name in the study's `models` matrix")
     p.add_argument("--manifest", type=Path, help="manifest CSV (sets data.manifest)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument(
+        "--restart-if-changed",
+        action="store_true",
+        help="if RUN_DIR holds a run of other settings, discard it and start afresh (default: refuse)",
+    )
     p.add_argument(
         "overrides",
         nargs="*",
