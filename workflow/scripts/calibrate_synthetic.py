@@ -142,7 +142,7 @@ def hidisc(params: SynthParams, seed: int, overrides: list[str], random_init: bo
     synth.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in synth_overrides)})
     pre = study["pretrain"]
     _merge(pre, {"device": "cpu", "threads": 1, "seed": seed})
-    for kv in overrides + (["train.steps=1", "optim.lr=1e-9", "optim.warmup_steps=0"] if random_init else []):
+    for kv in overrides + (["train.steps=1", "optim.lr=1.0e-9", "optim.warmup_steps=0"] if random_init else []):
         key, value = kv.split("=", 1)
         node: dict = {}
         cur = node
