@@ -152,13 +152,27 @@ def test_two_process_gloo_run_matches_one_process(tiny_manifest: Path, tmp_path:
 
     one, two = _state(tmp_path / "one" / "model.safetensors"), _state(tmp_path / "two" / "model.safetensors")
     assert set(one) == set(two)
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-4, msg=lambda m: f"{key}: {m}")
+    # After the first update the runs can only drift through Adam: it moves a coordinate by ~lr
+    # whatever the size of its gradient, so summation-order noise on a zero or near-zero gradient
+    # (dead ReLUs at 16 px) changes that coordinate by up to ~lr per step. The gradients themselves
+    # are checked exactly by test_gather_and_sync_bn_give_the_single_process_gradient. Here: the
+    # parameters agree on average to a tenth of one Adam step, and the BN running statistics
+    # within 2e-2 (without SyncBatchNorm they differ by ~0.4).
+    lr = cfg["optim"]["lr"]
+    diffs = {key: (two[key].double() - one[key].double()).abs() for key in one}
+    params = torch.cat([d.flatten() for k, d in diffs.items() if "running_" not in k and "num_batches" not in k])
+    assert float(params.mean()) < 0.1 * lr, float(params.mean())
+    for key, d in diffs.items():
+        if "running_" in key:
+            assert float(d.max()) < 2e-2, (key, float(d.max()))
     logs = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
             for d in ("one", "two")]
     assert [r["step"] for r in logs[1]] == [1, 2, 3]
+    # Step 1 (attack and loss on the gathered global batch) agrees to float precision; later
+    # steps only through the drift above.
+    assert logs[1][0]["loss_total"] == pytest.approx(logs[0][0]["loss_total"], rel=1e-5)
     for a, b in zip(*logs):
-        assert b["loss_total"] == pytest.approx(a["loss_total"], rel=1e-5)
+        assert b["loss_total"] == pytest.approx(a["loss_total"], rel=1e-3)
         assert b["images_per_s"] > 0
     # only rank 0 writes: no stray temporary files
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
