@@ -58,6 +58,7 @@ def test_run_benchmark_reports_every_number(tmp_path):
         assert isinstance(report[key], bool) and report[key] == entry[key]
     assert report["machine"]["device"] == "cpu" and report["machine"]["threads"] == 1
     assert report["machine"]["torch"] == torch.__version__
+    assert report["synth"]["patches"] > 0 and math.isfinite(report["synth"]["patches_per_s"]) and report["synth"]["patches_per_s"] > 0
     # the report is plain JSON
     write_json(tmp_path / "bench.json", report)
     assert json.loads((tmp_path / "bench.json").read_text())["entries"][0]["step_s"] == entry["step_s"]

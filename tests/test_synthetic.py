@@ -119,9 +119,7 @@ def test_texture_amplitude_is_a_few_levels(tmp_path):
     assert 0.3 / 255 < diff.std() < 8 / 255  # blue = CH3: exactly the texture
 
 
-def test_thousands_of_patches_fast(tmp_path):
-    import time
-
-    t = time.perf_counter()
+def test_thousands_of_patches(tmp_path):
+    # Its speed is measured by `hsat bench` (report["synth"]), not asserted here.
     synthesize_cohort(tmp_path / "big", patients=42, slides=2, patches=24, size=32)
-    assert time.perf_counter() - t < 30
+    assert len(list((tmp_path / "big" / "studies").glob("*/*/patches/*.tif"))) == 42 * 2 * 24
