@@ -105,9 +105,11 @@ _CODE = {
     "prepare": ["data/manifest.py", "data/opensrh.py", "cli/data.py"],
     "pretrain": ["data/*.py", "models.py", "losses.py", "attacks.py", "distributed.py", "train.py", "methods.py",
                  "cli/train.py"],
-    "evaluate": ["data/*.py", "models.py", "attacks.py", "evaluate.py", "cli/evaluate.py"],
-    "transfer": ["data/*.py", "models.py", "attacks.py", "evaluate.py", "transfer.py", "cli/evaluate.py"],
+    "evaluate": ["data/*.py", "models.py", "attacks.py", "config.py", "schemas/*.yaml", "evaluate/*.py", "cli/evaluate.py"],
+    "transfer": ["data/*.py", "models.py", "attacks.py", "config.py", "schemas/*.yaml", "evaluate/*.py", "transfer.py",
+                 "cli/evaluate.py"],
     "report": ["report/*.py", "cli/report.py"],
+    "sanity_report": ["config.py", "schemas/*.yaml", "evaluate/*.py", "report/__init__.py", "cli/report.py"],
 }
 
 
@@ -153,6 +155,7 @@ def _subset(names):
 
 SANITY_MODELS = _subset(EVAL["sanity"]["models"]) if EVAL["sanity"]["enabled"] else []
 TRANSFER_MODELS = _subset(EVAL["transfer"]["models"]) if EVAL["transfer"]["enabled"] else []
+_subset(EVAL["whitebox"]["autoattack"]["models"])  # names checked; empty = every model
 TRANSFER_PAIRS = [(s, t) for s in TRANSFER_MODELS for t in TRANSFER_MODELS if s != t]
 
 
@@ -175,7 +178,7 @@ def model_outputs(model):
 
 
 FIGURES = ["robust_accuracy", "transfer_heatmap", "training_curves", "embedding_map", "attack_steps"]
-TABLES = [f"table{i}.{ext}" for i in range(1, 5) for ext in ("csv", "md", "tex")]
+TABLES = [f"table{i}.{ext}" for i in range(1, 5) for ext in ("csv", "md", "tex")] + ["table2_summary.csv"]
 
 
 def report_outputs():

@@ -5,13 +5,12 @@ rule collect:
     input:
         lambda wildcards: {
             "whitebox": [f"{RESULTS}/whitebox/{m}.csv" for m in MODELS],
-            "sanity": [f"{RESULTS}/sanity/{m}.csv" for m in SANITY_MODELS],
             "transfer": [f"{RESULTS}/transfer/{s}__{t}.csv" for s, t in TRANSFER_PAIRS],
         }[wildcards.kind],
     output:
         f"{RESULTS}/{{kind}}.csv",
     wildcard_constraints:
-        kind="whitebox|sanity|transfer",
+        kind="whitebox|transfer",
     params:
         code=CODE_VERSION["report"],
     log:
@@ -20,6 +19,29 @@ rule collect:
         "../envs/hsat.yaml"
     shell:
         "hsat report collect --out {output} {input} > {log} 2>&1"
+
+
+rule sanity_report:
+    """Every model's sanity checks plus those that need the whole study (attack above clean for
+    every model, white-box vs transfer for every transfer cell)."""
+    input:
+        per_model=[f"{RESULTS}/sanity/{m}.csv" for m in SANITY_MODELS],
+        whitebox=f"{RESULTS}/whitebox.csv",
+        transfer=f"{RESULTS}/transfer.csv",
+        manifest=MANIFEST,
+    output:
+        f"{RESULTS}/sanity.csv",
+    params:
+        study=STUDY,
+        settings=lambda wildcards: eval_settings("sanity"),
+        code=CODE_VERSION["sanity_report"],
+    log:
+        f"{RESULTS}/logs/report/sanity.log",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "hsat report sanity --config {params.study} --whitebox {input.whitebox} --transfer {input.transfer}"
+        " --manifest {input.manifest} --out {output} {input.per_model} > {log} 2>&1"
 
 
 rule tables:

@@ -30,7 +30,7 @@ TINY_COHORT = {"patients": 14, "slides": 2, "patches": 3, "size": 16}
 
 ENTRY_KEYS = {
     "step_s", "floor_s", "ratio_to_floor", "naive_step_s", "ratio_to_naive", "data_wait_fraction",
-    "eval_patches_per_s", "peak_rss_mb", "meets_floor_target", "meets_naive_target", "meets_data_target",
+    "eval_patches_per_s", "eval_ratio_to_floor", "eval_grid_patches_per_s", "peak_rss_mb", "meets_floor_target", "meets_naive_target", "meets_data_target",
     "backbone", "image_size", "precision", "channels_last", "compile",
 }
 
@@ -46,7 +46,8 @@ def test_run_benchmark_reports_every_number(tmp_path):
                            cohort=TINY_COHORT, workdir=tmp_path / "work")
     (entry,) = report["entries"]
     assert ENTRY_KEYS <= set(entry)
-    for key in ("step_s", "floor_s", "naive_step_s", "ratio_to_floor", "ratio_to_naive", "eval_patches_per_s", "peak_rss_mb"):
+    for key in ("step_s", "floor_s", "naive_step_s", "ratio_to_floor", "ratio_to_naive", "eval_patches_per_s",
+                "eval_ratio_to_floor", "eval_grid_patches_per_s", "peak_rss_mb"):
         assert _positive_finite(entry[key]), (key, entry[key])
     assert 0.0 <= entry["data_wait_fraction"] < 1.0
     # one round: the per-round ratios are the ratios of the reported seconds

@@ -227,9 +227,13 @@ def test_whitebox_sweep_rows_and_attack_lowers_accuracy():
     df = whitebox_sweep(model, probe, bank, val, cfg, model_name="toy", method="hidisc", group="g", seed=3, progress=False)
     assert list(df.columns) == list(WHITEBOX_COLUMNS)
     n_specs = 3 * 2 * 2
-    assert len(df) == (1 + n_specs) * 2 * 3
+    n_worst = 2  # one worst case per eps
+    assert len(df) == (1 + n_specs + n_worst) * 2 * 3
     key = ["attack", "eps", "objective", "classifier", "level"]
     assert not df.duplicated(key).any()
+    # BIM and MI-FGSM take a random start (and the _r name) under the label-free feature objective only.
+    assert set(df.loc[df.objective == "feature", "attack"]) == {"pgd", "bim_r", "mifgsm_r"}
+    assert set(df.loc[df.objective == "linear_ce", "attack"]) == {"pgd", "bim", "mifgsm"}
     clean = df[(df.attack == "none") & (df.level == "patch")].set_index("classifier")["acc"]
     assert (clean > 90).all()
     for clf in ("knn", "linear"):
@@ -252,7 +256,7 @@ def test_clean_bank_is_never_recomputed(monkeypatch):
         model.calls = 0
         whitebox_sweep(model, probe, bank, val, cfg, progress=False)
         n_cfg = len(attacks) * 2 * 2
-        assert model.calls == n_batches * (1 + n_cfg * (cfg["whitebox"]["steps"] + 1))
+        assert model.calls == n_batches * (1 + n_cfg * (cfg["whitebox"]["steps"] + 1))  # clean once per batch
         counts.append(model.calls)
     assert counts[1] > counts[0]
 
@@ -265,7 +269,7 @@ def test_whitebox_subset_and_autoattack():
     df = whitebox_sweep(model, probe, bank, val, cfg, progress=False)
     patch = df[df.level == "patch"].set_index("attack")["acc"]
     assert patch["autoattack"] < patch["none"] - 30
-    assert set(df.objective) == {"none", ev.AUTOATTACK_OBJECTIVE}
+    assert set(df.objective) == {"none", ev.AUTOATTACK_OBJECTIVE, "all"}  # all: the worst case
 
 
 # ----------------------------------------------------------------------------- command line
@@ -310,14 +314,116 @@ def test_cli_embed_evaluate_sanity(cli_study):
     assert main(["evaluate", *common, "--out", str(out)]) == 0
     df = pd.read_csv(out)
     assert list(df.columns) == list(WHITEBOX_COLUMNS)
-    assert len(df) == (1 + 2 * 2) * 2 * 3
+    assert len(df) == (1 + 2 * 2 + 1) * 2 * 3  # clean, 2 attacks x 2 objectives, the worst case
     assert set(df["method"]) == {"hidisc"} and set(df["group"]) == {"scratch"} and set(df["seed"]) == {4}
     assert df[["acc", "mca"]].apply(lambda c: c.between(0, 100)).all().all()
     san = root / "sanity" / "m1.csv"
     assert main(["sanity", *common, "--out", str(san)]) == 0
     s = pd.read_csv(san)
-    assert {"steps", "steps_feature_knn", "restarts", "eps", "noise", "clean"} <= set(s["check"])
+    assert {"steps", "steps_feature_knn", "restarts", "eps", "large_eps_label", "large_eps_feature", "noise"} == set(s["check"])
     # Unknown model name: exit 2 with a message, nothing written.
     bad = root / "whitebox" / "nope.csv"
     assert main(["evaluate", *common[:-1], "nope", "--out", str(bad)]) == 2
     assert not bad.exists()
+
+
+# ----------------------------------------------------------------------------- worst case, adaptive attacks
+
+
+def test_random_start_bim_leaves_the_zero_gradient_start_of_a_feature_objective():
+    """At x the feature objective's gradient is round-off noise (1e-9 against 1e-2 one random
+    start away), so BIM's first step from x follows noise; BIM-R's first step climbs."""
+    model, probe, bank, val = toy_setup()
+    batch = [val[i] for i in range(12)]
+    x = torch.stack([b["image"] for b in batch])
+    y = torch.tensor([b["label"] for b in batch])
+    f = model.forward_features(x).detach()
+    obj = ev.make_objective("feature", model, probe, f, y)
+
+    def mean_abs_grad(xs):
+        xg = xs.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(obj(xg), xg)
+        return grad.abs().mean().item()
+
+    start = (x + (torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) * 2 - 1) * 8 / 255).clamp(0, 1)
+    assert mean_abs_grad(x) < 1e-4 * mean_abs_grad(start)
+    with ev.eval_frozen(model):
+        from_x = ev.craft_batch(model, probe, x, y, ev.AttackSpec("bim", 8, 1, "feature"), f, torch.Generator().manual_seed(0))
+        from_r = ev.craft_batch(model, probe, x, y, ev.AttackSpec("bim_r", 8, 1, "feature"), f, torch.Generator().manual_seed(0))
+    assert (from_r - x).abs().max() <= 8 / 255 + 1e-6
+    with torch.no_grad():
+        assert obj(from_r) > 2 * obj(from_x)
+    assert ev.AttackSpec("bim_r", 8, 1, "feature").random_start and not ev.AttackSpec("bim", 8, 1, "feature").random_start
+    assert ev.attack_name("bim", "feature") == "bim_r" and ev.attack_name("bim", "knn_soft") == "bim"
+
+
+def test_soft_knn_is_the_kNN_vote_over_the_whole_bank():
+    _, _, (feats, labels), _ = toy_setup()
+    query = feats[:7] + 0.01 * torch.randn(7, 3, generator=torch.Generator().manual_seed(1))
+    soft = ev.SoftKNN(feats, labels, 3, temperature=0.07)
+    hard = knn_predict(query, feats, labels, 3, k=len(feats), temperature=0.07)
+    assert torch.allclose(soft(query).exp(), hard, atol=1e-5)
+    assert torch.allclose(soft(query).exp().sum(1), torch.ones(7), atol=1e-5)
+
+
+def test_knn_soft_attack_defeats_the_kNN_it_copies():
+    model, probe, bank, val = toy_setup()
+    cfg = toy_cfg(objectives=["knn_soft"], classifiers=["knn"], steps=10)
+    df = whitebox_sweep(model, probe, bank, val, cfg, progress=False)
+    patch = df[(df.level == "patch") & (df.classifier == "knn")].set_index("attack")["acc"]
+    assert patch["pgd"] < patch["none"] - 50
+
+
+def test_worst_case_is_the_per_example_and_of_every_attack():
+    labels = np.array([0, 0, 1, 1])
+    right = np.eye(2)[labels]
+    wrong = np.eye(2)[1 - labels]
+    a = np.stack([right[0], wrong[1], right[2], right[3]])  # attack A fools patch 1
+    b = np.stack([right[0], right[1], right[2], wrong[3]])  # attack B fools patch 3
+    specs = [ev.AttackSpec("pgd", 8, 5, "feature"), ev.AttackSpec("bim", 8, 5, "linear_ce"),
+             ev.AttackSpec("noise", 8, 0, "none")]
+    res = ev.AttackResults(labels=labels, patients=["p0", "p0", "p1", "p1"], slides=["s0", "s1", "s2", "s3"],
+                           paths=[""] * 4, positions=list(range(4)), clean={"knn": right},
+                           adv=[{"knn": a}, {"knn": b}, {"knn": wrong}], specs=specs)
+    rows = {r["level"]: r for r in ev.worst_case_rows(res)}
+    assert rows["patch"]["acc"] == 50.0  # patches 0 and 2 survive both attacks; noise is not an attack
+    assert rows["patch"]["mca"] == 50.0
+    assert rows["slide"]["acc"] == 50.0
+    # patient p0 = patches 0, 1: under A their summed vote ties (argmax picks class 0: correct).
+    assert rows["patient"]["acc"] == 50.0 and rows["patient"]["objective"] == "all"
+    assert {r["attack"] for r in rows.values()} == {"worst_case"}
+
+
+def test_worst_case_rows_never_exceed_any_attack_or_clean():
+    model, probe, bank, val = toy_setup()
+    cfg = toy_cfg(attacks=["pgd", "bim"], eps=[2, 4], steps=3, objectives=["feature", "linear_ce", "knn_soft"])
+    df = whitebox_sweep(model, probe, bank, val, cfg, progress=False)
+    for (clf, level), g in df.groupby(["classifier", "level"]):
+        for eps in (2.0, 4.0):
+            worst = g[(g.attack == "worst_case") & (g.eps == eps)]["acc"].item()
+            others = g[((g.attack != "worst_case") & (g.eps == eps)) | (g.attack == "none")]["acc"]
+            assert worst <= others.min() + 1e-9, (clf, level, eps)
+
+
+def test_autoattack_apgd_version_only_on_listed_models():
+    pytest.importorskip("torchattacks")
+    model, probe, bank, val = toy_setup()
+    cfg = toy_cfg(attacks=["autoattack"], eps=[8], classifiers=["linear"],
+                  autoattack={"version": "apgd-ce+apgd-t", "steps": 10, "models": ["toy"]})
+    cfg["max_val_patches"] = 9
+    df = whitebox_sweep(model, probe, bank, val, cfg, model_name="toy", progress=False)
+    patch = df[df.level == "patch"].set_index("attack")["acc"]
+    assert patch["autoattack"] < patch["none"] - 30
+    assert patch["worst_case"] <= patch["autoattack"]
+    other = whitebox_sweep(model, probe, bank, val, cfg, model_name="not_listed", progress=False)
+    assert "autoattack" not in set(other.attack)
+
+
+def test_spec_random_starts_do_not_depend_on_the_other_specs():
+    model, probe, bank, val = toy_setup()
+    one = whitebox_sweep(model, probe, bank, val, toy_cfg(attacks=["pgd"], eps=[4]), progress=False)
+    many = whitebox_sweep(model, probe, bank, val, toy_cfg(attacks=["pgd", "bim"], eps=[2, 4]), progress=False)
+    key = ["attack", "eps", "objective", "classifier", "level"]
+    a = one[one.attack == "pgd"].set_index(key)["acc"]
+    b = many.set_index(key)["acc"].reindex(a.index)
+    pd.testing.assert_series_equal(a, b)

@@ -41,7 +41,7 @@ def _embeddings(model, train, val, classes=("a", "b", "c")) -> ev.Embeddings:
     tr = ev.embed(model, train, batch_size=16, progress=False)
     va = ev.embed(model, val, batch_size=16, progress=False)
     probe = ev.fit_linear_probe(tr["features"], tr["labels"], 3, epochs=100, lr=0.05)
-    index = pd.concat([ev._index_frame(tr, "train", classes), ev._index_frame(va, "val", classes)], ignore_index=True)
+    index = pd.concat([ev.index_frame(tr, "train", classes), ev.index_frame(va, "val", classes)], ignore_index=True)
     return ev.Embeddings(tr["features"], tr["labels"], va["features"], va["labels"], index, probe,
                          {"classes": list(classes), "image_size": 8})
 
@@ -114,7 +114,7 @@ def test_whitebox_vs_transfer_flags_weaker_whitebox():
         {"surrogate": "s", "target": "t1", "attack": "pgd", "eps": 8, "steps": 10, "objective": "feature", "classifier": "knn", "level": "patch", "acc": 40.0},
         {"surrogate": "s", "target": "t2", "attack": "pgd", "eps": 8, "steps": 10, "objective": "feature", "classifier": "knn", "level": "patch", "acc": 40.0},
     ])
-    out = whitebox_vs_transfer(wb, tr).set_index("model")
+    out = whitebox_vs_transfer(wb, tr, n_patches=400, z=2.0).set_index("model")
     assert out.loc["t1", "passed"] and not out.loc["t2", "passed"]
     assert set(out["check"]) == {"whitebox_vs_transfer"}
 

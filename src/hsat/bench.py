@@ -15,7 +15,9 @@ the numbers compare implementations rather than machines:
 - `data_wait_fraction`: a short pretrain-like loop over the embedded cohort through the real
   DataLoader: time blocked in `next(loader)` over total step time (after warm-up steps).
 - `eval_patches_per_s`: validation patches x attack steps per second through
-  `hsat.evaluate.run_attacks` (the white-box sweep path: clean features once, PGD, scoring).
+  `hsat.evaluate.run_attacks` (the white-box sweep path: clean features once, PGD, scoring);
+  `eval_ratio_to_floor` against one input-gradient pass per attack step, and
+  `eval_grid_patches_per_s` for the default study's whole grid of attacks x objectives.
 - `peak_rss_mb`: peak resident memory of this process (and, separately, of its finished
   children: DataLoader workers).
 
@@ -356,10 +358,17 @@ def bench_data(cfg: Mapping[str, Any], manifest: Path, device: torch.device, *, 
 
 def bench_eval(cfg: Mapping[str, Any], manifest: Path, device: torch.device, *, patches: int = 128,
                steps: int = 5, repeats: int = 3, batch_size: int = 128) -> dict[str, Any]:
-    """Validation patches x attack steps per second through the white-box sweep's `run_attacks`."""
+    """The white-box sweep's `run_attacks` against its floor, in patches x attack steps per second.
+
+    `eval_sweep_s`: PGD-`steps` on the feature objective, clean features once, kNN + probe scoring;
+    `eval_floor_s`: `steps` input-gradient passes (forward + autograd.grad to the input,
+    parameters frozen) over the same patches, nothing else. `eval_ratio_to_floor` = sweep / floor.
+    `eval_grid_patches_per_s`: the same through one call of the default study's whole grid per
+    batch (PGD, BIM-R, MI-FGSM-R under feature/head, BIM, MI-FGSM under linear_ce/knn_soft).
+    """
     from hsat.data.manifest import class_names, read_manifest
     from hsat.data.sampler import PatchDataset
-    from hsat.evaluate import AttackSpec, LinearProbe, run_attacks
+    from hsat.evaluate import AttackSpec, LinearProbe, attack_name, loader, run_attacks
 
     torch.manual_seed(int(cfg["seed"]))
     model, _, _, _, _ = _setup(cfg, device)
@@ -370,20 +379,43 @@ def bench_eval(cfg: Mapping[str, Any], manifest: Path, device: torch.device, *, 
     probe = LinearProbe(model.num_features, len(classes))
     bank = (torch.nn.functional.normalize(torch.randn(512, model.num_features), dim=1),
             torch.arange(512) % len(classes))
+    knn = {"k": 20, "temperature": 0.07}
     specs = [AttackSpec("pgd", 8.0, int(steps), "feature", 2.0, 0)]
+    grid = [AttackSpec(attack_name(a, o), 8.0, int(steps), o, 2.0, 0)
+            for a in ("pgd", "bim", "mifgsm") for o in ("feature", "head", "linear_ce", "knn_soft")]
     run = functools.partial(run_attacks, model, probe, bank, val, specs, ["knn", "linear"], len(classes),
-                            knn={"k": 20}, batch_size=batch_size, device=device, progress=False)
+                            knn=knn, batch_size=batch_size, device=device, progress=False)
+    run_grid = functools.partial(run_attacks, model, probe, bank, val, grid, ["knn", "linear"], len(classes),
+                                 knn=knn, batch_size=batch_size, device=device, progress=False)
+    images = torch.cat([b["image"] for b in loader(val, batch_size, indices)]).to(device)
+
+    def floor() -> None:
+        with attack_mode(model, "eval"), frozen(model):
+            for start in range(0, images.shape[0], batch_size):
+                x = images[start : start + batch_size].clone().requires_grad_(True)
+                for _ in range(int(steps)):
+                    with torch.enable_grad():
+                        torch.autograd.grad(model.forward_features(x).sum(), x)
+
     run(indices=indices[: min(len(indices), 8)])  # warm-up
-    times = []
+    floor()
+    times: dict[str, list[float]] = {"sweep": [], "floor": [], "grid": []}
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        run(indices=indices)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    sec = statistics.median(times)
+        for name, fn in (("sweep", lambda: run(indices=indices)), ("floor", floor),
+                         ("grid", lambda: run_grid(indices=indices))):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    sec, floor_s, grid_s = (statistics.median(times[k]) for k in ("sweep", "floor", "grid"))
+    ratios = [a / b for a, b in zip(times["sweep"], times["floor"])]
     return {"eval_patches": len(indices), "eval_attack_steps": int(steps), "eval_sweep_s": sec,
-            "eval_patches_per_s": len(indices) * int(steps) / sec}
+            "eval_patches_per_s": len(indices) * int(steps) / sec, "eval_floor_s": floor_s,
+            "eval_floor_patches_per_s": len(indices) * int(steps) / floor_s,
+            "eval_ratio_to_floor": statistics.median(ratios),
+            "eval_grid_specs": len(grid), "eval_grid_s": grid_s,
+            "eval_grid_patches_per_s": len(indices) * int(steps) * len(grid) / grid_s}
 
 
 def _machine(device: torch.device, threads: int) -> dict[str, Any]:
@@ -523,6 +555,8 @@ def format_table(report: Mapping[str, Any]) -> str:
             ("ratio_to_naive", lambda e: f"{e['ratio_to_naive']:.2f}"),
             ("data_wait_fraction", lambda e: ", ".join(f"{v:.3f} (w={k})" for k, v in e["data_wait_by_workers"].items())),
             ("eval_patches_per_s", lambda e: f"{e['eval_patches_per_s']:.0f}"),
+            ("eval_ratio_to_floor", lambda e: f"{e['eval_ratio_to_floor']:.2f}"),
+            ("eval_grid_patches_per_s", lambda e: f"{e['eval_grid_patches_per_s']:.0f}"),
             ("peak_rss_mb", lambda e: f"{e['peak_rss_mb']:.0f}")]
     rows = [[name for name, _ in cols], ["---"] * len(cols)]
     rows += [[fn(e) for _, fn in cols] for e in report["entries"]]

@@ -146,6 +146,12 @@ def load_study_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     return validate(cfg, "study", source=str(path))
 
 
+def resolve_evaluation(cfg_eval: Mapping[str, Any], source: str = "evaluation") -> dict:
+    """A validated `evaluation` section with the schema's defaults filled in; library code then
+    indexes it directly, so a default lives in the schema alone. Idempotent."""
+    return validate(cfg_eval, "evaluation", source=source)
+
+
 def run_config_for_model(study: Mapping[str, Any], model: str, manifest: str | None = None) -> dict:
     """The resolved run config of one model of the study matrix."""
     if model not in study["models"]:

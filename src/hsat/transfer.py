@@ -23,22 +23,27 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from hsat.config import resolve_evaluation
 from hsat.errors import HSATError
 from hsat.evaluate import (
     AttackSpec,
     Embeddings,
     LinearProbe,
-    _classify,
-    _dataset_labels,
-    _patch_acc,
+    attacked_positions,
+    classify,
+    dataset_labels,
     default_device,
     eval_image_size,
     level_metrics,
     load_embeddings,
+    load_for_eval,
+    patch_accuracy,
     run_attacks,
     stratified_subset,
 )
+from hsat.evaluate.sanity import check_whitebox_vs_transfer as whitebox_vs_transfer  # noqa: F401 (public name)
 from hsat.io import atomic_path, write_csv
+from hsat.models import load_trained_model
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +73,19 @@ def craft(
     attack_seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Adversarial validation set of one surrogate under `evaluation.transfer` (eps, alpha in 1/255).
+    """Adversarial validation set of one surrogate under `evaluation.transfer` (eps, alpha in 1/255;
+    missing keys, and `knn` when None, take the schema's defaults).
 
     Returns {"images": (N, C, H, W) float32 CPU, "labels", "positions" (int64, positions in the
     validation split), "paths", "patients", "slides", "metadata": {...}}.
     """
+    resolved = resolve_evaluation({"transfer": dict(cfg_transfer), **({"knn": dict(knn)} if knn else {})})
+    cfg_transfer, knn = resolved["transfer"], resolved["knn"]
     if indices is None and max_val_patches:
-        indices = stratified_subset(_dataset_labels(val_dataset), max_val_patches, seed=attack_seed)
-    spec = AttackSpec(cfg_transfer.get("attack", "pgd"), float(cfg_transfer.get("eps", 8)),
-                      int(cfg_transfer.get("steps", 10)), cfg_transfer.get("objective", "feature"), float(alpha), attack_seed)
-    classifier = cfg_transfer.get("classifier", "knn")
+        indices = stratified_subset(dataset_labels(val_dataset), max_val_patches, seed=attack_seed)
+    spec = AttackSpec(cfg_transfer["attack"], float(cfg_transfer["eps"]), int(cfg_transfer["steps"]),
+                      cfg_transfer["objective"], float(alpha), attack_seed)
+    classifier = cfg_transfer["classifier"]
     kept: list[torch.Tensor] = []
     res = run_attacks(model, probe, bank, val_dataset, [spec], [classifier], probe.num_classes, knn=knn,
                       indices=indices, batch_size=batch_size, device=device, progress=progress,
@@ -96,8 +104,8 @@ def craft(
         "classifier": classifier,
         "image_size": int(image_size if image_size is not None else images.shape[-1]),
         "classes": list(classes),
-        "surrogate_clean_acc": _patch_acc(res.clean[classifier], res.labels),
-        "surrogate_adv_acc": _patch_acc(res.adv[0][classifier], res.labels),
+        "surrogate_clean_acc": patch_accuracy(res.clean[classifier], res.labels),
+        "surrogate_adv_acc": patch_accuracy(res.adv[0][classifier], res.labels),
     }
     return {
         "images": images,
@@ -187,12 +195,13 @@ def evaluate_transfer(
     adv = load_adversarial(adv_file)
     _check_matches(adv, target_embeddings, str(adv_file), target or "target")
     meta = adv["metadata"]
-    classifier = cfg_eval.get("transfer", {}).get("classifier", "knn")
-    bs = int(batch_size or cfg_eval.get("batch_size", 128))
+    cfg_eval = resolve_evaluation(cfg_eval)
+    classifier = cfg_eval["transfer"]["classifier"]
+    bs = int(batch_size or cfg_eval["batch_size"])
     probe = target_embeddings.probe.to(device)
     bank = tuple(t.to(device) for t in target_embeddings.bank)
     num_classes = probe.num_classes
-    knn = cfg_eval.get("knn", {})
+    knn = cfg_eval["knn"]
     was_training = target_model.training
     target_model.eval()
     try:
@@ -200,12 +209,12 @@ def evaluate_transfer(
         images = adv["images"]
         for start in range(0, images.shape[0], bs):
             f = target_model.forward_features(images[start : start + bs].to(device))
-            adv_scores.append(_classify(f, probe, bank, [classifier], num_classes, knn)[classifier])
+            adv_scores.append(classify(f, probe, bank, [classifier], num_classes, knn)[classifier])
     finally:
         target_model.train(was_training)
     pos = adv["positions"]
     clean_f = target_embeddings.val_features[pos].to(device)
-    clean_scores = _classify(clean_f, probe, bank, [classifier], num_classes, knn)[classifier]
+    clean_scores = classify(clean_f, probe, bank, [classifier], num_classes, knn)[classifier]
     labels = adv["labels"].numpy()
     adv_m = level_metrics(torch.cat(adv_scores), labels, adv["patients"], adv["slides"], num_classes)
     clean_m = level_metrics(clean_scores, labels, adv["patients"], adv["slides"], num_classes)
@@ -219,53 +228,27 @@ def evaluate_transfer(
     return pd.DataFrame(rows, columns=list(TRANSFER_COLUMNS))
 
 
-def whitebox_vs_transfer(whitebox: pd.DataFrame, transfer: pd.DataFrame, tol: float = 1.0) -> pd.DataFrame:
-    """Carlini et al.'s check that white-box attacks are not weaker than transferred ones.
-
-    For each transfer row (patch level) whose target has a white-box row with the same attack,
-    eps, steps, objective and classifier: passed when the white-box accuracy is at most the
-    transferred accuracy + tol points. Rows in the `results/sanity.csv` format (model = target).
-    """
-    cols = ["attack", "eps", "steps", "objective", "classifier"]
-    wb = whitebox[whitebox["level"] == "patch"].rename(columns={"model": "target", "acc": "wb_acc"})
-    tr = transfer[(transfer["level"] == "patch") & (transfer["surrogate"] != transfer["target"])]
-    merged = tr.merge(wb[["target", *cols, "wb_acc"]], on=["target", *cols], how="inner")
-    rows = [{"model": r.target, "check": "whitebox_vs_transfer", "param": "surrogate", "value": r.surrogate,
-             "acc": r.wb_acc, "passed": bool(r.wb_acc <= r.acc + tol), "attack": r.attack, "eps": r.eps,
-             "steps": r.steps, "objective": r.objective, "classifier": r.classifier,
-             "criterion": f"white-box acc <= transferred acc ({r.acc:.2f}) + {tol:.2f}"}
-            for r in merged.itertuples()]
-    from hsat.evaluate import SANITY_COLUMNS
-
-    return pd.DataFrame(rows, columns=list(SANITY_COLUMNS))
-
-
 # ----------------------------------------------------------------------------- study-level entry points
 
 
 def craft_run(run_dir, manifest, emb_dir, study: Mapping[str, Any], out, device=None, progress: bool = True) -> Path:
     """`hsat transfer craft`: the surrogate's adversarial validation set, written to `out`."""
-    from hsat.evaluate import _load_for_eval, _subset_from_embeddings
-
     device = torch.device(device) if device else default_device()
-    model, emb, val_ds = _load_for_eval(run_dir, manifest, emb_dir, study, device)
-    cfg_eval = study.get("evaluation", {})
-    crafted = craft(model, emb.probe, emb.bank, val_ds, cfg_eval.get("transfer", {}),
-                    alpha=float(cfg_eval.get("whitebox", {}).get("alpha", 2)), knn=cfg_eval.get("knn", {}),
-                    indices=_subset_from_embeddings(emb, cfg_eval), surrogate=Path(run_dir).name,
+    model, emb, val_ds = load_for_eval(run_dir, manifest, emb_dir, study, device)
+    cfg_eval = resolve_evaluation(study["evaluation"])
+    crafted = craft(model, emb.probe, emb.bank, val_ds, cfg_eval["transfer"], alpha=float(cfg_eval["whitebox"]["alpha"]),
+                    knn=cfg_eval["knn"], indices=attacked_positions(emb, cfg_eval), surrogate=Path(run_dir).name,
                     classes=emb.classes, image_size=eval_image_size(study, run_dir),
-                    batch_size=int(cfg_eval.get("batch_size", 128)), device=device, progress=progress)
+                    batch_size=cfg_eval["batch_size"], device=device, progress=progress)
     return save_adversarial(out, crafted)
 
 
 def transfer_run(adv_file, surrogate: str, target: str, target_run, target_emb, study: Mapping[str, Any], out,
                  device=None) -> pd.DataFrame:
     """`hsat transfer evaluate`: one surrogate -> target cell of the transfer matrix, written to `out`."""
-    from hsat.models import load_trained_model
-
     device = torch.device(device) if device else default_device()
     emb = load_embeddings(target_emb)
     model = load_trained_model(target_run, device=device)
-    df = evaluate_transfer(adv_file, model, emb, study.get("evaluation", {}), surrogate=surrogate, target=target, device=device)
+    df = evaluate_transfer(adv_file, model, emb, study["evaluation"], surrogate=surrogate, target=target, device=device)
     write_csv(out, df)
     return df

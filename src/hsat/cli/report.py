@@ -24,7 +24,16 @@ def _tables(args: argparse.Namespace) -> int:
     write_tables(whitebox, transfer, cfg, args.out_dir)
     if args.metrics:
         sanity = read_tidy(args.sanity) if args.sanity else None
-        write_json(args.metrics, headline(whitebox, cfg, sanity))
+        write_json(args.metrics, headline(whitebox, cfg, sanity, transfer=transfer))
+    return 0
+
+
+def _sanity(args: argparse.Namespace) -> int:
+    from hsat.evaluate import sanity_report_run
+
+    df = sanity_report_run(args.inputs, args.whitebox, args.transfer, args.manifest, load_study_config(args.config), args.out)
+    failed = int((~df["passed"].astype(bool)).sum()) if not df.empty else 0
+    print(f"{len(df)} sanity checks, {failed} failed -> {args.out}")
     return 0
 
 
@@ -62,6 +71,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--metrics", default=None, help="also write the headline claims as JSON here (e.g. results/metrics.json)")
     t.add_argument("--sanity", default=None, help="results/sanity.csv: counts failed checks in --metrics")
     t.set_defaults(func=_tables)
+
+    s = verbs.add_parser("sanity", help="every model's sanity checks plus the study-level ones (attack above clean, white-box vs transfer)")
+    s.add_argument("--config", required=True, help="study config (YAML)")
+    s.add_argument("--whitebox", required=True, help="results/whitebox.csv")
+    s.add_argument("--transfer", required=True, help="results/transfer.csv")
+    s.add_argument("--manifest", required=True, help="the study's manifest (how many validation patches were attacked)")
+    s.add_argument("--out", required=True, help="results/sanity.csv")
+    s.add_argument("inputs", nargs="*", help="per-model sanity CSVs of `hsat sanity`")
+    s.set_defaults(func=_sanity)
 
     f = verbs.add_parser("figures", help="figures (PNG and PDF)")
     f.add_argument("--config", required=True, help="study config (YAML)")

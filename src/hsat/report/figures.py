@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -22,7 +25,7 @@ import seaborn as sns  # noqa: E402
 from hsat import LEVELS  # noqa: E402
 from hsat.io import atomic_path  # noqa: E402
 from hsat.report import method_label  # noqa: E402
-from hsat.report.tables import _prepare_whitebox  # noqa: E402
+from hsat.report.tables import _prepare_whitebox, _select_transfer, _transfer_cfg  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +79,58 @@ def robust_accuracy(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> plt
     return g.figure
 
 
-def transfer_heatmap(transfer: pd.DataFrame) -> plt.Figure:
-    """Accuracy drop on each target (columns) of examples crafted on each surrogate (rows), per level."""
+def _wrap_name(name: str, width: int = 10) -> str:
+    """Break a long model name at underscores so tick labels stay narrow and never overlap."""
+    lines, line = [], ""
+    for part in str(name).split("_"):
+        piece = part if not line else f"_{part}"
+        if line and len(line) + len(piece) > width:
+            lines.append(line)
+            line = part
+        else:
+            line += piece
+    return "\n".join([*lines, line])
+
+
+def transfer_heatmap(transfer: pd.DataFrame, study_cfg: Mapping[str, Any] | None = None) -> plt.Figure:
+    """Accuracy drop on each target (columns) of examples crafted on each surrogate (rows), per level.
+
+    The colour scale is diverging and centred at 0 so a negative drop (the attack helped) never
+    shares the colour of no effect; the size follows the number of models so labels stay legible.
+    """
     if transfer.empty:
         return _no_data("Transfer", "no transfer results (evaluation.transfer.enabled is false?)")
+    if study_cfg is not None:  # the configured setting only, as Table 2 shows it
+        transfer = _select_transfer(transfer, _transfer_cfg(study_cfg))
     df = transfer.groupby(["level", "surrogate", "target"], sort=False)["acc_drop"].mean().reset_index()
     levels = [lvl for lvl in LEVELS[::-1] if lvl in set(df["level"])]
-    fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.6), squeeze=False)
-    vmax = float(np.nanmax(np.abs(df["acc_drop"]))) or 1.0
-    for ax, level in zip(axes[0], levels):
+    models = sorted(set(df["surrogate"]) | set(df["target"]))
+    side = 1.6 + 0.62 * len(models)
+    fig, axes = plt.subplots(
+        1, len(levels) + 1, figsize=(side * len(levels) + 1.0, side), squeeze=False,
+        gridspec_kw={"width_ratios": [1.0] * len(levels) + [0.05]},
+    )
+    cbar_ax = axes[0][-1]
+    vmax = float(np.nanmax(np.abs(df["acc_drop"]))) if df["acc_drop"].notna().any() else 0.0
+    vmax = vmax or 1.0
+    font = max(5.0, min(9.0, 60.0 / max(len(models), 1)))
+    labels = [_wrap_name(m) for m in models]
+    for i, (ax, level) in enumerate(zip(axes[0], levels)):
         mat = df[df["level"] == level].pivot(index="surrogate", columns="target", values="acc_drop")
-        sns.heatmap(mat, ax=ax, annot=True, fmt=".1f", cmap="rocket_r", vmin=0, vmax=vmax, cbar=ax is axes[0][-1])
+        mat = mat.reindex(index=models, columns=models)
+        sns.heatmap(
+            mat, ax=ax, annot=True, fmt=".1f", annot_kws={"fontsize": font}, cmap="RdBu_r", center=0,
+            vmin=-vmax, vmax=vmax, cbar=i == 0, cbar_ax=cbar_ax if i == 0 else None,
+            cbar_kws={"label": "accuracy drop (points)"},
+            xticklabels=labels, yticklabels=labels, square=True, linewidths=0.5, linecolor="white",
+        )
+        ax.grid(False)
+        ax.set_facecolor("0.85")  # a pair not run (the diagonal) is grey, never the white of a zero drop
+        ax.tick_params(axis="both", labelsize=font)
+        ax.set_yticklabels(ax.get_yticklabels(), rotation=0, va="center")
+        ax.set_xticklabels(ax.get_xticklabels(), rotation=0, ha="center")
+        ax.set_xlabel("target")
+        ax.set_ylabel("surrogate" if i == 0 else "")
         ax.set_title(f"{level}: accuracy drop (points)")
     fig.tight_layout()
     return fig
@@ -211,36 +255,108 @@ def _passed(values: pd.Series) -> pd.Series:
     return values.astype(str).str.lower().isin(["true", "1", "1.0"])
 
 
+def _short(text: str, width: int = 48, lines: int = 2) -> str:
+    """A criterion short enough for a panel subtitle: at most `lines` lines of `width`."""
+    return "\n".join(textwrap.wrap(" ".join(str(text).split()), width=width, max_lines=lines, placeholder=" …"))
+
+
+def _criterion(sub: pd.DataFrame) -> str:
+    if "criterion" not in sub or not sub["criterion"].notna().any():
+        return ""
+    return _short(sub["criterion"].dropna().astype(str).mode().iloc[0])
+
+
+def _is_sweep(sub: pd.DataFrame) -> bool:
+    """A check sweeps one numeric parameter (steps, eps, restart): draw accuracy against it."""
+    if not sub["value_num"].notna().all():
+        return False
+    return "param" not in sub or sub["param"].astype(str).nunique() <= 1
+
+
+def _sweep_panel(ax: plt.Axes, sub: pd.DataFrame, palette: Mapping[str, Any]) -> pd.Series:
+    """Accuracy against the swept value, a line per model; returns each row's x."""
+    for model, g in sub.groupby("model", sort=True):
+        g = g.sort_values("value_num")
+        ax.plot(g["value_num"], g["acc"], marker="o", color=palette[model], lw=1.2, ms=4)
+    ax.set_xlabel(str(sub["param"].iloc[0]) if "param" in sub and sub["param"].notna().any() else "value")
+    return sub["value_num"]
+
+
+def _restarts_panel(ax: plt.Axes, sub: pd.DataFrame, palette: Mapping[str, Any]) -> pd.Series:
+    """Each restart's accuracy, then the worst over restarts at its own tick (and dashed across)."""
+    worst = (sub["param"].astype(str) == "worst_of") if "param" in sub else pd.Series(False, index=sub.index)
+    x = _sweep_panel(ax, sub[~worst], palette).reindex(sub.index)
+    restarts = sorted(sub.loc[~worst, "value_num"].dropna().unique())
+    at = (restarts[-1] if restarts else 0) + 1
+    x[worst] = at
+    for _, row in sub[worst].iterrows():
+        ax.axhline(row["acc"], ls="--", lw=0.8, color=palette[row["model"]])
+        ax.scatter([at], [row["acc"]], marker="v", s=40, color=palette[row["model"]], zorder=4)
+    ax.set_xticks([*restarts, at] if worst.any() else restarts)
+    ax.set_xticklabels([f"{r:g}" for r in restarts] + (["worst"] if worst.any() else []))
+    ax.set_xlabel("restart")
+    return x
+
+
+def _category_panel(ax: plt.Axes, sub: pd.DataFrame, palette: Mapping[str, Any]) -> pd.Series:
+    """Points per model, one per row of the check (a surrogate, an attack setting); returns each row's x."""
+    models = sorted(set(sub["model"]))
+    x = pd.Series(np.nan, index=sub.index)
+    for i, model in enumerate(models):
+        g = sub[sub["model"] == model]
+        x[g.index] = i + (np.linspace(-0.3, 0.3, len(g)) if len(g) > 1 else 0.0)
+        ax.scatter(x[g.index], g["acc"], color=palette[model], s=18, zorder=3)
+    ax.set_xticks(range(len(models)))
+    ax.set_xticklabels([_wrap_name(m) for m in models], fontsize=7)
+    ax.set_xlim(-0.6, len(models) - 0.4)
+    ax.set_xlabel("model (one point per setting)")
+    return x
+
+
 def attack_steps(sanity: pd.DataFrame) -> plt.Figure:
-    """Accuracy against each sanity sweep's parameter (attack steps, eps, ...); failed checks marked."""
+    """One panel per sanity check, showing its criterion; failed points marked with a red x.
+
+    Sweeps (steps, eps, noise, restarts) are drawn against their parameter; checks whose rows are
+    settings rather than a number (whitebox_vs_transfer, above_clean) as points per model. A
+    panel's title says passed or FAILED (how many rows), so a failed check cannot hide in a grid.
+    """
     if sanity.empty or not {"model", "check", "value", "acc"} <= set(sanity.columns):
         return _no_data("Attack sanity checks", "no sanity results")
     df = sanity.copy()
     df["passed"] = _passed(df["passed"]) if "passed" in df else True
-    df["value"] = pd.to_numeric(df["value"], errors="coerce")
+    df["value_num"] = pd.to_numeric(df["value"], errors="coerce")
     df["acc"] = pd.to_numeric(df["acc"], errors="coerce")
+    df["model"] = df["model"].astype(str)
     checks = list(dict.fromkeys(df["check"]))
-    fig, axes = plt.subplots(1, len(checks), figsize=(4 * len(checks), 3.4), squeeze=False)
-    for ax, check in zip(axes[0], checks):
-        sub = df[df["check"] == check].sort_values("value")
-        label = str(sub["param"].iloc[0]) if "param" in sub and sub["param"].notna().any() else "value"
-        if sub["value"].notna().any():
-            sns.lineplot(data=sub, x="value", y="acc", hue="model", marker="o", ax=ax, legend=ax is axes[0][-1])
-            failed = sub[~sub["passed"]]
-            if not failed.empty:
-                ax.scatter(failed["value"], failed["acc"], marker="x", s=80, color="red", zorder=5, label="failed")
+    models = sorted(set(df["model"]))
+    palette = dict(zip(models, sns.color_palette(n_colors=max(len(models), 1))))
+    ncols = min(3, len(checks))
+    nrows = math.ceil(len(checks) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.6 * nrows), squeeze=False)
+    for ax, check in zip(axes.flat, checks):
+        sub = df[df["check"] == check]
+        if check == "restarts":
+            x = _restarts_panel(ax, sub, palette)
+        elif _is_sweep(sub):
+            x = _sweep_panel(ax, sub, palette)
         else:
-            sns.barplot(data=sub, x="model", y="acc", hue="passed", ax=ax)
+            x = _category_panel(ax, sub, palette)
+        failed = ~sub["passed"]
+        ax.scatter(x[failed], sub.loc[failed, "acc"], marker="x", s=80, color="red", zorder=5)
         n_failed = int((~sub["passed"]).sum())
-        ax.set_title(f"{check}" + (f"  [FAILED: {n_failed}]" if n_failed else "  [passed]"), color="red" if n_failed else "black")
-        ax.set_xlabel(label)
+        status = f"FAILED ({n_failed})" if n_failed else "passed"
+        criterion = _criterion(sub)
+        ax.set_title(f"{check}: {status}" + (f"\n{criterion}" if criterion else ""), fontsize=9, color="red" if n_failed else "black")
         ax.set_ylabel("accuracy (%)")
-    if axes[0][-1].get_legend() is not None:
-        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1, 1), fontsize=7)
+    for ax in list(axes.flat)[len(checks):]:
+        ax.axis("off")
+    handles = [Line2D([], [], color=palette[m], marker="o", lw=1.2, ms=4, label=m) for m in models]
+    handles.append(Line2D([], [], color="red", marker="x", ls="", ms=8, label="failed"))
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
-    failed = df[~df["passed"]]
-    if not failed.empty:
-        log.warning("failed sanity checks:\n%s", failed.to_string(index=False))
+    failed_rows = df[~df["passed"]]
+    if not failed_rows.empty:
+        log.warning("failed sanity checks:\n%s", failed_rows.drop(columns=["value_num"]).to_string(index=False))
     return fig
 
 
@@ -257,7 +373,7 @@ def write_figures(
     sns.set_theme(style="whitegrid", context="paper")
     figs = {
         "robust_accuracy": lambda: robust_accuracy(whitebox, study_cfg),
-        "transfer_heatmap": lambda: transfer_heatmap(transfer),
+        "transfer_heatmap": lambda: transfer_heatmap(transfer, study_cfg),
         "training_curves": lambda: training_curves(runs_dir),
         "embedding_map": lambda: embedding_map(embeddings_dir, whitebox),
         "attack_steps": lambda: attack_steps(sanity),

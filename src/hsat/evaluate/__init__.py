@@ -1,0 +1,68 @@
+"""Robustness evaluation, one module per idea:
+
+- `classifiers`: kNN, its differentiable soft copy (the adaptive attack's target), linear probe;
+- `embeddings`: clean features once per model (`hsat embed`) and their files;
+- `metrics`: slide/patient aggregation, Acc/MCA/top-k/mAP, the stratified attack subset;
+- `sweep`: the white-box attack grid and the sweep that crafts each batch once;
+- `worst_case`: the per-example worst case over every attack and objective;
+- `sanity`: the attack sanity checks, one small function each;
+- `runs`: the entry points of the CLI.
+
+Everything a user or another module needs is importable from `hsat.evaluate`.
+"""
+
+from hsat.evaluate.classifiers import CLASSIFIERS, LinearProbe, SoftKNN, classify, fit_linear_probe, knn_predict, load_probe
+from hsat.evaluate.embeddings import Embeddings, dataset_labels, embed, index_frame, load_embeddings, loader, write_embeddings
+from hsat.evaluate.metrics import (
+    LEVELS_EVAL,
+    aggregate,
+    binomial_se,
+    classification_metrics,
+    level_metrics,
+    patch_accuracy,
+    stratified_subset,
+)
+from hsat.evaluate.runs import (
+    attacked_patch_count,
+    attacked_positions,
+    datasets,
+    default_device,
+    embed_run,
+    eval_image_size,
+    load_for_eval,
+    model_info,
+    sanity_report_run,
+    sanity_run,
+    whitebox_run,
+)
+from hsat.evaluate.sanity import SANITY_COLUMNS, sanity_checks, study_checks
+from hsat.evaluate.sweep import (
+    AUTOATTACK_OBJECTIVE,
+    LABEL_FREE_OBJECTIVES,
+    OBJECTIVES,
+    WHITEBOX_COLUMNS,
+    AttackResults,
+    AttackSpec,
+    ProbeClassifier,
+    attack_name,
+    attack_subset,
+    craft_batch,
+    eval_frozen,
+    make_objective,
+    run_attacks,
+    whitebox_specs,
+    whitebox_sweep,
+)
+from hsat.evaluate.worst_case import WORST_CASE, worst_case_correct, worst_case_rows
+
+__all__ = [
+    "AUTOATTACK_OBJECTIVE", "AttackResults", "AttackSpec", "CLASSIFIERS", "Embeddings", "LABEL_FREE_OBJECTIVES",
+    "LEVELS_EVAL", "LinearProbe", "OBJECTIVES", "ProbeClassifier", "SANITY_COLUMNS", "SoftKNN", "WHITEBOX_COLUMNS",
+    "WORST_CASE", "aggregate", "attack_name", "attack_subset", "attacked_patch_count", "attacked_positions",
+    "binomial_se", "classification_metrics", "classify", "craft_batch", "dataset_labels", "datasets",
+    "default_device", "embed", "embed_run", "eval_frozen", "eval_image_size", "fit_linear_probe", "index_frame",
+    "knn_predict", "level_metrics", "load_embeddings", "load_for_eval", "load_probe", "loader", "make_objective",
+    "model_info", "patch_accuracy", "run_attacks", "sanity_checks", "sanity_report_run", "sanity_run",
+    "stratified_subset", "study_checks", "whitebox_run", "whitebox_specs", "whitebox_sweep", "worst_case_correct",
+    "worst_case_rows",
+]

@@ -1,0 +1,153 @@
+"""The entry points the CLI calls (`hsat embed | evaluate | sanity`, the study's sanity report)
+and the loading they share. Each takes a validated study config and writes one result file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from hsat.config import read_yaml, resolve_evaluation, run_config_for_model
+from hsat.data.manifest import class_names, read_manifest
+from hsat.data.sampler import PatchDataset
+from hsat.errors import HSATError
+from hsat.evaluate.classifiers import fit_linear_probe
+from hsat.evaluate.embeddings import Embeddings, embed, load_embeddings, write_embeddings
+from hsat.evaluate.metrics import patch_accuracy, stratified_subset
+from hsat.evaluate.sanity import SANITY_COLUMNS, sanity_checks, study_checks
+from hsat.evaluate.sweep import whitebox_sweep
+from hsat.io import write_csv
+from hsat.models import load_trained_model
+from hsat.report import read_tidy
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_info(study: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """CSV identity of a model of the study: model, method, group, seed."""
+    run_cfg = run_config_for_model(study, name)
+    entry = study["models"][name]
+    return {"model": name, "method": run_cfg["method"]["name"], "group": entry.get("group", ""), "seed": int(run_cfg["seed"])}
+
+
+def eval_image_size(study: Mapping[str, Any], run_dir: str | Path) -> int:
+    """evaluation.image_size, else the run's data.image_size (run_dir/config.yaml, a validated run config)."""
+    size = study["evaluation"]["image_size"]
+    if size:
+        return int(size)
+    return int(read_yaml(Path(run_dir) / "config.yaml")["data"]["image_size"])
+
+
+def datasets(manifest: str | Path, image_size: int, splits: Sequence[str]) -> tuple[list[PatchDataset], list[str]]:
+    df = read_manifest(manifest)
+    classes = list(class_names(df))
+    out = []
+    for split in splits:
+        if not (df["split"] == split).any():
+            raise HSATError(f"{manifest}: no {split!r} patches")
+        out.append(PatchDataset(df, split=split, image_size=image_size, classes=classes))
+    return out, classes
+
+
+def embed_run(
+    run_dir: str | Path,
+    manifest: str | Path,
+    study: Mapping[str, Any],
+    out_dir: str | Path,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> Path:
+    """`hsat embed`: clean train/val backbone features of one model and its fitted linear probe."""
+    device = torch.device(device) if device else default_device()
+    cfg_eval = resolve_evaluation(study["evaluation"])
+    size = eval_image_size(study, run_dir)
+    (train_ds, val_ds), classes = datasets(manifest, size, ("train", "val"))
+    model = load_trained_model(run_dir, device=device)
+    bs = cfg_eval["batch_size"]
+    train = embed(model, train_ds, bs, device, progress, desc="embed train")
+    val = embed(model, val_ds, bs, device, progress, desc="embed val")
+    lin = cfg_eval["linear"]
+    probe = fit_linear_probe(train["features"], train["labels"], len(classes), epochs=lin["epochs"],
+                             lr=lin["lr"], weight_decay=lin["weight_decay"])
+    with torch.no_grad():
+        train_acc = patch_accuracy(probe(train["features"]).numpy(), train["labels"].numpy())
+    meta = {"run": str(run_dir), "manifest": str(manifest), "image_size": size,
+            "num_features": int(train["features"].shape[1]), "num_classes": len(classes),
+            "n_train": int(len(train["labels"])), "n_val": int(len(val["labels"])),
+            "linear": dict(lin), "probe_train_acc": train_acc}
+    return write_embeddings(out_dir, train, val, probe, classes, meta)
+
+
+def check_val_matches(emb: Embeddings, val_ds: Dataset, emb_dir: str | Path, manifest: str | Path) -> None:
+    n = len(val_ds)
+    if n != len(emb.val_labels):
+        raise HSATError(f"{emb_dir}: embeddings hold {len(emb.val_labels)} validation patches but {manifest} has {n}; rerun `hsat embed`")
+
+
+def load_for_eval(run_dir, manifest, emb_dir, study: Mapping[str, Any], device):
+    """(model, embeddings, validation dataset) of one trained run, checked against each other."""
+    emb = load_embeddings(emb_dir)
+    size = eval_image_size(study, run_dir)
+    if int(emb.meta.get("image_size", size)) != size:
+        raise HSATError(f"{emb_dir}: embedded at image size {emb.meta.get('image_size')} but evaluation uses {size}")
+    (val_ds,), classes = datasets(manifest, size, ("val",))
+    if emb.classes and emb.classes != classes:
+        raise HSATError(f"{emb_dir}: classes {emb.classes} differ from {manifest}'s {classes}")
+    check_val_matches(emb, val_ds, emb_dir, manifest)
+    model = load_trained_model(run_dir, device=device)
+    return model, emb, val_ds
+
+
+def attacked_positions(emb: Embeddings, cfg_eval: Mapping[str, Any], seed: int = 0) -> list[int] | None:
+    """Validation positions every attack stage runs on (the stratified subset; None: all)."""
+    return stratified_subset(emb.val_labels.numpy(), cfg_eval["max_val_patches"], seed=seed)
+
+
+def whitebox_run(run_dir, manifest, emb_dir, study, model_name: str, out, device=None, progress: bool = True) -> pd.DataFrame:
+    """`hsat evaluate`: the white-box sweep of one model, written to `out`."""
+    device = torch.device(device) if device else default_device()
+    info = model_info(study, model_name)
+    model, emb, val_ds = load_for_eval(run_dir, manifest, emb_dir, study, device)
+    cfg_eval = resolve_evaluation(study["evaluation"])
+    df = whitebox_sweep(model, emb.probe, emb.bank, val_ds, cfg_eval, model_name=info["model"], method=info["method"],
+                        group=info["group"], seed=info["seed"], device=device,
+                        indices=attacked_positions(emb, cfg_eval), progress=progress)
+    write_csv(out, df)
+    return df
+
+
+def sanity_run(run_dir, manifest, emb_dir, study, model_name: str, out, device=None, progress: bool = True) -> pd.DataFrame:
+    """`hsat sanity`: the attack sanity checks of one model, written to `out`."""
+    device = torch.device(device) if device else default_device()
+    model_info(study, model_name)  # fail early on an unknown model name
+    model, emb, val_ds = load_for_eval(run_dir, manifest, emb_dir, study, device)
+    cfg_eval = resolve_evaluation(study["evaluation"])
+    df = sanity_checks(model, emb.probe, emb.bank, val_ds, cfg_eval, model_name=model_name, device=device,
+                       indices=attacked_positions(emb, cfg_eval), progress=progress)
+    write_csv(out, df)
+    return df
+
+
+def attacked_patch_count(manifest: str | Path, cfg_eval: Mapping[str, Any]) -> int:
+    """How many validation patches each attack ran on (the binomial n of the study checks)."""
+    n_val = int((read_manifest(manifest)["split"] == "val").sum())
+    cap = cfg_eval["max_val_patches"]
+    return min(n_val, int(cap)) if cap else n_val
+
+
+def sanity_report_run(per_model: Sequence[str | Path], whitebox: str | Path, transfer: str | Path,
+                      manifest: str | Path, study: Mapping[str, Any], out: str | Path) -> pd.DataFrame:
+    """`hsat report sanity`: every model's checks plus the study-level ones -> results/sanity.csv."""
+    cfg_eval = resolve_evaluation(study["evaluation"])
+    frames = [read_tidy(p) for p in per_model]
+    frames.append(study_checks(read_tidy(whitebox), read_tidy(transfer), attacked_patch_count(manifest, cfg_eval), cfg_eval))
+    frames = [f for f in frames if not f.empty]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SANITY_COLUMNS))
+    write_csv(out, df[list(SANITY_COLUMNS)] if not df.empty else df)
+    return df

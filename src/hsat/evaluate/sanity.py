@@ -1,0 +1,238 @@
+"""Attack sanity checks (Carlini et al. 2019, Tramèr et al. 2020): each can fail, one function each.
+
+A robustness number is only as good as the attack behind it. Every check below compares
+accuracies that an honest attack orders one way and a broken one (returns x unchanged, follows
+a masked gradient, climbs the wrong way) orders the other; `tests/test_sanity.py` feeds each one
+such a broken attack and asserts that it fails. Tolerances are the noise of the estimate — z
+binomial standard errors of an accuracy on n patches (`binomial_se`) — not fixed points; a
+failing check is reported in `passed`, never raised.
+
+Per model (`sanity_checks`, patch level):
+- `steps`, `steps_feature_knn`: accuracy must not rise with more PGD steps (linear_ce scored by
+  the probe; the paper's feature objective scored by kNN);
+- `restarts`: R random restarts of PGD; the worst case over them must not sit more than
+  `restart_gap` points below a single run (a single run was too weak);
+- `eps`: accuracy must not rise with eps;
+- `large_eps_label`, `large_eps_feature`: at eps `large_eps` (64/255) the label attack (scored
+  by the probe) and the feature attack (scored by kNN) must reach chance + `chance_margin`;
+- `noise`: uniform noise in the same ball must hurt at most half as much as PGD (at the
+  white-box eps values and at `large_eps`, where an attack that is no stronger than noise shows).
+Per study (`study_checks`, from the result CSVs):
+- `above_clean`: no attack row of any model may exceed its clean accuracy by more than the noise;
+- `whitebox_vs_transfer`: white-box accuracy <= transferred accuracy for the same target and eps.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from torch import nn
+from torch.utils.data import Dataset
+
+from hsat.config import resolve_evaluation
+from hsat.evaluate.classifiers import LinearProbe
+from hsat.evaluate.metrics import binomial_se, patch_accuracy
+from hsat.evaluate.sweep import AttackSpec, attack_subset, run_attacks
+
+log = logging.getLogger(__name__)
+
+SANITY_COLUMNS: tuple[str, ...] = (
+    "model", "check", "param", "value", "acc", "passed",
+    "attack", "eps", "steps", "objective", "classifier", "criterion",
+)
+
+
+def _row(model: str, check: str, param: str, value: Any, acc: float, passed: bool, spec: AttackSpec | None,
+         classifier: str, criterion: str) -> dict[str, Any]:
+    return {"model": model, "check": check, "param": param, "value": value, "acc": float(acc), "passed": bool(passed),
+            "attack": spec.attack if spec else "none", "eps": spec.eps if spec else 0.0,
+            "steps": spec.steps if spec else 0, "objective": spec.objective if spec else "none",
+            "classifier": classifier, "criterion": criterion}
+
+
+def chance_accuracy(labels: np.ndarray) -> float:
+    """Accuracy (%) of always predicting the most frequent class of `labels`."""
+    _, counts = np.unique(np.asarray(labels), return_counts=True)
+    return 100.0 * float(counts.max() / counts.sum())
+
+
+# ----------------------------------------------------------------------------- one function per check
+
+
+def check_monotone(model: str, check: str, param: str, points: Sequence[tuple[AttackSpec, float]], n: int,
+                   z: float, classifier: str) -> list[dict]:
+    """Accuracy must not rise along `param` (steps or eps): each point <= the lowest before + noise."""
+    rows, best = [], None
+    for spec, acc in sorted(points, key=lambda t: getattr(t[0], param)):
+        tol = z * binomial_se(best if best is not None else acc, n)
+        ok = best is None or acc <= best + tol
+        rows.append(_row(model, check, param, getattr(spec, param), acc, ok, spec, classifier,
+                         f"acc <= min acc at smaller {param} + {z:g} SE ({tol:.2f})"))
+        best = acc if best is None else min(best, acc)
+    return rows
+
+
+def check_restarts(model: str, runs: Sequence[tuple[AttackSpec, np.ndarray]], gap: float, classifier: str) -> list[dict]:
+    """Per-restart accuracies against the worst case over all restarts (`correct` masks per run).
+
+    Passed when no single run, and not their mean, lies more than `gap` points above the worst
+    case: restarts that keep finding new adversarial examples mean one run is a weak attack.
+    """
+    accs = [100.0 * float(c.mean()) for _, c in runs]
+    worst = 100.0 * float(np.logical_and.reduce([c for _, c in runs]).mean())
+    rows = [_row(model, "restarts", "restart", r, acc, acc - worst <= gap, spec, classifier,
+                 f"restart acc - worst over {len(runs)} restarts ({worst:.2f}) <= {gap:g}")
+            for r, ((spec, _), acc) in enumerate(zip(runs, accs), start=1)]
+    mean = float(np.mean(accs))
+    rows.append(_row(model, "restarts", "worst_of", len(runs), worst, mean - worst <= gap, runs[0][0], classifier,
+                     f"mean single-run acc ({mean:.2f}) - worst over restarts <= {gap:g}"))
+    return rows
+
+
+def check_large_eps(model: str, check: str, spec: AttackSpec, acc: float, chance: float, margin: float,
+                    classifier: str) -> dict:
+    """At a very large eps an honest attack reaches chance: acc <= chance + margin."""
+    return _row(model, check, "eps", spec.eps, acc, acc <= chance + margin, spec, classifier,
+                f"acc <= chance ({chance:.2f}) + {margin:g}")
+
+
+def check_noise(model: str, spec: AttackSpec, noise_acc: float, attack_acc: float, clean_acc: float, n: int,
+                z: float, classifier: str) -> dict:
+    """Uniform noise in the ball must hurt at most half as much as the attack (plus noise)."""
+    attack_drop = clean_acc - attack_acc
+    tol = z * binomial_se(clean_acc, n)
+    ok = clean_acc - noise_acc <= 0.5 * max(attack_drop, 0.0) + tol
+    return _row(model, "noise", "eps", spec.eps, noise_acc, ok, spec, classifier,
+                f"noise drop <= 0.5 x PGD drop ({attack_drop:.2f}) + {z:g} SE ({tol:.2f})")
+
+
+def check_above_clean(whitebox: pd.DataFrame, n_patches: int, z: float) -> pd.DataFrame:
+    """Every model's patch accuracy under every attack row <= its clean accuracy + z SE.
+
+    Above-clean accuracy under attack means the attack failed to find the worst case.
+    """
+    rows = []
+    wb = whitebox[whitebox["level"] == "patch"]
+    for (model, clf), g in wb.groupby(["model", "classifier"], sort=True):
+        clean = g.loc[g["attack"] == "none", "acc"]
+        if clean.empty:
+            continue
+        clean_acc = float(clean.iloc[0])
+        tol = z * binomial_se(clean_acc, n_patches)
+        for r in g[g["attack"] != "none"].itertuples():
+            spec = AttackSpec(r.attack, float(r.eps), int(r.steps), r.objective)
+            rows.append(_row(model, "above_clean", "attack", f"{r.attack}/{r.objective}/{clf}@{r.eps:g}", r.acc,
+                             r.acc <= clean_acc + tol, spec, clf,
+                             f"acc <= clean ({clean_acc:.2f}) + {z:g} SE ({tol:.2f}), n={n_patches}"))
+    return pd.DataFrame(rows, columns=list(SANITY_COLUMNS))
+
+
+def check_whitebox_vs_transfer(whitebox: pd.DataFrame, transfer: pd.DataFrame, n_patches: int, z: float) -> pd.DataFrame:
+    """White-box attacks must not be weaker than transferred ones (Carlini et al. 2019).
+
+    Each transfer row (patch level, surrogate != target) is compared with the target's worst
+    case at the same eps and classifier (or, without worst-case rows, its white-box row of the
+    same attack, steps and objective): passed when white-box acc <= transferred acc + z SE.
+    """
+    wb = whitebox[whitebox["level"] == "patch"].rename(columns={"model": "target", "acc": "wb_acc"})
+    tr = transfer[(transfer["level"] == "patch") & (transfer["surrogate"] != transfer["target"])]
+    worst = wb[wb["attack"] == "worst_case"]
+    if not worst.empty:
+        merged = tr.merge(worst[["target", "eps", "classifier", "wb_acc"]], on=["target", "eps", "classifier"], how="inner")
+    else:
+        cols = ["attack", "eps", "steps", "objective", "classifier"]
+        merged = tr.merge(wb[["target", *cols, "wb_acc"]], on=["target", *cols], how="inner")
+    rows = []
+    for r in merged.itertuples():
+        tol = z * binomial_se(float(r.acc), n_patches)
+        spec = AttackSpec(r.attack, float(r.eps), int(r.steps), r.objective)
+        rows.append(_row(r.target, "whitebox_vs_transfer", "surrogate", r.surrogate, r.wb_acc, r.wb_acc <= r.acc + tol,
+                         spec, r.classifier, f"white-box acc <= transferred acc ({r.acc:.2f}) + {z:g} SE ({tol:.2f})"))
+    return pd.DataFrame(rows, columns=list(SANITY_COLUMNS))
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+def sanity_specs(cfg_eval: Mapping[str, Any], seed: int = 0) -> dict[str, list[AttackSpec]]:
+    """The attack specs of every per-model check (a spec shared by two checks runs once)."""
+    wb, san = cfg_eval["whitebox"], cfg_eval["sanity"]
+    alpha, steps = float(wb["alpha"]), int(wb["steps"])
+    eps_ref = float(max(wb["eps"]))
+    big = float(san["large_eps"])
+    wide = lambda e: max(alpha, 2.5 * e / steps)  # noqa: E731  Madry et al.'s rule: the ball can be crossed
+    noise_eps = sorted({float(e) for e in wb["eps"]} | {big})
+    return {
+        "steps": [AttackSpec("pgd", eps_ref, int(st), "linear_ce", alpha, seed) for st in san["steps"]],
+        "steps_feature_knn": [AttackSpec("pgd", eps_ref, int(st), "feature", alpha, seed) for st in san["steps"]],
+        "restarts": [AttackSpec("pgd", eps_ref, steps, "linear_ce", alpha, seed, restart=r) for r in range(int(san["restarts"]))],
+        "eps": [AttackSpec("pgd", float(e), steps, "linear_ce", wide(float(e)), seed) for e in sorted(san["eps"])],
+        "large_eps_label": [AttackSpec("pgd", big, steps, "linear_ce", wide(big), seed)],
+        "large_eps_feature": [AttackSpec("pgd", big, steps, "feature", wide(big), seed)],
+        "noise_pgd": [AttackSpec("pgd", e, steps, "linear_ce", alpha if e in wb["eps"] else wide(e), seed) for e in noise_eps],
+        "noise": [AttackSpec("noise", e, 0, "none", alpha, seed) for e in noise_eps],
+    }
+
+
+def sanity_checks(
+    model: nn.Module,
+    probe: LinearProbe,
+    bank: tuple,
+    val_dataset: Dataset,
+    cfg_eval: Mapping[str, Any],
+    *,
+    model_name: str = "",
+    device: Any = "cpu",
+    indices: Sequence[int] | None = None,
+    attack_seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The per-model checks of this module on the attacked validation subset, rows `SANITY_COLUMNS`."""
+    cfg_eval = resolve_evaluation(cfg_eval)
+    san = cfg_eval["sanity"]
+    if indices is None:
+        indices = attack_subset(val_dataset, cfg_eval, seed=attack_seed)
+    by_check = sanity_specs(cfg_eval, seed=attack_seed)
+    unique = list(dict.fromkeys(s for specs in by_check.values() for s in specs))
+    res = run_attacks(model, probe, bank, val_dataset, unique, ["knn", "linear"], probe.num_classes,
+                      knn=cfg_eval["knn"], indices=indices, batch_size=cfg_eval["batch_size"], device=device,
+                      progress=progress, desc=f"sanity {model_name}".strip())
+    y, n, z = res.labels, len(res.labels), float(san["z"])
+    scores = dict(zip(unique, res.adv))
+    acc = lambda spec, clf: patch_accuracy(scores[spec][clf], y)  # noqa: E731
+    chance = chance_accuracy(y)
+    clean_acc = patch_accuracy(res.clean["linear"], y)
+    m = model_name
+    rows: list[dict] = []
+    rows += check_monotone(m, "steps", "steps", [(s, acc(s, "linear")) for s in by_check["steps"]], n, z, "linear")
+    rows += check_monotone(m, "steps_feature_knn", "steps",
+                           [(s, acc(s, "knn")) for s in by_check["steps_feature_knn"]], n, z, "knn")
+    rows += check_restarts(m, [(s, scores[s]["linear"].argmax(1) == y) for s in by_check["restarts"]],
+                           float(san["restart_gap"]), "linear")
+    rows += check_monotone(m, "eps", "eps", [(s, acc(s, "linear")) for s in by_check["eps"]], n, z, "linear")
+    for check, clf in (("large_eps_label", "linear"), ("large_eps_feature", "knn")):
+        spec = by_check[check][0]
+        rows.append(check_large_eps(m, check, spec, acc(spec, clf), chance, float(san["chance_margin"]), clf))
+    for spec_pgd, spec_noise in zip(by_check["noise_pgd"], by_check["noise"]):
+        rows.append(check_noise(m, spec_noise, acc(spec_noise, "linear"), acc(spec_pgd, "linear"), clean_acc, n, z, "linear"))
+    df = pd.DataFrame(rows, columns=list(SANITY_COLUMNS))
+    failed = df[~df["passed"]]
+    if len(failed):
+        log.warning("%s: %d attack sanity check(s) failed: %s", model_name or "model", len(failed),
+                    ", ".join(f"{c}={v}" for c, v in zip(failed["check"], failed["value"])))
+    return df
+
+
+def study_checks(whitebox: pd.DataFrame, transfer: pd.DataFrame, n_patches: int, cfg_eval: Mapping[str, Any]) -> pd.DataFrame:
+    """The checks that need every model's results: `above_clean` and `whitebox_vs_transfer`."""
+    z = float(resolve_evaluation(cfg_eval)["sanity"]["z"])
+    parts = []
+    if not whitebox.empty:
+        parts.append(check_above_clean(whitebox, n_patches, z))
+        if not transfer.empty:
+            parts.append(check_whitebox_vs_transfer(whitebox, transfer, n_patches, z))
+    parts = [p for p in parts if not p.empty]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(SANITY_COLUMNS))

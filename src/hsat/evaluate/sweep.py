@@ -1,0 +1,387 @@
+"""The white-box attack grid and the sweep that crafts it.
+
+What keeps the numbers honest and cheap:
+- Each adversarial batch is crafted once per spec (attack, eps, steps, objective) and scored by
+  every classifier, so kNN and linear numbers describe the same adversarial examples, and the
+  per-example worst case (`hsat.evaluate.worst_case`) can combine them.
+- Label-free objectives (`feature`, `head`: cosine distance to the clean output) have a zero
+  gradient at the clean input, so every iterative attack on them starts at a uniform random
+  point of the eps-ball: BIM and MI-FGSM run there as `bim_r` / `mifgsm_r`. Under label-based
+  objectives (`linear_ce`, `knn_soft`) they start at x, as defined, and keep their names.
+- `knn_soft` is the adaptive attack on the classifier that is scored: cross-entropy of a
+  differentiable copy of the kNN vote (`SoftKNN`), with the same bank and temperature.
+- Every spec has its own random generator, seeded from the spec itself, so adding or removing
+  other specs never changes a spec's random start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from hsat import attacks
+from hsat.config import resolve_evaluation
+from hsat.errors import HSATError
+from hsat.evaluate.classifiers import LinearProbe, SoftKNN, classify
+from hsat.evaluate.embeddings import dataset_labels, loader
+from hsat.evaluate.metrics import level_metrics, stratified_subset
+from hsat.evaluate.worst_case import worst_case_rows
+
+WHITEBOX_COLUMNS: tuple[str, ...] = (
+    "model", "method", "group", "seed", "attack", "eps", "steps", "objective",
+    "classifier", "level", "acc", "mca", "top2", "top3", "map",
+)
+AUTOATTACK_OBJECTIVE = "linear_probe"
+"""`objective` recorded for AutoAttack rows: it attacks the linear probe's logits with its own losses."""
+
+LABEL_FREE_OBJECTIVES: tuple[str, ...] = ("feature", "head")
+"""Objectives that need no label; their gradient vanishes at the clean input."""
+OBJECTIVES: tuple[str, ...] = ("feature", "head", "linear_ce", "knn_soft")
+
+RANDOM_START: dict[str, bool] = {"pgd": True, "bim": False, "mifgsm": False, "bim_r": True, "mifgsm_r": True}
+"""Whether each iterative attack starts at a uniform random point of the eps-ball."""
+
+
+def attack_name(attack: str, objective: str) -> str:
+    """The recorded name of `attack` under `objective`: BIM and MI-FGSM take a random start
+    (and the `_r` suffix) under a label-free objective, whose gradient is zero at x."""
+    if attack in ("bim", "mifgsm") and objective in LABEL_FREE_OBJECTIVES:
+        return f"{attack}_r"
+    return attack
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack configuration. eps and alpha in 1/255 units.
+
+    attack: pgd | bim | bim_r | mifgsm | mifgsm_r | autoattack | noise; objective: feature |
+    head | linear_ce | knn_soft | linear_probe (autoattack) | none (noise). `version` names the
+    AutoAttack variant; `restart` tells repeated runs of one configuration apart.
+    """
+
+    attack: str
+    eps: float
+    steps: int
+    objective: str
+    alpha: float = 2.0
+    seed: int = 0
+    version: str = ""
+    restart: int = 0
+
+    @property
+    def random_start(self) -> bool:
+        return RANDOM_START.get(self.attack, False)
+
+    @property
+    def generator_seed(self) -> int:
+        key = repr((self.attack, float(self.eps), int(self.steps), self.objective, float(self.alpha),
+                    int(self.seed), self.version, int(self.restart)))
+        return zlib.crc32(key.encode())
+
+
+class ProbeClassifier(nn.Module):
+    """image -> linear-probe logits, the end-to-end classifier that AutoAttack sees."""
+
+    def __init__(self, model: nn.Module, probe: nn.Module):
+        super().__init__()
+        self.model = model
+        self.probe = probe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.probe(self.model.forward_features(x))
+
+
+def make_objective(
+    objective: str,
+    model: nn.Module,
+    probe: nn.Module | None,
+    clean_features: torch.Tensor,
+    labels: torch.Tensor,
+    soft_knn: SoftKNN | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """objective(x_adv) -> scalar to maximise (summed over the batch, so per-example gradients
+    do not depend on the batch size).
+
+    feature: cosine distance between adversarial and clean backbone features (label-free, the
+    paper's attack on the representation the classifiers use); head: the same on the projection
+    head output (what the paper's code attacked); linear_ce: cross-entropy of the linear probe;
+    knn_soft: cross-entropy of the soft kNN (the adaptive attack on the kNN classifier).
+    """
+    if objective == "feature":
+        ref = F.normalize(clean_features.detach(), dim=1)
+        return lambda xa: (1.0 - (F.normalize(model.forward_features(xa), dim=1) * ref).sum(1)).sum()
+    if objective == "head":
+        ref = F.normalize(model.forward_head(clean_features).detach(), dim=1)
+        return lambda xa: (1.0 - (F.normalize(model.forward(xa), dim=1) * ref).sum(1)).sum()
+    if objective == "linear_ce":
+        if probe is None:
+            raise HSATError("objective linear_ce needs a linear probe")
+        return lambda xa: F.cross_entropy(probe(model.forward_features(xa)), labels, reduction="sum")
+    if objective == "knn_soft":
+        if soft_knn is None:
+            raise HSATError("objective knn_soft needs the kNN bank")
+        return lambda xa: F.nll_loss(soft_knn(model.forward_features(xa)), labels, reduction="sum")
+    raise HSATError(f"unknown attack objective {objective!r} ({', '.join(OBJECTIVES)})")
+
+
+def autoattack(model: nn.Module, probe: LinearProbe, eps: float, version: str, steps: int, seed: int) -> Callable:
+    """AutoAttack (Croce & Hein 2020) on image -> probe logits, built from torchattacks' parts.
+
+    `standard`: APGD-CE, APGD-T (C - 1 targets), FAB-T and Square (5000 queries), each on the
+    examples the previous ones left correct, with `steps` iterations (the original: 100).
+    `apgd-ce+apgd-t`: the first two only (the gradient-based part; what the CPU study runs).
+    """
+    import torchattacks  # installed with --no-deps (Makefile); imported here so kNN-only users never need it
+
+    clf = ProbeClassifier(model, probe)
+    n = probe.num_classes
+    parts = [
+        torchattacks.APGD(clf, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce"),
+        torchattacks.APGDT(clf, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=n),
+    ]
+    if version == "standard":
+        parts += [
+            torchattacks.FAB(clf, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, multi_targeted=True, n_classes=n),
+            torchattacks.Square(clf, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed),
+        ]
+    elif version != "apgd-ce+apgd-t":
+        raise HSATError(f"evaluation.whitebox.autoattack.version: unknown version {version!r} (standard, apgd-ce+apgd-t)")
+    return torchattacks.MultiAttack(parts)
+
+
+def craft_batch(
+    model: nn.Module,
+    probe: nn.Module | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: AttackSpec,
+    clean_features: torch.Tensor,
+    generator: torch.Generator | None = None,
+    soft_knn: SoftKNN | None = None,
+) -> torch.Tensor:
+    """Adversarial (or noisy) version of the batch `x` under `spec`; the model must be frozen."""
+    eps, alpha = spec.eps / 255.0, spec.alpha / 255.0
+    if spec.attack == "noise":
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+        return (x + eps * noise).clamp(0, 1)
+    if spec.attack == "autoattack":
+        if probe is None:
+            raise HSATError("autoattack needs a linear probe")
+        aa = autoattack(model, probe, eps, spec.version or "standard", spec.steps, spec.seed)
+        return aa(x, y).detach()
+    base = spec.attack.removesuffix("_r")
+    fn = attacks.ATTACKS.get(base)
+    if fn is None:
+        raise HSATError(f"unknown attack {spec.attack!r} (pgd, bim, bim_r, mifgsm, mifgsm_r, autoattack)")
+    kw = {"decay": 1.0} if base == "mifgsm" else {}
+    obj = make_objective(spec.objective, model, probe, clean_features, y, soft_knn)
+    x_adv = fn(x, obj, eps, alpha, spec.steps, random_start=spec.random_start, generator=generator, **kw)
+    return x_adv.detach()
+
+
+@contextlib.contextmanager
+def eval_frozen(*modules: nn.Module | None) -> Iterator[None]:
+    """Eval mode and frozen parameters for the duration of an attack (input gradients only)."""
+    modules = [m for m in modules if m is not None]
+    modes = [m.training for m in modules]
+    with contextlib.ExitStack() as stack:
+        for m in modules:
+            m.eval()
+            stack.enter_context(attacks.frozen(m))
+        try:
+            yield
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+
+
+@dataclass
+class AttackResults:
+    """Patch-level class scores of the clean and each attacked version of the same patches."""
+
+    labels: np.ndarray
+    patients: list[str]
+    slides: list[str]
+    paths: list[str]
+    positions: list[int]
+    clean: dict[str, np.ndarray]
+    adv: list[dict[str, np.ndarray]]
+    specs: list[AttackSpec]
+
+
+def run_attacks(
+    model: nn.Module,
+    probe: nn.Module | None,
+    bank: tuple[torch.Tensor, torch.Tensor] | None,
+    dataset: Dataset,
+    specs: Sequence[AttackSpec],
+    classifiers: Sequence[str],
+    num_classes: int,
+    knn: Mapping[str, Any],
+    indices: Sequence[int] | None = None,
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    desc: str = "attacks",
+    keep: Callable[[int, torch.Tensor], None] | None = None,
+) -> AttackResults:
+    """Craft every spec on every batch once and score it with every classifier.
+
+    Loops batches outside and specs inside, so each batch is read and its clean features computed
+    once. `knn` holds k and temperature (of `evaluation.knn`). `keep(spec_position, x_adv)`
+    receives each adversarial batch (transfer).
+    """
+    device = torch.device(device)
+    if bank is not None:
+        bank = (bank[0].to(device), bank[1].to(device))
+    if probe is not None:
+        probe = probe.to(device)
+    soft_knn = None
+    if bank is not None and any(s.objective == "knn_soft" for s in specs):
+        soft_knn = SoftKNN(bank[0], bank[1], num_classes, temperature=knn["temperature"]).to(device)
+    gens = []
+    for spec in specs:
+        g = torch.Generator(device=device)
+        g.manual_seed(spec.generator_seed)
+        gens.append(g)
+    clean: dict[str, list] = {c: [] for c in classifiers}
+    adv: list[dict[str, list]] = [{c: [] for c in classifiers} for _ in specs]
+    labels, patients, slides, paths, positions = [], [], [], [], []
+    positions_all = list(indices) if indices is not None else None
+    seen = 0
+    with eval_frozen(model, probe, soft_knn):
+        for batch in tqdm(loader(dataset, batch_size, indices), desc=desc, disable=not progress, leave=False):
+            x = batch["image"].to(device)
+            y = torch.as_tensor(batch["label"]).long().to(device)
+            n = x.shape[0]
+            positions.extend(positions_all[seen : seen + n] if positions_all is not None else range(seen, seen + n))
+            seen += n
+            labels.append(y.cpu())
+            patients.extend(batch["patient"])
+            slides.extend(batch["slide"])
+            paths.extend(str(p) for p in batch["path"])
+            with torch.no_grad():
+                f_clean = model.forward_features(x)
+            for c, s in classify(f_clean, probe, bank, classifiers, num_classes, knn).items():
+                clean[c].append(s)
+            for i, spec in enumerate(specs):
+                x_adv = craft_batch(model, probe, x, y, spec, f_clean, gens[i], soft_knn)
+                if keep is not None:
+                    keep(i, x_adv)
+                with torch.no_grad():
+                    f_adv = model.forward_features(x_adv)
+                for c, s in classify(f_adv, probe, bank, classifiers, num_classes, knn).items():
+                    adv[i][c].append(s)
+    if not labels:
+        raise HSATError(f"{desc}: no validation patches to attack")
+    return AttackResults(
+        labels=torch.cat(labels).numpy(),
+        patients=[str(p) for p in patients],
+        slides=[str(s) for s in slides],
+        paths=paths,
+        positions=[int(p) for p in positions],
+        clean={c: torch.cat(v).numpy() for c, v in clean.items()},
+        adv=[{c: torch.cat(v).numpy() for c, v in d.items()} for d in adv],
+        specs=list(specs),
+    )
+
+
+def whitebox_specs(cfg_eval: Mapping[str, Any], seed: int = 0, model_name: str | None = None) -> list[AttackSpec]:
+    """The (attack, eps, objective) grid of a validated `evaluation.whitebox`.
+
+    AutoAttack runs once per eps, and only for the models of `whitebox.autoattack.models` (every
+    model when that list is empty, or when `model_name` is None).
+    """
+    wb = cfg_eval["whitebox"]
+    aa = wb["autoattack"]
+    run_aa = model_name is None or not aa["models"] or model_name in aa["models"]
+    specs = []
+    for attack in wb["attacks"]:
+        for eps in wb["eps"]:
+            if attack == "autoattack":
+                if run_aa:
+                    specs.append(AttackSpec("autoattack", float(eps), int(aa["steps"]), AUTOATTACK_OBJECTIVE,
+                                            float(wb["alpha"]), seed, version=aa["version"]))
+                continue
+            for objective in wb["objectives"]:
+                specs.append(AttackSpec(attack_name(attack, objective), float(eps), int(wb["steps"]), objective,
+                                        float(wb["alpha"]), seed))
+    return list(dict.fromkeys(specs))  # bim and bim_r listed together would repeat a spec
+
+
+def attack_subset(dataset: Dataset, cfg_eval: Mapping[str, Any], seed: int = 0) -> list[int] | None:
+    """The class-stratified validation subset of `evaluation.max_val_patches` (None: all)."""
+    if not cfg_eval["max_val_patches"]:
+        return None
+    return stratified_subset(dataset_labels(dataset), cfg_eval["max_val_patches"], seed=seed)
+
+
+def metric_rows(
+    base: Mapping[str, Any],
+    spec_fields: Mapping[str, Any],
+    scores_by_clf: Mapping[str, np.ndarray],
+    res: AttackResults,
+    num_classes: int,
+) -> list[dict[str, Any]]:
+    """`whitebox.csv` rows of one condition: every classifier at patch, slide and patient level."""
+    rows = []
+    for clf, scores in scores_by_clf.items():
+        for level, m in level_metrics(scores, res.labels, res.patients, res.slides, num_classes).items():
+            rows.append({**base, **spec_fields, "classifier": clf, "level": level,
+                         **{k: m[k] for k in ("acc", "mca", "top2", "top3", "map")}})
+    return rows
+
+
+def whitebox_sweep(
+    model: nn.Module,
+    probe: LinearProbe,
+    bank: tuple[torch.Tensor, torch.Tensor],
+    val_dataset: Dataset,
+    cfg_eval: Mapping[str, Any],
+    *,
+    model_name: str = "",
+    method: str = "",
+    group: str = "",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    indices: Sequence[int] | None = None,
+    attack_seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """White-box robustness table of one model: clean rows, one row per (attack, eps, objective,
+    classifier, level), and the per-example worst case over all of them at each eps
+    (`attack=worst_case`, `objective=all`); columns `WHITEBOX_COLUMNS`, percentages, eps in 1/255.
+
+    `cfg_eval` is an `evaluation` section (validated here, defaults from the schema). `bank` is
+    the clean training bank (features, labels) computed once by `hsat embed`. Attacks run on
+    `indices` of `val_dataset` or, when None, on the class-stratified subset of
+    `evaluation.max_val_patches` (all patches if null).
+    """
+    cfg_eval = resolve_evaluation(cfg_eval)
+    if indices is None:
+        indices = attack_subset(val_dataset, cfg_eval, seed=attack_seed)
+    specs = whitebox_specs(cfg_eval, seed=attack_seed, model_name=model_name or None)
+    classifiers = list(cfg_eval["whitebox"]["classifiers"])
+    num_classes = probe.num_classes
+    res = run_attacks(
+        model, probe, bank, val_dataset, specs, classifiers, num_classes,
+        knn=cfg_eval["knn"], indices=indices, batch_size=cfg_eval["batch_size"],
+        device=device, progress=progress, desc=f"whitebox {model_name}".strip(),
+    )
+    base = {"model": model_name, "method": method, "group": group, "seed": seed}
+    rows = metric_rows(base, {"attack": "none", "eps": 0.0, "steps": 0, "objective": "none"}, res.clean, res, num_classes)
+    for spec, scores in zip(res.specs, res.adv):
+        rows += metric_rows(base, {"attack": spec.attack, "eps": spec.eps, "steps": spec.steps, "objective": spec.objective},
+                            scores, res, num_classes)
+    rows += [{**base, **r} for r in worst_case_rows(res)]
+    return pd.DataFrame(rows, columns=list(WHITEBOX_COLUMNS))

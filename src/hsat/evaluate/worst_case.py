@@ -1,0 +1,77 @@
+"""The per-example worst case over a sweep: robust only if correct under every attack.
+
+At each eps, a patch counts as robust for a classifier only when the clean patch and its
+adversarial version under every attack and objective of the sweep (AutoAttack included where it
+ran) are all classified correctly; a slide or patient likewise when its aggregated prediction is
+correct under every one. The rows go to `whitebox.csv` with `attack=worst_case`,
+`objective=all`; `steps` holds the most attack steps among the combined specs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from hsat.evaluate.metrics import LEVELS_EVAL, aggregate
+
+if TYPE_CHECKING:
+    from hsat.evaluate.sweep import AttackResults
+
+WORST_CASE = "worst_case"
+WORST_CASE_OBJECTIVE = "all"
+NOT_ATTACKS = ("noise",)
+"""Specs that are not attacks (the noise baseline of the sanity checks) never enter the worst case."""
+
+
+def _topk_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, scores.shape[1])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return (top == labels[:, None]).any(1)
+
+
+def worst_case_correct(
+    score_list: Sequence[np.ndarray], labels: np.ndarray, groups: Sequence | None = None, k: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """(correct (G,), group labels (G,)): correct in the top k under every score array of
+    `score_list` (each (N, C) patch scores), per patch or, with `groups`, per aggregated group."""
+    labels = np.asarray(labels)
+    correct = None
+    group_labels = labels
+    for scores in score_list:
+        if groups is not None:
+            scores, group_labels, _ = aggregate(scores, groups, labels)
+        ok = _topk_correct(np.asarray(scores), np.asarray(group_labels), k)
+        correct = ok if correct is None else correct & ok
+    if correct is None:
+        raise ValueError("worst case over no score arrays")
+    return correct, np.asarray(group_labels)
+
+
+def mean_class_accuracy(correct: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over the classes present in `labels` of the fraction correct (MCA), in %."""
+    classes = np.unique(labels)
+    return 100.0 * float(np.mean([correct[labels == c].mean() for c in classes]))
+
+
+def worst_case_rows(res: "AttackResults") -> list[dict[str, Any]]:
+    """Worst-case rows (without the model identity columns) for every eps and classifier of `res`."""
+    rows = []
+    attacked = [(spec, scores) for spec, scores in zip(res.specs, res.adv) if spec.attack not in NOT_ATTACKS]
+    for eps in sorted({spec.eps for spec, _ in attacked}):
+        at_eps = [(spec, scores) for spec, scores in attacked if spec.eps == eps]
+        steps = max(spec.steps for spec, _ in at_eps)
+        for clf, clean in res.clean.items():
+            score_list = [clean] + [scores[clf] for _, scores in at_eps]
+            for level in LEVELS_EVAL:
+                groups = None if level == "patch" else (res.slides if level == "slide" else res.patients)
+                correct, labels = worst_case_correct(score_list, res.labels, groups, k=1)
+                top = {k: worst_case_correct(score_list, res.labels, groups, k=k)[0] for k in (2, 3)}
+                rows.append({
+                    "attack": WORST_CASE, "eps": float(eps), "steps": int(steps), "objective": WORST_CASE_OBJECTIVE,
+                    "classifier": clf, "level": level, "acc": 100.0 * float(correct.mean()),
+                    "mca": mean_class_accuracy(correct, labels),
+                    "top2": 100.0 * float(top[2].mean()), "top3": 100.0 * float(top[3].mean()),
+                    "map": float("nan"),
+                })
+    return rows
