@@ -1,10 +1,13 @@
 # The HSAT study as one workflow: dataset -> manifest -> pretrain (per model) -> embeddings ->
 # white-box sweep + sanity checks -> transfer matrix -> tables, figures, metrics.
 #
-#   snakemake --cores 2 all                                  # the default study (config/config.yaml)
-#   snakemake --cores 2 --configfile config/tiny.yaml all    # the tiny study the tests run
-#   snakemake --cores 8 --resources gpu=1 --configfile config/opensrh.yaml all
-#   snakemake paper_figures | model_<name> | results/runs/<name>/model.safetensors
+#   snakemake all --cores 2                                  # the default study (config/config.yaml)
+#   snakemake all --cores 2 --configfile config/tiny.yaml    # the tiny study the tests run
+#   snakemake all --cores 8 --resources gpu=1 --configfile config/opensrh.yaml
+#   snakemake paper_figures --cores 2                        # or model_<name>, or any output file
+#
+# The target comes first: --configfile, --resources, --config and --sdm take several values and
+# would read a target after them as one of theirs.
 #
 # See docs/workflow.md. Rules are thin: each calls one `hsat` verb.
 

@@ -19,13 +19,20 @@ import hsat
 from hsat.config import run_config_for_model, validate as validate_config
 from hsat.errors import HSATError
 from hsat.io import write_yaml
-from snakemake.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 # Run the verbs of the Python that runs Snakemake (its venv need not be activated). Under
 # --sdm conda the shared environment provides them instead.
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     shell.prefix(f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\"; ")
+
+
+def config_error(message):
+    """Stop with the message alone. Snakemake prints an exception raised while the Snakefile is
+    parsed (a WorkflowError included) with a traceback into this file; a configuration error is
+    the user's to fix and needs none. SystemExit passes Snakemake's handlers: exit status 1."""
+    raise SystemExit(f"Error: {message}")
+
 
 # ---------------------------------------------------------------- config: validate once, fill defaults
 # hsat.config.validate is the JSON-schema validation of snakemake.utils.validate against the same
@@ -35,7 +42,7 @@ try:
     _study = validate_config(config, "study", source=_CONFIG_SOURCE)
     RUN_CONFIGS = {name: run_config_for_model(_study, name) for name in _study["models"]}
 except HSATError as exc:
-    raise WorkflowError(str(exc)) from None
+    config_error(exc)
 config.clear()
 config.update(_study)
 
@@ -75,12 +82,12 @@ def _dataset_source():
     ds = config["dataset"]
     if ds["manifest"]:
         if not Path(ds["manifest"]).is_file():
-            raise WorkflowError(f"dataset.manifest: file not found: {ds['manifest']} (edit the study config)")
+            config_error(f"dataset.manifest: file not found: {ds['manifest']} (edit the study config)")
         return "manifest", ds["manifest"]
     if ds["root"]:
         root = Path(ds["root"])
         if not (root / "meta" / "opensrh.json").is_file():
-            raise WorkflowError(
+            config_error(
                 f"dataset.root: {root} does not hold meta/opensrh.json. Point dataset.root of "
                 f"{_CONFIG_SOURCE} at your OpenSRH download, or set dataset.manifest to a manifest CSV."
             )
@@ -149,7 +156,7 @@ def eval_settings(stage, wildcards=None):
 def _subset(names):
     unknown = [m for m in names if m not in MODELS]
     if unknown:
-        raise WorkflowError(f"{_CONFIG_SOURCE}: evaluation lists unknown model(s) {unknown}; models are {MODELS}")
+        config_error(f"{_CONFIG_SOURCE}: evaluation lists unknown model(s) {unknown}; models are {MODELS}")
     return list(names) or list(MODELS)
 
 

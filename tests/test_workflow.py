@@ -16,6 +16,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ["Snakefile", "rules", "workflow", "config", "envs", "dvc.yaml", "params.yaml", ".dvcignore"]
+# A Python traceback, or the short one Snakemake prints for an error raised in a Snakefile.
+TRACEBACK = re.compile(r'Traceback|^\s*File ".*", line \d+', re.M)
 
 
 def _env(cwd: Path = REPO) -> dict:
@@ -81,12 +83,24 @@ def test_lint_is_clean():
 
 
 def test_invalid_config_and_missing_opensrh_root_fail_readably(workdir):
-    bad = workdir / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"models": {"m": {"method": {"name": "hsat"}}}, "evaluation": {"whitebox": {"eps": "eight"}}}))
-    proc = snakemake("-n", "all", "--configfile", str(bad), cwd=workdir)
-    assert proc.returncode != 0 and "evaluation.whitebox.eps" in proc.stdout + proc.stderr
+    """A configuration error stops the workflow with its message alone: the key, no traceback."""
+    models = {"m": {"method": {"name": "hsat"}}}
+    cases = {  # file: (config, what the message must name)
+        "bad_value.yaml": ({"models": models, "evaluation": {"whitebox": {"eps": "eight"}}},
+                           ["evaluation.whitebox.eps"]),
+        "unknown_key.yaml": ({"models": models, "evaluation": {"whitebox": {"epsilon": [8]}}},
+                             ["evaluation.whitebox", "'epsilon'"]),
+    }
+    for name, (cfg, says) in cases.items():
+        (workdir / name).write_text(yaml.safe_dump(cfg))
+        proc = snakemake("-n", "all", "--configfile", name, cwd=workdir)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and all(s in out for s in says), out
+        assert not TRACEBACK.search(out), out
     proc = snakemake("-n", "all", "--configfile", "config/opensrh.yaml", cwd=workdir)
-    assert proc.returncode != 0 and "dataset.root" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "dataset.root" in out and "meta/opensrh.json" in out, out
+    assert not TRACEBACK.search(out), out
 
 
 @pytest.mark.slow

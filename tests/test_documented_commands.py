@@ -1,0 +1,196 @@
+"""Every `snakemake ...` command line the documentation shows works as written.
+
+The commands are read from README.md and docs/*.md (fenced code blocks and inline code) and from
+the comments of the Snakefile, rules/*.smk, config/*.yaml and profiles/*/config.yaml. Each one is
+parsed with Snakemake's own argument parser (a target must stay a target: `--configfile`,
+`--resources`, `--config` and `--sdm` take several values and swallow a target that follows them)
+and dry-run as typed, with `-n` added, in a copy of the workflow. OpenSRH commands plan against
+a fake OpenSRH root (the embedded cohort, which has the OpenSRH layout).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.cli import get_argument_parser
+
+from test_workflow import REPO, TRACEBACK, WORKFLOW_FILES, snakemake
+
+DOCS = ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))]
+COMMENTED = ["Snakefile", *sorted(p.relative_to(REPO).as_posix() for pattern in
+             ("rules/*.smk", "config/*.yaml", "profiles/*/config.yaml") for p in REPO.glob(pattern))]
+
+# Placeholders the documentation uses, and what stands in for them here. Any other `<...>` or
+# `...` in a command fails the test: add it here, with a value that makes the command concrete.
+PLACEHOLDERS = {
+    "<config>": sorted(p.relative_to(REPO).as_posix() for p in (REPO / "config").glob("*.yaml")),
+    "<name>": ["hsat_s0"],  # a model of the default study
+    "<model>": ["hsat_s0"],
+}
+
+SNAKEMAKE = re.compile(r"(?:\S*/)?snakemake(?=\s|$)")
+INLINE = re.compile(r"`((?:\S*/)?snakemake(?:\s[^`]*)?)`")
+FENCE = re.compile(r"^\s*```")
+
+
+def _commands_in_markdown(path: str) -> list[tuple[str, str]]:
+    """(path:line, command) for every snakemake line of a fenced block (continuations joined,
+    trailing comments dropped) and every inline code span that starts with `snakemake`."""
+    out, prose = [], []
+    fenced, pending, start = False, "", 0
+    for lineno, line in enumerate((REPO / path).read_text(encoding="utf-8").splitlines(), 1):
+        if FENCE.match(line):
+            fenced = not fenced
+            prose.append("")
+            continue
+        if not fenced:
+            prose.append(line)
+            continue
+        prose.append("")
+        if not pending:
+            start = lineno
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        text, pending = pending + line, ""
+        if SNAKEMAKE.match(text.strip()):  # other lines need not be shell (the DAG sketch)
+            out.append((f"{path}:{start}", shlex.join(shlex.split(text, comments=True))))
+    text = "\n".join(prose)
+    for m in INLINE.finditer(text):
+        lineno = text.count("\n", 0, m.start()) + 1
+        out.append((f"{path}:{lineno}", " ".join(m.group(1).split())))
+    return out
+
+
+def _commands_in_comments(path: str) -> list[tuple[str, str]]:
+    """(path:line, command) for comment lines that are a snakemake command (`#   snakemake ...`)
+    and inline code spans that start with `snakemake`."""
+    out = []
+    for lineno, line in enumerate((REPO / path).read_text(encoding="utf-8").splitlines(), 1):
+        comment = line.split("#", 1)[1].strip() if "#" in line else ""
+        if SNAKEMAKE.match(comment):
+            out.append((f"{path}:{lineno}", shlex.join(shlex.split(comment, comments=True))))
+        for m in INLINE.finditer(line):
+            out.append((f"{path}:{lineno}", " ".join(m.group(1).split())))
+    return out
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(where, command), one per distinct command, placeholders filled in."""
+    found = [c for p in DOCS for c in _commands_in_markdown(p)]
+    found += [c for p in COMMENTED for c in _commands_in_comments(p)]
+    seen, out = set(), []
+    for where, command in found:
+        variants = [command]
+        for placeholder, values in PLACEHOLDERS.items():
+            if placeholder in command:
+                variants = [v.replace(placeholder, value) for v in variants for value in values]
+        for cmd in variants:
+            key = tuple(shlex.split(cmd)[1:])  # `.venv/bin/snakemake x` is `snakemake x`
+            if key not in seen:
+                seen.add(key)
+                out.append((where, cmd))
+    return out
+
+
+COMMANDS = documented_commands()
+IDS = [f"{where} {cmd}" for where, cmd in COMMANDS]
+RULES = {m.group(1) for f in ["Snakefile", *(p.relative_to(REPO) for p in REPO.glob("rules/*.smk"))]
+         for m in re.finditer(r"^rule (\w+):", (REPO / f).read_text(encoding="utf-8"), re.M)}
+TARGET = re.compile("|".join([*map(re.escape, sorted(RULES)), r"model_\w+", r"results/\S+\.safetensors"]))
+
+
+def _argv(command: str) -> list[str]:
+    words = shlex.split(command)
+    assert SNAKEMAKE.fullmatch(words[0]), command
+    return words[1:]
+
+
+def test_the_documentation_shows_the_commands_this_file_tests():
+    """The extraction finds the commands users copy, already with their placeholders filled in."""
+    commands = [cmd for _, cmd in COMMANDS]
+    for expected in [
+        "snakemake all --cores 8 --resources gpu=1 --configfile config/opensrh.yaml",
+        "snakemake all --cores 2 --configfile config/tiny.yaml",
+        "snakemake --report results/report.html",
+        "snakemake --touch all --configfile config/tiny.yaml",
+    ]:
+        assert expected in commands, commands
+    for cmd in commands:
+        unknown = "..." in cmd or re.search(r"<\w+>", cmd)
+        assert not unknown, f"unknown placeholder in {cmd!r}: add it to PLACEHOLDERS"
+
+
+@pytest.mark.parametrize("command", [c for _, c in COMMANDS], ids=IDS)
+def test_documented_command_keeps_its_targets(command):
+    """Snakemake's parser reads every target of the command as a target, not as the value of an
+    option before it (`--resources gpu=1 all` used to stop with a ValueError traceback)."""
+    argv = _argv(command)
+    try:
+        args = get_argument_parser().parse_args(argv)
+    except (SystemExit, ValueError) as exc:
+        pytest.fail(f"snakemake cannot parse {command!r}: {exc!r}")
+    targets = [w for w in argv if TARGET.fullmatch(w)]
+    assert set(targets) <= set(args.targets), f"{command!r}: targets {targets}, Snakemake read {args.targets}"
+
+
+@pytest.fixture
+def workflow_copy(tmp_path: Path, tiny_cohort: Path) -> Path:
+    """The workflow (with its profiles) in tmp_path; config/opensrh.yaml points at a fake OpenSRH
+    root: the embedded cohort, which has OpenSRH's meta/opensrh.json + meta/train_val_split.json."""
+    for name in [*WORKFLOW_FILES, "profiles"]:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, tmp_path / name)
+        elif src.exists():
+            shutil.copy2(src, tmp_path / name)
+    shutil.copytree(REPO / "src" / "hsat", tmp_path / "src" / "hsat", ignore=shutil.ignore_patterns("__pycache__"))
+    opensrh = tmp_path / "config" / "opensrh.yaml"
+    cfg = yaml.safe_load(opensrh.read_text(encoding="utf-8"))
+    cfg["dataset"]["root"] = str(tiny_cohort)
+    opensrh.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return tmp_path
+
+
+def _skip_reason(argv: list[str]) -> str | None:
+    """Why this machine cannot plan the command, when the reason is outside the workflow."""
+    if "--profile" in argv:
+        profile = yaml.safe_load((REPO / argv[argv.index("--profile") + 1] / "config.yaml").read_text(encoding="utf-8"))
+        executor = profile.get("executor", "local")
+        if executor != "local" and importlib.util.find_spec(f"snakemake_executor_plugin_{executor}") is None:
+            # Snakemake rejects an uninstalled executor before it reads the workflow; the docs
+            # install it on the line before (`pip install -e ".[slurm]"`).
+            return f"the {executor} executor plugin is not installed (pip install -e \".[{executor}]\")"
+    sdm = {"--sdm", "--software-deployment-method", "--deployment-method", "--deployment"}
+    if sdm & set(argv) and "conda" in argv and shutil.which("conda") is None:
+        # Even a dry run asks `conda info` where the environments would go.
+        return "--sdm conda needs conda on PATH, even for a dry run"
+    return None
+
+
+@pytest.mark.parametrize("command", [c for _, c in COMMANDS], ids=IDS)
+def test_documented_command_dry_runs(workflow_copy, command):
+    """The command, with `-n`, plans the study: exit status 0 and no traceback."""
+    argv = _argv(command)
+    reason = _skip_reason(argv)
+    if reason:
+        pytest.skip(reason)
+    if "--report" in argv:
+        # `-n` does not apply to --report: Snakemake builds the report from a finished run's files
+        # (the docs say "after a run"). Without a run it must get as far as asking for them, and
+        # say which is missing -- the command parses and the workflow loads with its config.
+        proc = snakemake(*argv, cwd=workflow_copy)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "marked for report but does not exist" in out, out[-3000:]
+    else:
+        dry = [] if {"-n", "--dry-run", "--dryrun"} & set(argv) else ["-n"]
+        proc = snakemake(*dry, *argv, cwd=workflow_copy)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-3000:]
+    assert not TRACEBACK.search(out), out[-3000:]
