@@ -15,8 +15,8 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-# The default config applies only when no --configfile is given: Snakemake would otherwise merge
-# the two files and a tiny study would inherit the default study's models.
+# The default study. A --configfile is an overlay on it, applied in rules/common.smk (Snakemake
+# alone would merge `models` too, and a tiny study would inherit the default study's matrix).
 if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"

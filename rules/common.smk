@@ -3,11 +3,10 @@
 # Rerun policy: Snakemake reruns a job when its params or code change (rerun-triggers). Each rule's
 # params therefore carry (a) only the settings that stage reads -- a model's resolved run config for
 # its pretraining, the relevant `evaluation` keys for the sweeps -- and (b) a hash of the library
-# modules the stage runs. Changing one model's settings reruns that model's chain only; editing
-# src/hsat/train.py reruns every pretraining and what depends on it; editing the report code
-# reruns only the report.
+# modules the stage runs, derived from their imports (hsat.provenance). Changing one model's
+# settings reruns that model's chain only; editing src/hsat/train.py reruns every pretraining and
+# what depends on it; editing the report code reruns only the report.
 
-import hashlib
 import json
 import os
 import re
@@ -16,9 +15,10 @@ import sys
 from pathlib import Path
 
 import hsat
-from hsat.config import run_config_for_model, validate as validate_config
+from hsat.config import resolve_study, run_config_for_model
 from hsat.errors import HSATError
 from hsat.io import write_yaml
+from hsat.provenance import code_version
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 # Run the verbs of the Python that runs Snakemake (its venv need not be activated). Under
@@ -34,12 +34,17 @@ def config_error(message):
     raise SystemExit(f"Error: {message}")
 
 
-# ---------------------------------------------------------------- config: validate once, fill defaults
-# hsat.config.validate is the JSON-schema validation of snakemake.utils.validate against the same
-# schema (hsat.config.schema_path()), with the library's defaults and messages naming the key.
-_CONFIG_SOURCE = ", ".join(str(p) for p in workflow.configfiles) or "config"
+# ---------------------------------------------------------------- config: overlay, validate once, fill defaults
+# A --configfile is an overlay on the default study (config/config.yaml): what it names wins,
+# `models` replaces the matrix, the evaluation's model lists follow the models kept
+# (hsat.config.apply_overlay; `hsat config show --configfile F` prints the result). Snakemake
+# has already merged the --configfile files and --config values into `config`. Validation is
+# the JSON schema of hsat.config.schema_path(), with defaults and messages naming the key.
+_BASE_CONFIG = os.path.join(workflow.basedir, "config", "config.yaml")
+_OVERLAYS = [str(p) for p in workflow.configfiles if os.path.abspath(p) != os.path.abspath(_BASE_CONFIG)]
+_CONFIG_SOURCE = " + ".join([os.path.relpath(_BASE_CONFIG)] + _OVERLAYS)
 try:
-    _study = validate_config(config, "study", source=_CONFIG_SOURCE)
+    _study, _ = resolve_study(_BASE_CONFIG, [dict(config)])
     RUN_CONFIGS = {name: run_config_for_model(_study, name) for name in _study["models"]}
 except HSATError as exc:
     config_error(exc)
@@ -106,31 +111,20 @@ def canonical(obj):
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-_SRC = Path(hsat.__file__).resolve().parent
-_CODE = {
-    "synth": ["data/synthetic.py", "cli/data.py"],
-    "prepare": ["data/manifest.py", "data/opensrh.py", "cli/data.py"],
-    "pretrain": ["data/*.py", "models.py", "losses.py", "attacks.py", "distributed.py", "train.py", "methods.py",
-                 "cli/train.py"],
-    "evaluate": ["data/*.py", "models.py", "attacks.py", "config.py", "schemas/*.yaml", "evaluate/*.py", "cli/evaluate.py"],
-    "transfer": ["data/*.py", "models.py", "attacks.py", "config.py", "schemas/*.yaml", "evaluate/*.py", "transfer.py",
-                 "cli/evaluate.py"],
-    "report": ["report/*.py", "cli/report.py"],
-    "sanity_report": ["config.py", "schemas/*.yaml", "evaluate/*.py", "report/__init__.py", "cli/report.py"],
+# The library code each stage runs: its entry modules and everything they import (derived by
+# hsat.provenance from the import statements, never listed by hand), plus the config schema.
+_ENTRY_MODULES = {
+    "synth": ["hsat.cli.data"],
+    "prepare": ["hsat.cli.data"],
+    "pretrain": ["hsat.cli.train"],
+    "evaluate": ["hsat.cli.evaluate"],
+    "transfer": ["hsat.cli.evaluate"],
+    "report": ["hsat.cli.report"],
+    "sanity_report": ["hsat.cli.report"],
 }
 
 
-def code_version(stage):
-    """sha256 (16 hex) of the library modules a stage runs, so editing them reruns the stage."""
-    h = hashlib.sha256()
-    for pattern in _CODE[stage]:
-        for path in sorted(_SRC.glob(pattern)):
-            h.update(path.relative_to(_SRC).as_posix().encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-CODE_VERSION = {stage: code_version(stage) for stage in _CODE}
+CODE_VERSION = {stage: code_version(entries) for stage, entries in _ENTRY_MODULES.items()}
 
 
 def run_settings(wildcards):

@@ -25,7 +25,7 @@ rule embed:
         "../envs/hsat.yaml"
     shell:
         "OMP_NUM_THREADS={threads} hsat embed --run {params.run_dir} --manifest {input.manifest}"
-        " --config {params.study} --out {params.emb_dir} > {log} 2>&1"
+        " --study {params.study} --out {params.emb_dir} > {log} 2>&1"
 
 
 rule evaluate:
@@ -50,7 +50,7 @@ rule evaluate:
         "../envs/hsat.yaml"
     shell:
         "OMP_NUM_THREADS={threads} hsat evaluate --run {params.run_dir} --manifest {input.manifest}"
-        " --embeddings {params.emb_dir} --config {params.study} --model {wildcards.model} --out {output}"
+        " --embeddings {params.emb_dir} --study {params.study} --model {wildcards.model} --out {output}"
         " > {log} 2>&1"
 
 
@@ -76,5 +76,5 @@ rule sanity:
         "../envs/hsat.yaml"
     shell:
         "OMP_NUM_THREADS={threads} hsat sanity --run {params.run_dir} --manifest {input.manifest}"
-        " --embeddings {params.emb_dir} --config {params.study} --model {wildcards.model} --out {output}"
+        " --embeddings {params.emb_dir} --study {params.study} --model {wildcards.model} --out {output}"
         " > {log} 2>&1"

@@ -1,11 +1,12 @@
-# Pretraining, one job per model of the study matrix -> RESULTS/runs/<model>/.
+# Pretraining, one job per model of the study matrix -> RESULTS/runs/<model>/, training curves
+# (dvclive) -> RESULTS/training/<model>/ (the folder dvc.yaml's plots name).
 #
 # An interrupted job resumes: Snakemake reruns it (its model.safetensors is missing) and
 # `hsat pretrain` continues from runs/<model>/checkpoint.pt. A job rerun because the model's
-# settings changed starts afresh (--restart-if-changed), and so does one rerun because the
-# training code changed (the code version stamped in the run directory differs), so a checkpoint
-# of other settings or code is never resumed. log.jsonl is not a declared output, so Snakemake
-# does not delete it before a resumed job; it lives beside the weights.
+# settings or the training code changed starts afresh (--restart-if-changed: `hsat pretrain`
+# compares both with what the run directory holds), so a checkpoint of other settings or code is
+# never resumed. log.jsonl and the curves are not declared outputs, so Snakemake does not delete
+# them before a resumed job.
 
 
 rule pretrain:
@@ -15,6 +16,7 @@ rule pretrain:
         model=f"{RESULTS}/runs/{{model}}/model.safetensors",
     params:
         run_dir=lambda wildcards: run_dir(wildcards.model),
+        live_dir=lambda wildcards: f"{RESULTS}/training/{wildcards.model}",
         study=STUDY,
         launcher=pretrain_launcher(),
         settings=run_settings,
@@ -29,9 +31,6 @@ rule pretrain:
     conda:
         "../envs/hsat.yaml"
     shell:
-        "mkdir -p {params.run_dir};"
-        " if [ \"$(cat {params.run_dir}/code.version 2>/dev/null)\" != {params.code} ]; then"
-        " rm -f {params.run_dir}/checkpoint.pt {params.run_dir}/config.yaml {params.run_dir}/log.jsonl;"
-        " echo {params.code} > {params.run_dir}/code.version; fi;"
-        " OMP_NUM_THREADS={threads} {params.launcher} pretrain --study {params.study} --model {wildcards.model}"
-        " --manifest {input.manifest} --out {params.run_dir} --restart-if-changed > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.launcher} pretrain --study {params.study} --model {wildcards.model}"
+        " --manifest {input.manifest} --out {params.run_dir} --live-dir {params.live_dir} --restart-if-changed"
+        " > {log} 2>&1"

@@ -40,7 +40,7 @@ rule sanity_report:
     conda:
         "../envs/hsat.yaml"
     shell:
-        "hsat report sanity --config {params.study} --whitebox {input.whitebox} --transfer {input.transfer}"
+        "hsat report sanity --study {params.study} --whitebox {input.whitebox} --transfer {input.transfer}"
         " --manifest {input.manifest} --out {output} {input.per_model} > {log} 2>&1"
 
 
@@ -67,7 +67,7 @@ rule tables:
     conda:
         "../envs/hsat.yaml"
     shell:
-        "hsat report tables --config {params.study} --whitebox {input.whitebox} --transfer {input.transfer}"
+        "hsat report tables --study {params.study} --whitebox {input.whitebox} --transfer {input.transfer}"
         " --sanity {input.sanity} --out-dir {params.out_dir} --metrics {output.metrics} > {log} 2>&1"
 
 
@@ -97,6 +97,6 @@ rule figures:
     conda:
         "../envs/hsat.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} hsat report figures --config {params.study} --whitebox {input.whitebox}"
+        "OMP_NUM_THREADS={threads} hsat report figures --study {params.study} --whitebox {input.whitebox}"
         " --transfer {input.transfer} --sanity {input.sanity} --runs-dir {params.runs_dir}"
         " --embeddings-dir {params.emb_dir} --out-dir {params.out_dir} > {log} 2>&1"

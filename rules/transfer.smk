@@ -24,7 +24,7 @@ rule transfer_craft:
         "../envs/hsat.yaml"
     shell:
         "OMP_NUM_THREADS={threads} hsat transfer craft --run {params.run_dir} --manifest {input.manifest}"
-        " --embeddings {params.emb_dir} --config {params.study} --out {output} > {log} 2>&1"
+        " --embeddings {params.emb_dir} --study {params.study} --out {output} > {log} 2>&1"
 
 
 rule transfer_evaluate:
@@ -53,4 +53,4 @@ rule transfer_evaluate:
     shell:
         "OMP_NUM_THREADS={threads} hsat transfer evaluate --adversarial {input.adversarial}"
         " --surrogate {wildcards.surrogate} --target {wildcards.target} --target-run {params.run_dir}"
-        " --target-embeddings {params.emb_dir} --config {params.study} --out {output} > {log} 2>&1"
+        " --target-embeddings {params.emb_dir} --study {params.study} --out {output} > {log} 2>&1"

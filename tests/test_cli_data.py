@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from hsat.cli import main
@@ -16,6 +17,9 @@ def test_synth_then_prepare(tmp_path, capsys):
     assert main(["prepare", "--root", str(cohort), "--out", str(out), "--check-images"]) == 0
     printed = capsys.readouterr().out
     assert "train:" in printed and "val:" in printed and "patches" in printed
+    # the per-class report: the 7 classes have one patient each, so each is in train only
+    assert "train_patients" in printed and "val_patches" in printed
+    assert printed.count("warning: class ") == 7 and "warning: class 'schwan' has 1 patient" in printed
     df = read_manifest(out)
     assert len(df) == 7 * 2 * 3 and df["label"].nunique() == 7
     assert pd.read_csv(out)["path"].str.startswith("../cohort/").all()
@@ -69,4 +73,45 @@ def test_prepare_corrupt_png_with_check_images(tmp_path, capsys):
     out = tmp_path / "manifest.csv"
     assert main(["prepare", "--manifest", str(src), "--out", str(out), "--check-images"]) == 2
     assert "B.png" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_prepare_checks_images_by_default_and_opts_out(tmp_path, capsys):
+    df = _png_rows(tmp_path)
+    bad = tmp_path / "imgs" / "C.png"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    src = tmp_path / "mine.csv"
+    df.to_csv(src, index=False)
+    out = tmp_path / "manifest.csv"
+    assert main(["prepare", "--manifest", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "mine.csv" in err and str(bad) in err and "patient C" in err
+    assert not out.exists()
+    assert main(["prepare", "--manifest", str(src), "--out", str(out), "--no-check-images"]) == 0
+    assert len(read_manifest(out)) == 3
+
+
+def test_prepare_root_checks_images_by_default(tmp_path, capsys):
+    cohort, out = tmp_path / "cohort", tmp_path / "manifest.csv"
+    assert main(["synth", "--out", str(cohort), "--patients", "7", "--slides", "1", "--patches", "2", "--size", "16"]) == 0
+    patch = sorted((cohort / "studies").rglob("*.tif"))[0]
+    patch.write_bytes(patch.read_bytes()[:40])
+    assert main(["prepare", "--root", str(cohort), "--out", str(out)]) == 2
+    assert patch.name in capsys.readouterr().err and not out.exists()
+    assert main(["prepare", "--root", str(cohort), "--out", str(out), "--no-check-images"]) == 0
+
+
+def test_prepare_sources_are_exclusive_and_split_flags_need_folders(tmp_path, capsys):
+    src = tmp_path / "mine.csv"
+    _png_rows(tmp_path).to_csv(src, index=False)
+    out = tmp_path / "manifest.csv"
+    for other in (["--root", str(tmp_path)], ["--folders", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exc:
+            main(["prepare", "--manifest", str(src), *other, "--out", str(out)])
+        assert exc.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    for flag in (["--val-fraction", "0.5"], ["--seed", "1"]):
+        assert main(["prepare", "--manifest", str(src), "--out", str(out), *flag]) == 2
+        assert "--folders only" in capsys.readouterr().err
     assert not out.exists()

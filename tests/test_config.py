@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from hsat.config import (
+    apply_overlay,
     deep_merge,
+    leaf_paths,
     load_run_config,
     load_study_config,
     parse_overrides,
+    resolve_study,
     run_config_for_model,
+    show_study,
     validate,
 )
 from hsat.errors import HSATError
@@ -19,7 +25,7 @@ from hsat.methods import VARIANTS, resolve_method
 
 def test_defaults_fill_nested_sections():
     cfg = load_run_config()
-    assert cfg["attack"]["eps"] == 8 and cfg["attack"]["alpha"] == 2 and cfg["attack"]["steps"] == 5
+    assert cfg["attack"]["eps"] == 8 and cfg["attack"]["alpha"] == 2 and cfg["attack"]["steps"] == 3  # the default study
     assert cfg["method"]["name"] == "hsat"
     assert cfg["method"]["min_levels"] == ["patient", "slide", "patch"]
 
@@ -101,3 +107,89 @@ def test_deep_merge_does_not_mutate():
     a = {"x": {"y": 1, "z": 2}}
     b = {"x": {"y": 3}}
     assert deep_merge(a, b) == {"x": {"y": 3, "z": 2}} and a == {"x": {"y": 1, "z": 2}}
+
+
+# ----------------------------------------------------------------------------- overlays
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "config" / "config.yaml"
+
+
+def _get(d, path):
+    for key in path:
+        d = d[key]
+    return d
+
+
+def test_opensrh_overlay_is_the_paper_config_it_always_was():
+    """config/opensrh.yaml read alone and as an overlay on the default study give the same study
+    (every model's run config, the evaluation, the tables): it names all its differences."""
+    from hsat.config import read_yaml, run_config_for_model
+
+    path = ROOT / "config" / "opensrh.yaml"
+    alone = validate(read_yaml(path), "study", source=str(path))
+    overlaid, named = resolve_study(BASE, [path])
+    assert overlaid["evaluation"] == alone["evaluation"]
+    assert overlaid["tables"] == alone["tables"] and list(overlaid["models"]) == list(alone["models"])
+    for model in alone["models"]:
+        assert run_config_for_model(overlaid, model) == run_config_for_model(alone, model), model
+    assert ("pretrain", "augment", "strength") in named
+
+
+def test_overlay_keeps_the_default_study_and_follows_its_models(tmp_path):
+    overlay = tmp_path / "mine.yaml"
+    overlay.write_text(
+        "models:\n  hidisc_s0: {method: {name: hidisc}, seed: 0}\n  hsat_s0: {method: {name: hsat}, seed: 0}\n"
+        "pretrain: {train: {steps: 50}}\n"
+    )
+    default, _ = resolve_study(BASE)
+    cfg, named = resolve_study(BASE, [overlay])
+    assert list(cfg["models"]) == ["hidisc_s0", "hsat_s0"]  # models replace the matrix
+    assert cfg["pretrain"]["train"]["steps"] == 50
+    assert cfg["pretrain"]["optim"] == default["pretrain"]["optim"]  # the rest is the default study's
+    assert run_config_for_model(cfg, "hsat_s0")["optim"]["lr"] == run_config_for_model(default, "hsat_s0")["optim"]["lr"]
+    assert cfg["evaluation"]["whitebox"]["steps"] == default["evaluation"]["whitebox"]["steps"]
+    for path in (("evaluation", "transfer", "models"), ("evaluation", "sanity", "models")):
+        assert _get(cfg, path) == [m for m in _get(default, path) if m in cfg["models"]]
+    assert ("pretrain", "train", "steps") in named and ("pretrain", "optim", "lr") not in named
+    text = show_study(cfg, named)
+    assert "steps: 50  # overlay" in text and "lr: 0.003  # overlay" not in text
+
+
+def test_overlay_naming_a_list_keeps_it_and_unknown_keys_are_named(tmp_path):
+    cfg = apply_overlay({"models": {"a": {}, "b": {}}, "evaluation": {"sanity": {"models": ["a"]}}},
+                        {"models": {"b": {}, "c": {}}, "evaluation": {"transfer": {"models": ["c"]}}})
+    assert cfg["evaluation"]["sanity"]["models"] == []  # followed: a is gone
+    assert cfg["evaluation"]["transfer"]["models"] == ["c"]  # named by the overlay
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("evaluation: {whitebox: {epsilon: [8]}}\n")
+    with pytest.raises(HSATError, match="epsilon"):
+        resolve_study(BASE, [bad])
+    assert leaf_paths({"models": {"m": {"seed": 1}}, "a": {"b": 1}}) == {("models", "m"), ("a", "b")}
+
+
+def test_cli_config_show_marks_overlay_values(tmp_path, capsys):
+    from hsat.cli import main
+
+    overlay = tmp_path / "mine.yaml"
+    overlay.write_text("evaluation: {knn: {k: 7}}\n")
+    assert main(["config", "show", "--base", str(BASE), "--configfile", str(overlay)]) == 0
+    out = capsys.readouterr().out
+    assert "k: 7  # overlay" in out and "models:" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain_typo: {}\n")
+    assert main(["config", "show", "--base", str(BASE), "--configfile", str(bad)]) == 2
+    assert "pretrain_typo" in capsys.readouterr().err
+
+
+def test_defaults_live_in_the_schema_alone():
+    """config/config.yaml names the study matrix and its model lists, nothing else: every other
+    value of the default study is the schema's default, so the two cannot disagree."""
+    from hsat.config import MODEL_LISTS, read_yaml
+
+    named = leaf_paths(read_yaml(BASE))
+    allowed = {p for p in named if p[0] == "models"} | set(MODEL_LISTS)
+    assert named <= allowed, sorted(named - allowed)
+    default, _ = resolve_study(BASE)
+    assert run_config_for_model(default, "hsat_s0") == run_config_for_model(
+        validate({"models": {"x": {"method": {"name": "hsat"}}}}, "study"), "x")

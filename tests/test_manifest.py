@@ -1,8 +1,10 @@
-"""Manifest contract: validation messages, path resolution relative to the manifest, class ids."""
+"""Manifest contract: validation messages, path resolution relative to the manifest, class ids,
+the per-class split report and the parallel image check."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,7 +12,19 @@ import pytest
 from PIL import Image
 
 from hsat import CLASSES
-from hsat.data.manifest import COLUMNS, class_names, label_ids, read_manifest, validate_manifest, write_manifest
+from hsat.data import manifest as manifest_module
+from hsat.data.manifest import (
+    COLUMNS,
+    check_images,
+    class_names,
+    format_split_report,
+    label_ids,
+    read_manifest,
+    split_report,
+    split_warnings,
+    validate_manifest,
+    write_manifest,
+)
 from hsat.errors import HSATError
 
 
@@ -95,3 +109,57 @@ def test_read_manifest_errors(tmp_path):
 def test_label_ids_rejects_unknown(png_manifest):
     with pytest.raises(HSATError, match="tumour"):
         label_ids(png_manifest, ["benign"])
+
+
+def test_split_report_counts_and_warnings(png_manifest):
+    report = split_report(png_manifest)
+    assert report.columns.tolist() == ["class", "train_patients", "train_patches", "val_patients", "val_patches"]
+    assert report.to_dict("records") == [
+        {"class": "benign", "train_patients": 1, "train_patches": 2, "val_patients": 1, "val_patches": 2},
+        {"class": "tumour", "train_patients": 1, "train_patches": 2, "val_patients": 0, "val_patches": 0},
+    ]
+    assert split_warnings(png_manifest) == [
+        "class 'tumour' has 1 patient: it is in train only; its validation accuracy cannot be measured"
+    ]
+    text = format_split_report(png_manifest)
+    assert "benign" in text and text.splitlines()[-1].startswith("warning: class 'tumour'")
+
+
+def test_split_warnings_val_only_and_several_patients(png_manifest):
+    df = png_manifest.copy()
+    df.loc[df["patient"] == "009", "split"] = "val"  # benign: 008 and 009 both in val
+    extra = df[df["patient"] == "007"].assign(patient="010", slide=lambda d: d["slide"] + "x", path=lambda d: d["path"] + "x")
+    df = pd.concat([df, extra], ignore_index=True)  # tumour: 007 and 010, both in train
+    assert split_warnings(df) == [
+        "class 'benign' has 2 patients, all in val only; no classifier fit on train can predict it",
+        "class 'tumour' has 2 patients, all in train only; its validation accuracy cannot be measured",
+    ]
+    assert split_report(df.assign(split="train"))["val_patches"].tolist() == [0, 0]
+
+
+def test_check_images_lists_every_unreadable_file(png_manifest):
+    bad = png_manifest["path"].iloc[[1, 4]].tolist()
+    Path(bad[0]).write_bytes(b"\x89PNG broken")
+    Path(bad[1]).write_text("not an image")
+    for workers in (1, 4):
+        with pytest.raises(HSATError) as exc:
+            check_images(png_manifest, "m.csv", workers=workers)
+        msg = str(exc.value)
+        assert msg.startswith("m.csv: 2 image file(s) cannot be read")
+        assert f"patient 007, slide 007-1: {bad[0]}" in msg and f"patient 009, slide 009-0: {bad[1]}" in msg
+        assert msg.index(bad[0]) < msg.index(bad[1])  # manifest order, whatever the threads did
+
+
+def test_check_images_passes_good_files_and_rejects_non_srh(png_manifest):
+    check_images(png_manifest, "m.csv", workers=3)
+    with pytest.raises(HSATError, match="007_0.png: cannot read TIFF.*not a TIFF"):
+        check_images(png_manifest, "m.csv", srh_only=True)
+
+
+def test_check_images_stops_after_many_failures(png_manifest, monkeypatch):
+    for p in png_manifest["path"]:
+        Path(p).write_text("broken")
+    monkeypatch.setattr(manifest_module, "_CHECK_BATCH", 1)
+    monkeypatch.setattr(manifest_module, "_CHECK_STOP_AFTER", 2)
+    with pytest.raises(HSATError, match=r"2\+ \(stopped reading after 2\) image file"):
+        check_images(png_manifest, "m.csv", workers=1)

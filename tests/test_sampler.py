@@ -234,7 +234,7 @@ def test_patch_dataset_fields(manifest):
     full = PatchDataset(manifest, split=None, image_size=SIZE)
     assert len(full) == len(manifest)
     assert full.labels.tolist() == [CLASSES.index(lab) for lab in manifest.label]
-    custom = PatchDataset(manifest, classes=["mening", "lgg", "hgg"])
+    custom = PatchDataset(manifest, image_size=SIZE, classes=["mening", "lgg", "hgg"])
     assert custom[len(manifest) - 1]["label"] == 1  # p4 is lgg
     with pytest.raises(HSATError, match="not among the classes"):
         PatchDataset(manifest, classes=["hgg"])
@@ -267,3 +267,84 @@ def test_on_embedded_cohort(tiny_manifest):
     flat = PatchDataset(df, split="val", image_size=SIZE)
     assert flat[0]["image"].shape == (3, SIZE, SIZE)
     assert flat.classes == list(CLASSES)
+
+
+# ---- pixel scale (data.resize, data.allow_upscale) and the `he` preset in the datasets
+
+
+@pytest.fixture(scope="module")
+def he_manifest(tmp_path_factory) -> pd.DataFrame:
+    """112 px RGB crops of scikit-image's immunohistochemistry image: one patch per patient."""
+    from skimage import data
+
+    root: Path = tmp_path_factory.mktemp("he")
+    image = data.immunohistochemistry()
+    rows = []
+    for i, (patient, label, split) in enumerate([("h0", "hgg", "train"), ("h1", "lgg", "train"), ("h2", "lgg", "val")]):
+        path = root / f"{patient}.png"
+        Image.fromarray(image[i * 112 : (i + 1) * 112, :112]).save(path)
+        rows.append({"patient": patient, "slide": f"{patient}_s0", "path": str(path), "label": label, "split": split})
+    return pd.DataFrame(rows)
+
+
+def _crop_only(manifest, **kw) -> HierarchicalDataset:
+    """Strength 0 and prob 0: each view is a plain `image_size` crop."""
+    args = dict(num_slide_samples=1, num_patch_samples=1, num_transforms=2, image_size=32, prob=0.0,
+                strength_fn=functools.partial(strength_at, total_steps=1, start=0.0, dynamic=False))
+    return HierarchicalDataset(manifest, **{**args, **kw})
+
+
+def test_resize_is_the_same_in_training_and_evaluation(he_manifest):
+    from hsat.data.srh import read_image
+    from torchvision.transforms.v2 import functional as F
+
+    path = he_manifest.path[0]
+    native = read_image(path)
+    for resize in ({"size": 56}, {"scale": 0.5}):
+        evaluated = PatchDataset(he_manifest, split="train", image_size=32, resize=resize)[0]["image"]
+        assert torch.equal(evaluated, F.center_crop(F.resize(native, [56], antialias=True), [32]))
+        assert not torch.equal(evaluated, F.center_crop(native, [32]))  # what the model saw without resize
+    # The whole patch resized to the crop side: training views and the evaluated patch agree exactly.
+    train = _crop_only(he_manifest, resize={"size": 32})
+    views = train[(0, 0)]["images"][0, 0]
+    flat = PatchDataset(he_manifest, split="train", image_size=32, resize={"size": 32})[0]["image"]
+    assert torch.equal(views[0], flat) and torch.equal(views[1], flat)
+
+
+def test_too_small_patch_names_the_file_unless_upscaling(manifest):
+    val_path = manifest.loc[manifest.split == "val", "path"].iloc[0]
+    with pytest.raises(HSATError, match=rf"{val_path}: patch is 20x20 px.*24 px crop.*data\.allow_upscale"):
+        PatchDataset(manifest, split="val", image_size=24)[0]
+    with pytest.raises(HSATError, match=r"\.png: patch is 20x20 px.*data\.resize"):
+        _dataset(manifest, image_size=24)[(0, 0)]
+    assert PatchDataset(manifest, split="val", image_size=24, allow_upscale=True)[0]["image"].shape == (3, 24, 24)
+    assert _dataset(manifest, image_size=24, allow_upscale=True)[(0, 0)]["images"].shape[-2:] == (24, 24)
+    # A factor that takes the patch below the crop says so.
+    with pytest.raises(HSATError, match=r"10x10 px after data\.resize \(from 20x20 px\)"):
+        PatchDataset(manifest, split="val", image_size=16, resize={"scale": 0.5})[0]
+
+
+def test_too_small_patch_message_survives_a_loader_worker(manifest):
+    ds = _dataset(manifest, image_size=24)
+    loader = make_loader(ds, HierarchicalBatchSampler(ds, patients_per_batch=2, total_steps=1), num_workers=1)
+    with pytest.raises(HSATError, match=r"\.(png|tif): patch is 20x20 px.*data\.allow_upscale") as caught:
+        next(iter(loader))
+    assert str(caught.value).startswith(str(manifest.path[0].rsplit("/", 1)[0]))  # the message alone
+    assert "Traceback" not in str(caught.value)
+
+
+def test_bad_settings_fail_when_the_dataset_is_built(manifest):
+    with pytest.raises(HSATError, match="augment.preset"):
+        _dataset(manifest, preset="ihc")
+    with pytest.raises(HSATError, match="data.resize"):
+        _dataset(manifest, resize={"factor": 2})
+
+
+def test_he_preset_in_the_training_dataset_is_keyed(he_manifest):
+    ds = HierarchicalDataset(he_manifest, num_slide_samples=1, num_patch_samples=1, num_transforms=2,
+                             image_size=32, prob=1.0, preset="he", resize={"scale": 0.5})
+    a = ds[(1, 3)]["images"]
+    assert a.shape == (1, 1, 2, 3, 32, 32) and 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    assert torch.equal(a, ds[(1, 3)]["images"])  # the key alone decides the draw
+    assert not torch.equal(a, ds[(1, 4)]["images"])
+    assert not torch.equal(a[0, 0, 0], a[0, 0, 1])

@@ -11,7 +11,7 @@ import copy
 import functools
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import jsonschema
 import yaml
@@ -144,6 +144,117 @@ def load_run_config(path: str | Path | None = None, overrides: Iterable[str] = (
 def load_study_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     cfg = deep_merge(read_yaml(path), parse_overrides(overrides))
     return validate(cfg, "study", source=str(path))
+
+
+# ----------------------------------------------------------------------------- overlays
+
+MODEL_LISTS: tuple[tuple[str, ...], ...] = (
+    ("evaluation", "transfer", "models"),
+    ("evaluation", "sanity", "models"),
+    ("evaluation", "whitebox", "autoattack", "models"),
+    ("tables", "table3_models"),
+    ("tables", "table4_models"),
+)
+"""Lists of model names in a study; an overlay that replaces `models` and does not name a list
+keeps the base's entries that are still models (empty = every model)."""
+
+
+def _get(d: Mapping[str, Any], path: Sequence[str]) -> Any:
+    for key in path:
+        if not isinstance(d, Mapping) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _set(d: dict, path: Sequence[str], value: Any) -> None:
+    for key in path[:-1]:
+        d = d.setdefault(key, {})
+    d[path[-1]] = value
+
+
+def apply_overlay(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict:
+    """`base` changed by `overlay`: what the overlay names wins, everything else stays.
+
+    Mappings merge key by key, except `models`, which an overlay replaces as a whole (a study is
+    the models it names); the model lists of `MODEL_LISTS` then keep the base's entries that are
+    still models, unless the overlay names the list itself.
+    """
+    out = deep_merge(base, {k: v for k, v in overlay.items() if k != "models"})
+    if "models" in overlay:
+        out["models"] = copy.deepcopy(dict(overlay["models"] or {}))
+        for path in MODEL_LISTS:
+            if _get(overlay, path) is None and isinstance(_get(base, path), list):
+                _set(out, path, [m for m in _get(base, path) if m in out["models"]])
+    return out
+
+
+def leaf_paths(d: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Key paths of the leaves of a nested mapping (`models` entries count as leaves)."""
+    out: set[tuple[str, ...]] = set()
+    for key, value in d.items():
+        path = (*prefix, str(key))
+        if isinstance(value, Mapping) and value and path[:1] != ("models",) or path == ("models",):
+            out |= leaf_paths(value, path) if value else {path}
+        else:
+            out.add(path)
+    return out
+
+
+def resolve_study(
+    base: str | Path | Mapping[str, Any], overlays: Sequence[str | Path | Mapping[str, Any]] = (),
+    overrides: Iterable[str] = (),
+) -> tuple[dict, set[tuple[str, ...]]]:
+    """The validated study: the base study changed by each overlay in turn, then key=value overrides.
+
+    Returns (config with the schema's defaults filled in, key paths that the overlays and
+    overrides set). Errors name the overlay file and the key.
+    """
+    def load(x):
+        return (read_yaml(x), str(x)) if isinstance(x, (str, Path)) else (dict(x), "config")
+
+    cfg, source = load(base)
+    named: set[tuple[str, ...]] = set()
+    sources = [source]
+    for item in overlays:
+        layer, src = load(item)
+        cfg = apply_overlay(cfg, layer)
+        named |= leaf_paths(layer)
+        sources.append(src)
+    extra = parse_overrides(overrides)
+    if extra:
+        cfg = apply_overlay(cfg, extra)
+        named |= leaf_paths(extra)
+    source = " + ".join(sources)
+    cfg = validate(cfg, "study", source=source)
+    # The shared run settings with the run defaults filled in, so the resolved study shows them.
+    cfg["pretrain"] = validate(cfg["pretrain"], "run", source=f"{source}: pretrain")
+    return cfg, named
+
+
+def show_study(cfg: Mapping[str, Any], named: set[tuple[str, ...]], marker: str = "overlay") -> str:
+    """YAML of a resolved study with `# <marker>` after every value an overlay set."""
+    lines: list[str] = []
+
+    def is_named(path):
+        return any(path[: len(p)] == p for p in named)
+
+    def emit(d, indent, prefix):
+        for key, value in d.items():
+            path = (*prefix, str(key))
+            pad = "  " * indent
+            if isinstance(value, Mapping) and value:
+                mark = f"  # {marker}" if path in named else ""
+                lines.append(f"{pad}{key}:{mark}")
+                emit(value, indent + 1, path)
+            else:
+                text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+                text = text.removesuffix("\n...").strip()
+                mark = f"  # {marker}" if is_named(path) else ""
+                lines.append(f"{pad}{key}: {text}{mark}")
+
+    emit(cfg, 0, ())
+    return "\n".join(lines) + "\n"
 
 
 def resolve_evaluation(cfg_eval: Mapping[str, Any], source: str = "evaluation") -> dict:

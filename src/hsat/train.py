@@ -58,6 +58,7 @@ from hsat.errors import HSATError
 from hsat.io import atomic_path, write_text, write_yaml
 from hsat.losses import hierarchical_loss
 from hsat.models import model_from_config, save_weights, unwrap
+from hsat.progress import TrainingLive, progress_line
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ __all__ = [
 ]
 
 CONFIG, CHECKPOINT, WEIGHTS, LOG = "config.yaml", "checkpoint.pt", "model.safetensors", "log.jsonl"
+CODE_STAMP, LIVE_DIR = "code.version", "dvclive"
+"""The training code's version (`hsat.provenance.code_version`) and dvclive's folder, in the run directory."""
 
 BOOKKEEPING_KEYS = frozenset(
     {"train.steps", "train.checkpoint_every", "train.log_every", "data.num_workers", "threads", "device", "compile"}
@@ -411,6 +414,9 @@ def training_loader(
         strength_fn=strength_function(cfg),
         seed=seed,
         classes=class_names(manifest),
+        preset=cfg["augment"]["preset"],
+        resize=data["resize"],
+        allow_upscale=data["allow_upscale"],
     )
     sampler = HierarchicalBatchSampler(
         dataset,
@@ -445,13 +451,18 @@ def pretrain(
     *,
     callback: StepCallback | None = None,
     on_config_change: str = "error",
+    code_version: str | None = None,
+    live_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Pretrain an encoder as `cfg` says; write config.yaml, checkpoint.pt, log.jsonl, model.safetensors.
 
     Running it again on a finished `out_dir` returns at once; on a partial one it resumes from
     checkpoint.pt. If the method-relevant config changed, it refuses (`on_config_change="error"`)
     or discards the old run and starts afresh (`"restart"`, what the workflow uses so that an
-    interrupted job resumes while a changed one retrains). `callback(step, record)` is
+    interrupted job resumes while a changed one retrains); a `code_version` other than the one
+    stamped in `out_dir` counts as such a change under "restart" (and only warns otherwise).
+    Training curves go to dvclive in `live_dir` (default `out_dir/dvclive`) for `dvc plots`.
+    `callback(step, record)` is
     called on every rank after each optimiser step (after that step's checkpoint is written);
     an exception raised there stops the run, as a kill would. Returns `out_dir`.
     """
@@ -494,6 +505,14 @@ def pretrain(
         if diff:
             log.warning("%s: configuration changed (%s); starting afresh", out_dir, ", ".join(diff))
             restart = True
+    stamp = out_dir / CODE_STAMP
+    old_code = stamp.read_text(encoding="utf-8").strip() if stamp.is_file() else None
+    if code_version and (out_dir / CONFIG).exists() and old_code != code_version and not restart:
+        if on_config_change == "restart":
+            log.warning("%s: training code changed (%s -> %s); starting afresh", out_dir, old_code, code_version)
+            restart = True
+        else:
+            log.warning("%s: resuming a run made by other training code (%s, now %s)", out_dir, old_code, code_version)
     if ckpt_path.exists() and not restart:
         state = load_checkpoint(ckpt_path)
         if state["step"] > total_steps:
@@ -509,6 +528,8 @@ def pretrain(
             ckpt_path.unlink(missing_ok=True)
             (out_dir / WEIGHTS).unlink(missing_ok=True)
         write_yaml(out_dir / CONFIG, cfg)
+        if code_version:
+            write_text(stamp, code_version + "\n")
         _resume_log(out_dir / LOG, start_step)
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -552,8 +573,11 @@ def pretrain(
     log_every, ckpt_every = cfg["train"]["log_every"], cfg["train"]["checkpoint_every"]
     from tqdm.auto import tqdm
 
+    interactive = sys.stderr.isatty()
     bar = tqdm(total=total_steps, initial=start_step, desc=f"pretrain {out_dir.name}", unit="step",
-               disable=not (is_main and sys.stderr.isatty()), dynamic_ncols=True)
+               disable=not (is_main and interactive), dynamic_ncols=True)
+    live = TrainingLive(Path(live_dir) if live_dir else out_dir / LIVE_DIR, start_step) if is_main else None
+    started = time.perf_counter()
     net.train()
     tick, images_seen = time.perf_counter(), 0
     last_ckpt = start_step if state is not None else None
@@ -597,13 +621,18 @@ def pretrain(
             if is_main:
                 with open(out_dir / LOG, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(record) + "\n")
+                live.log(record)
                 bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{record['lr']:.2e}")
+                if not interactive:  # a rule's log file gets one line per logged step instead of a bar
+                    log.info(progress_line(record, total_steps, start_step, time.perf_counter() - started))
         if is_main and (done % ckpt_every == 0 or done == total_steps):
             _save_checkpoint(ckpt_path, model, optimizer, done, cfg)
             last_ckpt = done
         if callback is not None:
             callback(done, record)
     bar.close()
+    if live is not None:
+        live.close()
 
     # ============ final weights ... ============
     if is_main:

@@ -17,7 +17,7 @@ from hsat.errors import HSATError
 
 # Verb groups, in the order `hsat --help` lists them. A missing module is skipped so that a
 # partial installation still offers the verbs it has.
-GROUPS = ("data", "train", "evaluate", "report", "bench")
+GROUPS = ("config", "data", "train", "evaluate", "report", "bench", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

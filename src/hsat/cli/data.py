@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hsat.errors import HSATError
+
 
 def _synth(args: argparse.Namespace) -> int:
     from hsat.data.synthetic import synthesize_cohort
@@ -24,11 +26,32 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from hsat.data.manifest import prepare_manifest, summary
+    from hsat.data.manifest import VAL_FRACTION, format_split_report, prepare_manifest, summary
 
-    df = prepare_manifest(args.out, root=args.root, manifest=args.manifest, check=args.check_images)
+    if args.folders is None and (args.val_fraction is not None or args.seed is not None):
+        raise HSATError(
+            "--val-fraction and --seed apply to --folders only (--root takes its split from "
+            "meta/train_val_split.json, --manifest from its split column)"
+        )
+    df = prepare_manifest(
+        args.out,
+        root=args.root,
+        manifest=args.manifest,
+        folders=args.folders,
+        check=args.check_images,
+        val_fraction=VAL_FRACTION if args.val_fraction is None else args.val_fraction,
+        seed=0 if args.seed is None else args.seed,
+    )
     print(f"hsat prepare: {summary(df)} -> {args.out}")
+    print(format_split_report(df))
     return 0
+
+
+def _synth_defaults() -> dict:
+    """The embedded cohort of the default study (`dataset.synth` of the schema): one source of defaults."""
+    from hsat.config import validate
+
+    return validate({}, "synth")
 
 
 def add_parsers(subparsers) -> None:
@@ -39,28 +62,58 @@ def add_parsers(subparsers) -> None:
         "uint16 TIFF patches). Deterministic for a seed; see docs/synthetic_cohort.md.",
     )
     p.add_argument("--out", type=Path, required=True, help="cohort folder (must be empty, absent, or an earlier synthetic cohort)")
-    p.add_argument("--patients", type=int, default=42, help="patients, spread over the 7 classes (>= 7)")
-    p.add_argument("--slides", type=int, default=2, help="slides per patient")
-    p.add_argument("--patches", type=int, default=24, help="patches per slide")
-    p.add_argument("--size", type=int, default=32, help="patch side in pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.33, help="fraction of each class's patients held out for val")
+    d = _synth_defaults()
+    p.add_argument("--patients", type=int, default=d["patients"], help="patients, spread over the 7 classes (>= 7)")
+    p.add_argument("--slides", type=int, default=d["slides"], help="slides per patient")
+    p.add_argument("--patches", type=int, default=d["patches"], help="patches per slide")
+    p.add_argument("--size", type=int, default=d["size"], help="patch side in pixels")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--val-fraction", type=float, default=d["val_fraction"], help="fraction of each class's patients held out for val")
     p.set_defaults(func=_synth)
 
     p = subparsers.add_parser(
         "prepare",
         help="build or validate the manifest (patient, slide, path, label, split)",
-        description="Walk an OpenSRH root (--root) or validate a user manifest (--manifest; rows may point "
-        "to SRH TIFFs or RGB PNG/JPEG/TIFF) and write a normalised manifest with paths relative to its folder. "
-        "Nothing is written if any check fails.",
+        description="Walk an OpenSRH root (--root) or a folder tree (--folders), or validate a user manifest "
+        "(--manifest; rows may point to SRH TIFFs or RGB PNG/JPEG/TIFF), and write a normalised manifest with "
+        "paths relative to its folder. Every image is read once (in parallel) so corrupt or truncated files "
+        "fail here, not in training. Prints the patients and patches of each class per split and warns about "
+        "classes missing from train or val. Nothing is written if any check fails.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--root", type=Path, help="dataset root holding meta/opensrh.json and meta/train_val_split.json")
     src.add_argument("--manifest", type=Path, help="a manifest CSV to validate and normalise")
+    src.add_argument(
+        "--folders",
+        type=Path,
+        metavar="ROOT",
+        help="a folder tree ROOT/<class>/<patient>/<slide>/<image> or ROOT/<class>/<patient>/<image> (one slide "
+        "per patient); images end in .png .jpg .jpeg .tif .tiff (any case); hidden files are skipped, other "
+        "non-image files are skipped with a warning. Slide ids become <patient>-<slide>; patient folder names "
+        "must be unique across classes. The split is by patient, stratified by class (--val-fraction, --seed)",
+    )
     p.add_argument("--out", type=Path, required=True, help="manifest CSV to write")
     p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="--folders only: fraction of each class's patients held out for val (default 0.33); a class with "
+        ">= 2 patients gets at least one val patient and keeps at least one in train, a class with one patient "
+        "stays in train (its validation accuracy cannot be measured)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="--folders only: seed of the patient split (default 0)")
+    check = p.add_mutually_exclusive_group()
+    check.add_argument(
         "--check-images",
+        dest="check_images",
         action="store_true",
-        help="read every image once (catches corrupt/truncated files and wrong dtype or shape; slower)",
+        default=True,
+        help="read every image once (the default; catches corrupt/truncated files and wrong dtype or shape)",
+    )
+    check.add_argument(
+        "--no-check-images",
+        dest="check_images",
+        action="store_false",
+        help="only check that the image files exist (fast; a corrupt image then fails in training)",
     )
     p.set_defaults(func=_prepare)

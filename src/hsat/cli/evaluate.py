@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 def _study(args: argparse.Namespace) -> dict:
     from hsat.config import load_study_config
 
-    return load_study_config(args.config)
+    return load_study_config(args.study)
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -67,7 +67,8 @@ def _common(p: argparse.ArgumentParser, embeddings: bool = True, model: bool = T
     p.add_argument("--manifest", required=True, metavar="CSV", help="manifest of the study (its val split is attacked)")
     if embeddings:
         p.add_argument("--embeddings", required=True, metavar="EMB_DIR", help="folder written by `hsat embed` for this run")
-    p.add_argument("--config", required=True, metavar="STUDY.yaml", help="study config; its `evaluation` section sets the attacks")
+    p.add_argument("--study", "--config", dest="study", required=True, metavar="STUDY.yaml",
+                   help="study config; its `evaluation` section sets the attacks (--config: the old name)")
     if model:
         p.add_argument("--model", required=True, metavar="NAME", help="model name in the study's `models` (method, group, seed columns)")
 
@@ -101,6 +102,6 @@ def add_parsers(subparsers) -> None:
     e.add_argument("--target", required=True, metavar="NAME")
     e.add_argument("--target-run", required=True, metavar="RUN_DIR")
     e.add_argument("--target-embeddings", required=True, metavar="EMB_DIR")
-    e.add_argument("--config", required=True, metavar="STUDY.yaml")
+    e.add_argument("--study", "--config", dest="study", required=True, metavar="STUDY.yaml")
     e.add_argument("--out", required=True, metavar="CSV")
     e.set_defaults(func=_transfer_evaluate)

@@ -19,7 +19,7 @@ def _tables(args: argparse.Namespace) -> int:
     from hsat.report import read_tidy
     from hsat.report.tables import headline, write_tables
 
-    cfg = load_study_config(args.config)
+    cfg = load_study_config(args.study)
     whitebox, transfer = read_tidy(args.whitebox), read_tidy(args.transfer)
     write_tables(whitebox, transfer, cfg, args.out_dir)
     if args.metrics:
@@ -31,7 +31,7 @@ def _tables(args: argparse.Namespace) -> int:
 def _sanity(args: argparse.Namespace) -> int:
     from hsat.evaluate import sanity_report_run
 
-    df = sanity_report_run(args.inputs, args.whitebox, args.transfer, args.manifest, load_study_config(args.config), args.out)
+    df = sanity_report_run(args.inputs, args.whitebox, args.transfer, args.manifest, load_study_config(args.study), args.out)
     failed = int((~df["passed"].astype(bool)).sum()) if not df.empty else 0
     print(f"{len(df)} sanity checks, {failed} failed -> {args.out}")
     return 0
@@ -41,7 +41,7 @@ def _figures(args: argparse.Namespace) -> int:
     from hsat.report import read_tidy
     from hsat.report.figures import write_figures
 
-    cfg = load_study_config(args.config)
+    cfg = load_study_config(args.study)
     write_figures(
         read_tidy(args.whitebox),
         read_tidy(args.transfer),
@@ -64,7 +64,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_collect)
 
     t = verbs.add_parser("tables", help="Tables 1-4 as CSV, Markdown and LaTeX")
-    t.add_argument("--config", required=True, help="study config (YAML)")
+    t.add_argument("--study", "--config", dest="study", required=True, help="study config (YAML; --config: the old name)")
     t.add_argument("--whitebox", required=True, help="results/whitebox.csv")
     t.add_argument("--transfer", required=True, help="results/transfer.csv")
     t.add_argument("--out-dir", required=True, help="folder for table1..table4")
@@ -73,7 +73,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_tables)
 
     s = verbs.add_parser("sanity", help="every model's sanity checks plus the study-level ones (attack above clean, white-box vs transfer)")
-    s.add_argument("--config", required=True, help="study config (YAML)")
+    s.add_argument("--study", "--config", dest="study", required=True, help="study config (YAML; --config: the old name)")
     s.add_argument("--whitebox", required=True, help="results/whitebox.csv")
     s.add_argument("--transfer", required=True, help="results/transfer.csv")
     s.add_argument("--manifest", required=True, help="the study's manifest (how many validation patches were attacked)")
@@ -82,7 +82,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_sanity)
 
     f = verbs.add_parser("figures", help="figures (PNG and PDF)")
-    f.add_argument("--config", required=True, help="study config (YAML)")
+    f.add_argument("--study", "--config", dest="study", required=True, help="study config (YAML; --config: the old name)")
     f.add_argument("--whitebox", required=True)
     f.add_argument("--transfer", required=True)
     f.add_argument("--sanity", required=True)

@@ -39,9 +39,11 @@ def _pretrain(args: argparse.Namespace) -> int:
             overrides.append(f"data.manifest={args.manifest}")
         cfg = load_run_config(args.config, overrides)
     from hsat.distributed import cleanup
+    from hsat.provenance import code_version
 
     try:
-        out = pretrain(cfg, args.out, on_config_change="restart" if args.restart_if_changed else "error")
+        out = pretrain(cfg, args.out, on_config_change="restart" if args.restart_if_changed else "error",
+                       code_version=code_version(["hsat.cli.train"]), live_dir=args.live_dir)
     finally:
         cleanup()  # leave the torchrun process group cleanly (no-op without torchrun)
     if os.environ.get("RANK", "0") == "0":  # one line per job, not per torchrun rank
@@ -72,8 +74,11 @@ def add_parsers(subparsers) -> None:
     p.add_argument(
         "--restart-if-changed",
         action="store_true",
-        help="if RUN_DIR holds a run of other settings, discard it and start afresh (default: refuse)",
+        help="if RUN_DIR holds a run of other settings or made by other training code, discard it and "
+        "start afresh (default: refuse other settings, warn about other code)",
     )
+    p.add_argument("--live-dir", type=Path, default=None,
+                   help="dvclive folder for the training curves (default: RUN_DIR/dvclive; `dvc plots show` draws them)")
     p.add_argument(
         "overrides",
         nargs="*",

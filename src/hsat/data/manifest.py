@@ -4,18 +4,22 @@
 study folder moves as one piece), or absolute where no relative path exists (another drive).
 Validation rejects what would silently corrupt an experiment: patient-level leakage between
 splits, a slide claimed by two patients, missing files, empty labels. Every message names the
-manifest and the offending patient, slide or path.
+manifest and the offending patient, slide or path. `hsat prepare` also reads every image once
+(`check_images`, in parallel), so a corrupt file fails there and not mid-training, and reports
+the patients and patches of each class per split (`split_report`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from hsat import CLASSES
 from hsat.errors import HSATError
@@ -25,7 +29,13 @@ log = logging.getLogger(__name__)
 
 COLUMNS: tuple[str, ...] = ("patient", "slide", "path", "label", "split")
 SPLITS: tuple[str, ...] = ("train", "val")
+VAL_FRACTION = 0.33
+"""Default fraction of each class's patients held out for val where `hsat` makes the split."""
 _MAX_LISTED = 5  # offending items quoted in one message
+PROGRESS_MIN_IMAGES = 500
+"""`check_images` shows a progress bar (on a terminal) from this many images on."""
+_CHECK_BATCH = 64  # images per task of the check's thread pool
+_CHECK_STOP_AFTER = 100  # unreadable images after which the check stops reading
 
 
 def list_some(items: Sequence, n: int = _MAX_LISTED) -> str:
@@ -140,19 +150,60 @@ def label_ids(df: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
     return df["label"].astype(str).map(index).to_numpy(dtype=np.int64)
 
 
-def check_images(df: pd.DataFrame, source: str, srh_only: bool = False) -> None:
+def _read_errors(reader: Callable, paths: Sequence[str]) -> list[tuple[int, str]]:
+    """(position in `paths`, message) of every path `reader` cannot read."""
+    errors = []
+    for i, path in enumerate(paths):
+        try:
+            reader(path)
+        except HSATError as exc:
+            errors.append((i, str(exc)))
+        except Exception as exc:  # a reader bug or an exotic decoder error: still name the file
+            errors.append((i, f"{path}: cannot read image: {type(exc).__name__}: {exc}"))
+    return errors
+
+
+def check_images(df: pd.DataFrame, source: str, srh_only: bool = False, workers: int | None = None) -> None:
     """Read every image once so corrupt, truncated or mis-shaped files fail now, not mid-training.
 
-    With `srh_only`, each file must be a (2, H, W) uint16 SRH patch.
+    With `srh_only`, each file must be a (2, H, W) uint16 SRH patch; otherwise anything
+    `hsat.data.srh.read_image` accepts. Reads run on `workers` threads (decoders release the
+    GIL); a progress bar shows on a terminal from `PROGRESS_MIN_IMAGES` images on. The error
+    lists the unreadable files with patient, slide and reason; reading stops after
+    `_CHECK_STOP_AFTER` of them.
     """
     from hsat.data.srh import read_image, read_srh_raw
 
     reader = read_srh_raw if srh_only else read_image
-    for row in df.itertuples(index=False):
+    rows = df[["patient", "slide", "path"]].astype(str).to_numpy()
+    paths = rows[:, 2].tolist()
+    batches = [range(i, min(i + _CHECK_BATCH, len(paths))) for i in range(0, len(paths), _CHECK_BATCH)]
+    workers = workers or min(32, (os.cpu_count() or 1) + 4)
+    errors: list[tuple[int, str]] = []
+    stopped = False
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+        total=len(paths), desc="checking images", unit="img", disable=True if len(paths) < PROGRESS_MIN_IMAGES else None
+    ) as bar:
+        futures = [pool.submit(_read_errors, reader, paths[b.start : b.stop]) for b in batches]
         try:
-            reader(row.path)
-        except HSATError as exc:
-            raise HSATError(f"{source}: patient {row.patient}, slide {row.slide}: {exc}") from exc
+            for batch, future in zip(batches, futures):
+                errors.extend((batch.start + i, msg) for i, msg in future.result())
+                bar.update(len(batch))
+                if len(errors) >= _CHECK_STOP_AFTER:
+                    stopped = True
+                    break
+        finally:
+            for future in futures:
+                future.cancel()
+    if errors:
+        count = f"{len(errors)}+ (stopped reading after {len(errors)})" if stopped else str(len(errors))
+        lines = [f"  patient {rows[i, 0]}, slide {rows[i, 1]}: {msg}" for i, msg in errors[:_MAX_LISTED]]
+        if len(errors) > _MAX_LISTED:
+            lines.append(f"  (and {len(errors) - _MAX_LISTED} more)")
+        raise HSATError(
+            f"{source}: {count} image file(s) cannot be read (corrupt, truncated, not an image, or of the "
+            "wrong dtype/shape); fix or remove them:\n" + "\n".join(lines)
+        )
 
 
 def summary(df: pd.DataFrame) -> str:
@@ -164,25 +215,75 @@ def summary(df: pd.DataFrame) -> str:
     return "; ".join(parts) + f"; {df['label'].nunique()} classes"
 
 
+def split_report(df: pd.DataFrame) -> pd.DataFrame:
+    """Per class (in `class_names` order): patients and patches in train and in val."""
+    counts = (
+        df.groupby(["label", "split"])
+        .agg(patients=("patient", "nunique"), patches=("path", "size"))
+        .unstack("split", fill_value=0)
+    )
+    present = set(df["label"].astype(str))
+    table = pd.DataFrame({"class": [c for c in class_names(df) if c in present]})
+    for split in SPLITS:
+        for what in ("patients", "patches"):
+            col = (what, split)
+            values = counts[col] if col in counts.columns else pd.Series(0, index=counts.index)
+            table[f"{split}_{what}"] = table["class"].map(values).fillna(0).astype(int).to_numpy()
+    return table
+
+
+def split_warnings(df: pd.DataFrame) -> list[str]:
+    """One sentence per class missing from val or from train, naming the class."""
+    out = []
+    for row in split_report(df).to_dict("records"):
+        n = row["train_patients"] + row["val_patients"]
+        who = "1 patient: it is" if n == 1 else f"{n} patients, all"
+        if row["val_patients"] == 0:
+            out.append(f"class {row['class']!r} has {who} in train only; its validation accuracy cannot be measured")
+        elif row["train_patients"] == 0:
+            out.append(f"class {row['class']!r} has {who} in val only; no classifier fit on train can predict it")
+    return out
+
+
+def format_split_report(df: pd.DataFrame) -> str:
+    """`split_report` as a text table, followed by one `warning:` line per `split_warnings`."""
+    lines = [split_report(df).to_string(index=False)]
+    lines += [f"warning: {w}" for w in split_warnings(df)]
+    return "\n".join(lines)
+
+
 def prepare_manifest(
     out: str | os.PathLike,
     root: str | os.PathLike | None = None,
     manifest: str | os.PathLike | None = None,
-    check: bool = False,
+    folders: str | os.PathLike | None = None,
+    check: bool = True,
+    val_fraction: float = VAL_FRACTION,
+    seed: int = 0,
 ) -> pd.DataFrame:
-    """`hsat prepare`: build (from an OpenSRH root) or re-validate (a user manifest), then write `out`.
+    """`hsat prepare`: build (from an OpenSRH root or a folder tree) or re-validate (a user manifest), then write `out`.
 
-    Nothing is written unless every check passes.
+    With `check` (the default) every image is read once. `val_fraction` and `seed` make the
+    split of a folder tree; the other sources carry their split. Classes missing from a split
+    are logged as warnings. Nothing is written unless every check passes.
     """
-    if (root is None) == (manifest is None):
-        raise HSATError("give exactly one of a dataset root or a manifest")
+    if sum(x is not None for x in (root, manifest, folders)) != 1:
+        raise HSATError("give exactly one of a dataset root, a manifest or a folder tree")
     if root is not None:
         from hsat.data.opensrh import build_manifest
 
         df = build_manifest(root, check_images=check)
-    else:
+    elif manifest is not None:
         df = read_manifest(manifest, check_files=True)
         if check:
             check_images(df, str(manifest))
+    else:
+        from hsat.data.folders import manifest_from_folders
+
+        df = manifest_from_folders(folders, val_fraction=val_fraction, seed=seed)
+        if check:
+            check_images(df, str(folders))
+    for warning in split_warnings(df):
+        log.warning("%s", warning)
     write_manifest(df, out)
     return df

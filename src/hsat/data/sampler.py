@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hsat.data.transforms import eval_transform, train_transform
+from hsat.data.transforms import PatchTooSmall, eval_transform, train_transform
 from hsat.errors import HSATError
 
 __all__ = [
@@ -73,6 +73,14 @@ def _draw(n: int, k: int) -> Tensor:
     return torch.randint(n, (k,))
 
 
+def _apply(transform: Callable[[Tensor], Tensor], image: Tensor, path: str) -> Tensor:
+    """`transform(image)`, a too-small patch reported with its file (also from a DataLoader worker)."""
+    try:
+        return transform(image)
+    except PatchTooSmall as exc:
+        raise HSATError(f"{path}: {exc}") from None
+
+
 def _key(key: Any) -> Key:
     if isinstance(key, (tuple, list)) and len(key) == 2:
         return int(key[0]), int(key[1])
@@ -88,7 +96,9 @@ class HierarchicalDataset(Dataset):
     `strength_fn(step) -> float` gives the augmentation strength at a step (default 1.0);
     it must pickle into DataLoader workers, so pass a module-level function or
     `functools.partial(hsat.data.transforms.strength_at, total_steps=..., ...)`, not a lambda.
-    Each patch is read once with `hsat.data.srh.read_image` and augmented `num_transforms` times.
+    Each patch is read once with `hsat.data.srh.read_image` and augmented `num_transforms` times
+    by `train_transform` (`preset`, and `resize` / `allow_upscale` as `data.resize` /
+    `data.allow_upscale` say; a patch too small for the crop raises HSATError naming its file).
     """
 
     def __init__(
@@ -103,6 +113,9 @@ class HierarchicalDataset(Dataset):
         strength_fn: Callable[[int], float] | None = None,
         seed: int = 0,
         classes: list[str] | None = None,
+        preset: str = "srh",
+        resize: dict[str, Any] | None = None,
+        allow_upscale: bool = False,
     ):
         for name, value in (
             ("num_slide_samples", num_slide_samples),
@@ -138,6 +151,10 @@ class HierarchicalDataset(Dataset):
         self.prob = float(prob)
         self.strength_fn = strength_fn
         self.seed = int(seed)
+        self.preset = str(preset)
+        self.resize = resize
+        self.allow_upscale = bool(allow_upscale)
+        train_transform(self.image_size, 1.0, self.prob, self.preset, self.resize, self.allow_upscale)  # fail early
 
     def __len__(self) -> int:
         return len(self.patients)
@@ -151,7 +168,9 @@ class HierarchicalDataset(Dataset):
         index, step = _key(key)
         if not 0 <= index < len(self.patients):
             raise IndexError(f"patient index {index} out of range (0..{len(self.patients) - 1})")
-        transform = train_transform(self.image_size, self.strength(step), self.prob)
+        transform = train_transform(
+            self.image_size, self.strength(step), self.prob, self.preset, self.resize, self.allow_upscale
+        )
         slides = self.slides[index]
         # torchvision v2 draws from torch's global RNG: seed it inside a fork so the caller's
         # RNG state is untouched and the draw depends on the key alone.
@@ -163,7 +182,8 @@ class HierarchicalDataset(Dataset):
                 per_patch = []
                 for k in _draw(len(patches), self.num_patch_samples).tolist():
                     image = read_image(patches[k])
-                    per_patch.append(torch.stack([transform(image) for _ in range(self.num_transforms)]))
+                    views = [_apply(transform, image, patches[k]) for _ in range(self.num_transforms)]
+                    per_patch.append(torch.stack(views))
                 per_slide.append(torch.stack(per_patch))
         return {"images": torch.stack(per_slide), "label": self.labels[index], "patient": self.patients[index]}
 
@@ -251,7 +271,9 @@ class PatchDataset(Dataset):
 
     Item: `{"image": (3, H, W) via eval_transform, "label": int, "patient", "slide", "path",
     "index": row position in the split-filtered manifest}`. `rows`, `labels` expose the table
-    for patient/slide aggregation without reading images.
+    for patient/slide aggregation without reading images. `resize` and `allow_upscale` are the
+    trained run's `data.resize` and `data.allow_upscale`, so embedding and attacks see the pixel
+    scale training saw; a patch too small for the crop raises HSATError naming its file.
     """
 
     def __init__(
@@ -260,11 +282,13 @@ class PatchDataset(Dataset):
         split: str | None = None,
         image_size: int = 32,
         classes: list[str] | None = None,
+        resize: dict[str, Any] | None = None,
+        allow_upscale: bool = False,
     ):
         self.rows = _split_rows(manifest, split, "PatchDataset")
         self.classes, ids = _classes_and_ids(manifest, self.rows, classes)
         self.labels = np.asarray(ids, dtype=np.int64)
-        self.transform = eval_transform(image_size)
+        self.transform = eval_transform(image_size, resize, allow_upscale)
         self._patients = self.rows["patient"].astype(str).tolist()
         self._slides = self.rows["slide"].astype(str).tolist()
         self._paths = self.rows["path"].astype(str).tolist()
@@ -276,14 +300,33 @@ class PatchDataset(Dataset):
         from hsat.data.srh import read_image
 
         index = int(index)
+        path = self._paths[index]
         return {
-            "image": self.transform(read_image(self._paths[index])),
+            "image": _apply(self.transform, read_image(path), path),
             "label": int(self.labels[index]),
             "patient": self._patients[index],
             "slide": self._slides[index],
-            "path": self._paths[index],
+            "path": path,
             "index": index,
         }
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose workers' HSATErrors reach the caller as their message alone.
+
+    torch re-raises a worker's exception as the same type with the worker's whole traceback as
+    the message; the CLI prints an HSATError's message, so keep the part the error wrote.
+    """
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except HSATError as exc:
+            text = str(exc)
+            head = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+            if not text.startswith("Caught ") or head not in text:
+                raise
+            raise type(exc)(text.rsplit(head, 1)[1].rstrip("\n")) from None
 
 
 def make_loader(
@@ -292,8 +335,9 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """DataLoader over hierarchical batches (persistent workers when `num_workers > 0`)."""
-    return DataLoader(
+    """DataLoader over hierarchical batches (persistent workers when `num_workers > 0`); an
+    HSATError in a worker (a patch too small, an unreadable file) is raised with its own message."""
+    return _Loader(
         dataset,
         batch_sampler=batch_sampler,
         collate_fn=collate_hierarchical,

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from hsat.config import read_yaml, resolve_evaluation, run_config_for_model
+from hsat.config import read_yaml, resolve_evaluation, run_config_for_model, validate
 from hsat.data.manifest import class_names, read_manifest
 from hsat.data.sampler import PatchDataset
 from hsat.errors import HSATError
@@ -44,14 +44,21 @@ def eval_image_size(study: Mapping[str, Any], run_dir: str | Path) -> int:
     return int(read_yaml(Path(run_dir) / "config.yaml")["data"]["image_size"])
 
 
-def datasets(manifest: str | Path, image_size: int, splits: Sequence[str]) -> tuple[list[PatchDataset], list[str]]:
+def datasets(manifest: str | Path, image_size: int, splits: Sequence[str],
+             run_dir: str | Path) -> tuple[list[PatchDataset], list[str]]:
+    """One PatchDataset per split, at the pixel scale the run trained at (its data.resize and
+    data.allow_upscale; run_dir/config.yaml validated, so a config from before those keys gets
+    their defaults)."""
+    cfg_path = Path(run_dir) / "config.yaml"
+    run_data = validate(read_yaml(cfg_path), "run", source=str(cfg_path))["data"]
     df = read_manifest(manifest)
     classes = list(class_names(df))
     out = []
     for split in splits:
         if not (df["split"] == split).any():
             raise HSATError(f"{manifest}: no {split!r} patches")
-        out.append(PatchDataset(df, split=split, image_size=image_size, classes=classes))
+        out.append(PatchDataset(df, split=split, image_size=image_size, classes=classes,
+                                resize=run_data["resize"], allow_upscale=run_data["allow_upscale"]))
     return out, classes
 
 
@@ -67,7 +74,7 @@ def embed_run(
     device = torch.device(device) if device else default_device()
     cfg_eval = resolve_evaluation(study["evaluation"])
     size = eval_image_size(study, run_dir)
-    (train_ds, val_ds), classes = datasets(manifest, size, ("train", "val"))
+    (train_ds, val_ds), classes = datasets(manifest, size, ("train", "val"), run_dir)
     model = load_trained_model(run_dir, device=device)
     bs = cfg_eval["batch_size"]
     train = embed(model, train_ds, bs, device, progress, desc="embed train")
@@ -96,7 +103,7 @@ def load_for_eval(run_dir, manifest, emb_dir, study: Mapping[str, Any], device):
     size = eval_image_size(study, run_dir)
     if int(emb.meta.get("image_size", size)) != size:
         raise HSATError(f"{emb_dir}: embedded at image size {emb.meta.get('image_size')} but evaluation uses {size}")
-    (val_ds,), classes = datasets(manifest, size, ("val",))
+    (val_ds,), classes = datasets(manifest, size, ("val",), run_dir)
     if emb.classes and emb.classes != classes:
         raise HSATError(f"{emb_dir}: classes {emb.classes} differ from {manifest}'s {classes}")
     check_val_matches(emb, val_ds, emb_dir, manifest)
