@@ -77,7 +77,7 @@ def test_cli_bench_writes_json_and_prints_a_table(tmp_path, monkeypatch, capsys)
     assert rc == 0
     report = json.loads(out.read_text())
     assert [(e["backbone"], e["image_size"]) for e in report["entries"]] == [("test_resnet", 16), ("test_resnet", 24)]
-    assert set(report["entries"][0]["data_wait_by_workers"]) == {"0", "1"}  # default 0 workers, plus 1 to compare
+    assert set(report["entries"][0]["data_wait_by_workers"]) == {"0", "1"}  # the default's 1 worker, and 0 to compare
     table = capsys.readouterr().out
     assert "ratio_to_floor" in table and "test_resnet@24px" in table
 

@@ -176,5 +176,5 @@ def test_two_process_gloo_run_matches_one_process(tiny_manifest: Path, tmp_path:
         assert b["images_per_s"] > 0
     # only rank 0 writes: no stray temporary files
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
-        ["config.yaml", "checkpoint.pt", "log.jsonl", "model.safetensors"]
+        ["config.yaml", "checkpoint.pt", "log.jsonl", "model.safetensors", "code.version", "dvclive"]
     )

@@ -452,7 +452,7 @@ def run_benchmark(
 
     `threads` fixes torch's intra-op threads for the whole run (None: leave torch's choice).
     `data_workers`: DataLoader worker counts for the data-wait loop; default the config's
-    `data.num_workers`, plus 1 when that is 0 (to show what workers buy). The first of them
+    `data.num_workers`, plus 1 when that is 0, else 0 (to show what workers buy). The first of them
     gives `data_wait_fraction`. The embedded cohort (`cohort`, default the study's) is
     synthesised into `workdir` (default a temporary folder, removed after).
     """
@@ -481,7 +481,8 @@ def _run(base, device, *, extra, repeats, warmup, threads, data_steps, data_work
     from hsat.data.synthetic import synthesize_cohort
 
     if data_workers is None:
-        data_workers = [int(base["data"]["num_workers"])] + ([1] if base["data"]["num_workers"] == 0 else [])
+        workers = int(base["data"]["num_workers"])
+        data_workers = [workers, 1 if workers == 0 else 0]  # the config's, and the other side for comparison
     entries_cfg = [("default", base)] + [(e, _entry_config(base, e)) for e in extra]
     sizes = [c["data"]["image_size"] for _, c in entries_cfg]
     cohort = {**COHORT, **(cohort or {})}
