@@ -31,7 +31,7 @@ def tiny_cfg(manifest: Path, **sections) -> dict:
         "data": {"manifest": str(manifest), "image_size": 16, "patients_per_batch": 2, "num_workers": 0},
         "model": {"backbone": "test_resnet", "head_hidden": [32], "embed_dim": 16},
         "method": {"name": "hsat"},
-        "attack": {"steps": 1, "warmup_steps": 0},
+        "attack": {"steps": 1, "warmup_steps": 0, "only_adversarial": False},
         "augment": {"strength": 0.0},
         "optim": {"lr": 1e-3, "warmup_steps": 0},
         "train": {"steps": 6, "log_every": 1, "checkpoint_every": 3},
@@ -124,11 +124,17 @@ def test_variants_log_their_own_levels(tiny_manifest, tmp_path):
 
 def test_dynamic_augmentation_and_eps_warmup_follow_their_schedules(tiny_manifest, tmp_path):
     cfg = tiny_cfg(tiny_manifest, augment={"strength": 1.0, "min_strength": 0.0, "dynamic": True},
-                   attack={"steps": 1, "warmup_steps": 4, "clean_weight": 0.5}, train={"steps": 4})
+                   attack={"steps": 1, "warmup_steps": 4, "warmup_start": 0, "clean_weight": 0.5,
+                           "only_adversarial": False}, train={"steps": 4})
     log = read_log(pretrain(cfg, tmp_path / "run"))
     assert [r["eps"] for r in log] == [0.0, 2.0, 4.0, 6.0]
     assert [r["strength"] for r in log] == [1.0, 0.75, 0.5, 0.25]
-    assert [r["clean_weight"] for r in log] == pytest.approx([0.0, 0.125, 0.25, 0.375])
+    # DynACL: w = 0.5 (1 - s); clean (1 - w) / 2, adversarial (1 + w) / 2
+    assert [r["clean_weight"] for r in log] == pytest.approx([0.5, 0.4375, 0.375, 0.3125])
+    assert [r["adv_weight"] for r in log] == pytest.approx([0.5, 0.5625, 0.625, 0.6875])
+    started = read_log(pretrain(tiny_cfg(tiny_manifest, attack={"steps": 1, "warmup_steps": 4, "warmup_start": 1}),
+                                tmp_path / "from1"))
+    assert [r["eps"] for r in started[:4]] == [1.0, 2.75, 4.5, 6.25]  # the paper's warm-up from 1/255
 
 
 def test_attack_builds_no_parameter_gradients(tiny_manifest, tmp_path, monkeypatch):
@@ -324,3 +330,32 @@ def test_cli_pretrain_writes_the_run_directory(tiny_manifest, tmp_path, capsys):
     assert main(["pretrain", "--study", str(tmp_path / "study.yaml"), "--model", "nope",
                  "--out", str(tmp_path / "x")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_separate_forward_gives_each_kind_of_view_its_own_batch_norm_batch(tiny_manifest):
+    """attack.forward: separate runs clean and adversarial views through the encoder in two
+    forwards (the reference code), so the loss is the sum of two single-kind forwards; joint
+    normalises them as one batch, which changes the loss in train mode."""
+    from hsat.losses import hierarchical_loss
+    from hsat.methods import resolve_method
+    from hsat.models import build_model
+    from hsat.train import embed_views, encoder_update
+
+    torch.manual_seed(0)
+    shape = (2, 2, 2, 2)
+    x = torch.rand(16, 3, 16, 16)
+    x_adv = (x + 0.3 * torch.rand_like(x)).clamp(0, 1)
+    method = resolve_method({"name": "hsat"})
+    kw = dict(weights=method["level_weights"], temperature=method["temperature"], base_temperature=method["base_temperature"])
+    losses = {}
+    for mode in (True, False):
+        torch.manual_seed(1)
+        model = build_model("test_resnet", head_hidden=(16,), embed_dim=8).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        losses[mode] = encoder_update(model, opt, x, x_adv, shape, method=method, separate_forward=mode).loss
+    torch.manual_seed(1)
+    model = build_model("test_resnet", head_hidden=(16,), embed_dim=8).train()
+    expected = sum(float(hierarchical_loss(embed_views(model, v, shape)[0], method["min_levels"], **kw)["total"].detach())
+                   for v in (x, x_adv))
+    assert losses[True] == pytest.approx(expected, rel=1e-5)
+    assert abs(losses[True] - losses[False]) > 1e-4

@@ -21,6 +21,7 @@ from hsat.data.transforms import (
     HEDJitter,
     PatchTooSmall,
     clean_weight_at,
+    loss_weights,
     eval_transform,
     resize_op,
     strength_at,
@@ -106,12 +107,22 @@ def test_strength_fn_partial_pickles():
     assert again(5) == pytest.approx(fn(5)) == pytest.approx(0.5)
 
 
-def test_clean_weight():
-    assert clean_weight_at(1.0, lam=2.0, dynamic=True, only_adversarial=False) == pytest.approx(0.0)
-    assert clean_weight_at(0.25, lam=2.0, dynamic=True, only_adversarial=False) == pytest.approx(1.5)
-    assert clean_weight_at(0.25, lam=2.0, dynamic=False, only_adversarial=False) == pytest.approx(2.0)
-    assert clean_weight_at(0.25, lam=2.0, dynamic=True, only_adversarial=True) == 0.0
-    assert clean_weight_at(0.25, lam=2.0, dynamic=False, only_adversarial=True) == 0.0
+def test_dynacl_weighting_gives_the_adversarial_term_weight_as_augmentation_weakens():
+    """DynACL (and HSAT's "clean samples also" run): ((1-w) L_clean + (1+w) L_adv) / 2, w = lam (1 - s)."""
+    assert loss_weights(1.0, lam=0.66, dynamic=True, only_adversarial=False) == pytest.approx((0.5, 0.5))
+    assert loss_weights(0.0, lam=0.66, dynamic=True, only_adversarial=False) == pytest.approx((0.17, 0.83))
+    weights = [loss_weights(s, lam=0.66, dynamic=True, only_adversarial=False) for s in (1.0, 0.75, 0.5, 0.25, 0.0)]
+    assert all(a[1] < b[1] and a[0] > b[0] for a, b in zip(weights, weights[1:]))  # adversarial weight rises
+    assert all(c + a == pytest.approx(1.0) for c, a in weights)
+    assert loss_weights(0.25, lam=2.0, dynamic=False, only_adversarial=False) == (2.0, 1.0)
+    assert loss_weights(0.25, lam=2.0, dynamic=True, only_adversarial=True) == (0.0, 1.0)
+    assert clean_weight_at(0.0, lam=0.66, dynamic=True, only_adversarial=False) == pytest.approx(0.17)
+
+
+def test_strength_decays_in_stages():
+    values = [strength_at(s, 100, start=1.0, end=0.0, dynamic=True, stages=4) for s in range(100)]
+    assert sorted(set(values), reverse=True) == [1.0, 0.75, 0.5, 0.25]
+    assert values[24] == 1.0 and values[25] == 0.75 and values[99] == 0.25
 
 
 # ---- pixel scale: data.resize and the size check, before any crop

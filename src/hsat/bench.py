@@ -119,6 +119,7 @@ def naive_step(
     attack: Mapping[str, Any],
     eps: float,
     clean_weight: float = 1.0,
+    adv_weight: float = 1.0,
     generator: torch.Generator | None = None,
     fast: torch.nn.Module | None = None,
     autocast: Callable[[], Any] = contextlib.nullcontext,
@@ -135,7 +136,9 @@ def naive_step(
                                     generator=generator, fast=fast, autocast=autocast)
     with_clean = not attack["only_adversarial"]
     return encoder_update(model, optimizer, x if with_clean else None, x_adv, shape, method=method,
-                          clean_weight=clean_weight, net=fast, autocast=autocast, grad_clip=grad_clip)
+                          clean_weight=clean_weight, adv_weight=adv_weight,
+                          separate_forward=attack["forward"] == "separate", net=fast, autocast=autocast,
+                          grad_clip=grad_clip)
 
 
 def _input_gradient_passes(model, fast, x, shape, method, attack, autocast) -> None:

@@ -111,12 +111,12 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
     return out
 
 
-def linear_warmup(value: float, total_steps: int, warmup_steps: int) -> np.ndarray:
-    """`value * min(1, step / warmup_steps)`: grows linearly from 0 (constant without warm-up)."""
+def linear_warmup(value: float, total_steps: int, warmup_steps: int, start: float = 0.0) -> np.ndarray:
+    """Grows linearly from `start` to `value` over `warmup_steps`, then stays (constant without warm-up)."""
     steps = np.arange(total_steps, dtype=np.float64)
     if warmup_steps <= 0:
         return np.full(total_steps, float(value))
-    return float(value) * np.minimum(1.0, steps / warmup_steps)
+    return float(start) + (float(value) - float(start)) * np.minimum(1.0, steps / warmup_steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,20 +299,28 @@ def encoder_update(
     *,
     method: Mapping[str, Any],
     clean_weight: float = 1.0,
+    adv_weight: float = 1.0,
+    separate_forward: bool = False,
     net: torch.nn.Module | None = None,
     autocast: Callable[[], Any] = contextlib.nullcontext,
     grad_clip: float | None = None,
 ) -> StepResult:
-    """Outer minimisation: ONE forward of [clean; adversarial] views, loss, ONE backward, optimiser step.
+    """Outer minimisation: forward of the clean and adversarial views, loss, ONE backward, optimiser step.
 
-    `x` None means no clean term (attack.only_adversarial); `x_adv` None means HiDisc. Raises
-    NonFiniteLoss before the backward. Parameter gradients are accumulated into whatever
-    `.grad` holds (the caller zeroes them).
+    `x` None means no clean term (attack.only_adversarial); `x_adv` None means HiDisc. The two
+    kinds of view go through the encoder in one forward of [clean; adversarial] (one batch-norm
+    batch) or, with `separate_forward`, in two (each its own batch-norm batch, as the reference
+    HSAT code does). Loss = clean_weight * L_clean + adv_weight * L_adv. Raises NonFiniteLoss
+    before the backward. Parameter gradients are accumulated into whatever `.grad` holds (the
+    caller zeroes them).
     """
     net = model if net is None else net
     levels_kw = _levels_kw(method)
     views = [v for v in (x, x_adv) if v is not None]
-    z = embed_views(net, torch.cat(views) if len(views) > 1 else views[0], shape, autocast)
+    if separate_forward and len(views) > 1:
+        z = [embed_views(net, v, shape, autocast)[0] for v in views]
+    else:
+        z = embed_views(net, torch.cat(views) if len(views) > 1 else views[0], shape, autocast)
     losses: dict[str, torch.Tensor] = {}
     total: torch.Tensor | None = None
     if x is not None:
@@ -322,7 +330,7 @@ def encoder_update(
     if x_adv is not None:
         adv = hierarchical_loss(z.pop(0), method["min_levels"], **levels_kw)
         losses.update({f"loss_adv_{k}": v.detach() for k, v in adv.items() if k != "total"})
-        total = adv["total"] if total is None else total + adv["total"]
+        total = float(adv_weight) * adv["total"] if total is None else total + float(adv_weight) * adv["total"]
     assert total is not None, "encoder_update needs clean or adversarial views"
     loss_value = float(total.detach())
     if not math.isfinite(loss_value):
@@ -343,6 +351,7 @@ def hsat_step(
     attack: Mapping[str, Any],
     eps: float,
     clean_weight: float = 1.0,
+    adv_weight: float = 1.0,
     generator: torch.Generator | None = None,
     fast: torch.nn.Module | None = None,
     net: torch.nn.Module | None = None,
@@ -355,7 +364,8 @@ def hsat_step(
     `model` is the plain HSATModel (frozen during the attack), `fast` what the attack calls
     (default `model`), `net` what the encoder's forward/backward goes through (default `fast`;
     the DDP wrapper under torchrun). `eps` is this step's radius in 1/255 units and
-    `clean_weight` the weight of the clean term (adversarial methods only). The optimiser's
+    `clean_weight` / `adv_weight` the weights of the two terms (adversarial methods only;
+    `attack.forward` says whether they share a batch-norm forward). The optimiser's
     learning rate is the caller's to set.
     """
     fast = model if fast is None else fast
@@ -372,12 +382,21 @@ def hsat_step(
                                   fast=fast, autocast=autocast)
     with_clean = not adversarial or not attack["only_adversarial"]
     return encoder_update(model, optimizer, x if with_clean else None, x_adv, shape, method=method,
-                          clean_weight=float(clean_weight) if adversarial else 1.0, net=net, autocast=autocast,
+                          clean_weight=float(clean_weight) if adversarial else 1.0,
+                          adv_weight=float(adv_weight) if adversarial else 1.0,
+                          separate_forward=attack["forward"] == "separate", net=net, autocast=autocast,
                           grad_clip=grad_clip)
 
 
 # ---------------------------------------------------------------------------------------------
 # the pieces pretrain builds, shared with `hsat bench`
+
+
+def dynamic_augmentation(cfg: Mapping[str, Any]) -> bool:
+    """Whether the augmentation strength decays: `augment.dynamic`, where `auto` means for
+    adversarial methods (HSAT's recipe) and not for HiDisc (which keeps its fixed augmentation)."""
+    dynamic = cfg["augment"]["dynamic"]
+    return bool(cfg["method"]["adversarial"]) if dynamic == "auto" else bool(dynamic)
 
 
 def strength_function(cfg: Mapping[str, Any]) -> Callable[[int], float]:
@@ -386,7 +405,7 @@ def strength_function(cfg: Mapping[str, Any]) -> Callable[[int], float]:
 
     augment = cfg["augment"]
     return functools.partial(strength_at, total_steps=int(cfg["train"]["steps"]), start=augment["strength"],
-                             end=augment["min_strength"], dynamic=augment["dynamic"])
+                             end=augment["min_strength"], dynamic=dynamic_augmentation(cfg), stages=augment["stages"])
 
 
 def training_loader(
@@ -466,7 +485,7 @@ def pretrain(
     called on every rank after each optimiser step (after that step's checkpoint is written);
     an exception raised there stops the run, as a kill would. Returns `out_dir`.
     """
-    from hsat.data.transforms import clean_weight_at
+    from hsat.data.transforms import loss_weights
 
     cfg = _normalise(cfg)
     out_dir = Path(out_dir)
@@ -558,12 +577,13 @@ def pretrain(
     # ============ schedules ... ============
     strength_fn = strength_function(cfg)
     lr_schedule = cosine_schedule(cfg["optim"]["lr"], cfg["optim"]["min_lr"], total_steps, cfg["optim"]["warmup_steps"])
-    eps_schedule = linear_warmup(attack["eps"], total_steps, attack["warmup_steps"])  # 1/255 units
+    eps_schedule = linear_warmup(attack["eps"], total_steps, attack["warmup_steps"], attack["warmup_start"])  # 1/255
     strength_schedule = np.array([strength_fn(s) for s in range(total_steps)])
-    clean_weight_schedule = np.array([
-        clean_weight_at(s, attack["clean_weight"], augment["dynamic"], attack["only_adversarial"])
+    weight_schedule = np.array([
+        loss_weights(s, attack["clean_weight"], dynamic_augmentation(cfg), attack["only_adversarial"])
         for s in strength_schedule
-    ])
+    ])  # (steps, 2): clean, adversarial
+    clean_weight_schedule, adv_weight_schedule = weight_schedule[:, 0], weight_schedule[:, 1]
     if state is not None:
         _set_rng_state(state["rng"])
         log.info("resuming %s from step %d", out_dir, start_step)
@@ -589,7 +609,8 @@ def pretrain(
             # inner maximisation (input gradients only) + outer minimisation (one forward/backward)
             result = hsat_step(
                 model, optimizer, images, method=method, attack=attack, eps=float(eps_schedule[step]),
-                clean_weight=float(clean_weight_schedule[step]), generator=_attack_generator(seed, step, rank, device),
+                clean_weight=float(clean_weight_schedule[step]), adv_weight=float(adv_weight_schedule[step]),
+                generator=_attack_generator(seed, step, rank, device),
                 fast=fast, net=net, autocast=autocast, channels_last=cfg["channels_last"],
                 grad_clip=cfg["optim"]["grad_clip"],
             )
@@ -611,6 +632,7 @@ def pretrain(
             "eps": float(eps_schedule[step]) if adversarial else 0.0,
             "strength": float(strength_schedule[step]),
             "clean_weight": float(clean_weight_schedule[step]) if adversarial else 1.0,
+            "adv_weight": float(adv_weight_schedule[step]) if adversarial else 0.0,
             "loss_total": result.loss,
         }
         if done % log_every == 0 or done == total_steps:

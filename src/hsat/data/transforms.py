@@ -281,11 +281,13 @@ def eval_transform(
     return v2.Compose([_FitToSize(size, resize, allow_upscale), v2.CenterCrop(size)])
 
 
-def strength_at(step: int, total_steps: int, start: float = 1.0, end: float = 0.0, dynamic: bool = True) -> float:
+def strength_at(step: int, total_steps: int, start: float = 1.0, end: float = 0.0, dynamic: bool = True,
+                stages: int = 0) -> float:
     """Augmentation strength at optimiser step `step`: linear decay from `start` to `end`.
 
-    Linear, as HSAT's dynamic augmentation (which lowers strength linearly in stages of 50
-    epochs); here it moves every step: `start` at step 0, `end` at step `total_steps` (and
+    HSAT's dynamic augmentation (after DynACL) lowers the strength in stages; with `stages` > 0
+    the step is rounded down to the start of its stage (`stages` equal stages, the first at
+    `start`), with 0 it moves every step: `start` at step 0, `end` at step `total_steps` (and
     after). Constant `start` when not `dynamic`. A pure function of the step, so resuming needs
     no state; pass `functools.partial(strength_at, total_steps=..., ...)` as a dataset's
     `strength_fn` (partials of module-level functions pickle into DataLoader workers).
@@ -295,17 +297,27 @@ def strength_at(step: int, total_steps: int, start: float = 1.0, end: float = 0.
     if total_steps <= 0:
         raise HSATError(f"total_steps must be positive for a strength schedule, got {total_steps!r}")
     frac = min(max(step / total_steps, 0.0), 1.0)
+    if stages > 0:
+        frac = math.floor(frac * stages) / stages
     return float(start + (end - start) * frac)
 
 
-def clean_weight_at(strength: float, lam: float, dynamic: bool, only_adversarial: bool) -> float:
-    """Weight of the clean loss beside the adversarial one.
+def loss_weights(strength: float, lam: float, dynamic: bool, only_adversarial: bool) -> tuple[float, float]:
+    """(clean, adversarial) weights of the two loss terms.
 
-    0 when training only on adversarial views; `lam * (1 - strength)` under dynamic
-    augmentation (as views get easier, the clean term gains weight); `lam` otherwise.
+    Adversarial views only: (0, 1). Under dynamic augmentation, DynACL's weighting (Luo et al.
+    2023), which HSAT's "clean samples also" run uses: w = lam * (1 - strength), loss =
+    ((1 - w) L_clean + (1 + w) L_adv) / 2, so the adversarial term gains weight as the
+    augmentation weakens (lam = 0.66 in the reference). Otherwise (lam, 1): a fixed clean weight.
     """
     if only_adversarial:
-        return 0.0
+        return 0.0, 1.0
     if dynamic:
-        return float(lam) * (1.0 - float(strength))
-    return float(lam)
+        w = float(lam) * (1.0 - float(strength))
+        return (1.0 - w) / 2.0, (1.0 + w) / 2.0
+    return float(lam), 1.0
+
+
+def clean_weight_at(strength: float, lam: float, dynamic: bool, only_adversarial: bool) -> float:
+    """The clean term's weight of `loss_weights`."""
+    return loss_weights(strength, lam, dynamic, only_adversarial)[0]
