@@ -5,7 +5,8 @@ the comments of the Snakefile, rules/*.smk, config/*.yaml and profiles/*/config.
 parsed with Snakemake's own argument parser (a target must stay a target: `--configfile`,
 `--resources`, `--config` and `--sdm` take several values and swallow a target that follows them)
 and dry-run as typed, with `-n` added, in a copy of the workflow. OpenSRH commands plan against
-a fake OpenSRH root (the embedded cohort, which has the OpenSRH layout).
+a fake OpenSRH root (the embedded cohort, which has the OpenSRH layout); commands on a file the
+docs have the reader write (a ```yaml block headed `# overlay.yaml`) plan against that block.
 """
 
 from __future__ import annotations
@@ -81,6 +82,16 @@ def _commands_in_comments(path: str) -> list[tuple[str, str]]:
     return out
 
 
+def files_in_markdown(path: str) -> dict[str, str]:
+    """Files the documentation has the reader write: a fenced ```yaml block whose first line is
+    `# <name>.yaml` is that file in full (docs/own_data.md's overlay.yaml)."""
+    text = (REPO / path).read_text(encoding="utf-8")
+    return {m.group(1): m.group(2) for m in re.finditer(r"^```yaml\n# (\S+\.yaml)\n(.*?)^```", text, re.M | re.S)}
+
+
+READER_FILES = {name: body for p in DOCS for name, body in files_in_markdown(p).items()}
+
+
 def documented_commands() -> list[tuple[str, str]]:
     """(where, command), one per distinct command, placeholders filled in."""
     found = [c for p in DOCS for c in _commands_in_markdown(p)]
@@ -141,9 +152,10 @@ def test_documented_command_keeps_its_targets(command):
 
 
 @pytest.fixture
-def workflow_copy(tmp_path: Path, tiny_cohort: Path) -> Path:
+def workflow_copy(tmp_path: Path, tiny_cohort: Path, tiny_manifest: Path) -> Path:
     """The workflow (with its profiles) in tmp_path; config/opensrh.yaml points at a fake OpenSRH
-    root: the embedded cohort, which has OpenSRH's meta/opensrh.json + meta/train_val_split.json."""
+    root: the embedded cohort, which has OpenSRH's meta/opensrh.json + meta/train_val_split.json;
+    the files the documentation has the reader write (READER_FILES) are there too."""
     for name in [*WORKFLOW_FILES, "profiles"]:
         src = REPO / name
         if src.is_dir():
@@ -155,6 +167,14 @@ def workflow_copy(tmp_path: Path, tiny_cohort: Path) -> Path:
     cfg = yaml.safe_load(opensrh.read_text(encoding="utf-8"))
     cfg["dataset"]["root"] = str(tiny_cohort)
     opensrh.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    # The files the docs have the reader write, and a stand-in for the manifest one names (a dry
+    # run only needs it to exist: the manifest of the embedded cohort).
+    for name, body in READER_FILES.items():
+        (tmp_path / name).write_text(body, encoding="utf-8")
+        manifest = (yaml.safe_load(body).get("dataset") or {}).get("manifest")
+        if manifest and not (tmp_path / manifest).exists():
+            (tmp_path / manifest).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(tiny_manifest, tmp_path / manifest)
     return tmp_path
 
 
