@@ -186,7 +186,7 @@ def report_outputs():
     return (
         [f"{RESULTS}/{name}.csv" for name in ("whitebox", "transfer", "sanity")]
         + [f"{RESULTS}/tables/{t}" for t in TABLES]
-        + [f"{RESULTS}/metrics.json"]
+        + [f"{RESULTS}/metrics.json", f"{RESULTS}/claims.md"]
         + [f"{RESULTS}/figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")]
     )
 

@@ -57,6 +57,7 @@ rule tables:
             for t in TABLES
         ],
         metrics=f"{RESULTS}/metrics.json",
+        claims=f"{RESULTS}/claims.md",
     params:
         out_dir=lambda wildcards, output: str(Path(output.tables[0]).parent),
         study=STUDY,
@@ -68,7 +69,8 @@ rule tables:
         "../envs/hsat.yaml"
     shell:
         "hsat report tables --study {params.study} --whitebox {input.whitebox} --transfer {input.transfer}"
-        " --sanity {input.sanity} --out-dir {params.out_dir} --metrics {output.metrics} > {log} 2>&1"
+        " --sanity {input.sanity} --out-dir {params.out_dir} --metrics {output.metrics}"
+        " --claims {output.claims} > {log} 2>&1"
 
 
 rule figures:

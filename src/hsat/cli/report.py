@@ -17,14 +17,18 @@ def _collect(args: argparse.Namespace) -> int:
 
 def _tables(args: argparse.Namespace) -> int:
     from hsat.report import read_tidy
+    from hsat.report.claims import claims, write_claims
     from hsat.report.tables import headline, write_tables
 
     cfg = load_study_config(args.study)
     whitebox, transfer = read_tidy(args.whitebox), read_tidy(args.transfer)
     write_tables(whitebox, transfer, cfg, args.out_dir)
+    sanity = read_tidy(args.sanity) if args.sanity else None
+    found = claims(whitebox, transfer, sanity, cfg) if args.metrics or args.claims else []
+    if args.claims:
+        write_claims(found, args.claims)
     if args.metrics:
-        sanity = read_tidy(args.sanity) if args.sanity else None
-        write_json(args.metrics, headline(whitebox, cfg, sanity, transfer=transfer))
+        write_json(args.metrics, {**headline(whitebox, cfg, sanity, transfer=transfer), "claims": found})
     return 0
 
 
@@ -69,7 +73,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--transfer", required=True, help="results/transfer.csv")
     t.add_argument("--out-dir", required=True, help="folder for table1..table4")
     t.add_argument("--metrics", default=None, help="also write the headline claims as JSON here (e.g. results/metrics.json)")
-    t.add_argument("--sanity", default=None, help="results/sanity.csv: counts failed checks in --metrics")
+    t.add_argument("--sanity", default=None, help="results/sanity.csv: counts failed checks in --metrics and --claims")
+    t.add_argument(
+        "--claims", default=None,
+        help="also write each claim with its numbers, seeds, spread and verdict as Markdown here (e.g. results/claims.md)",
+    )
     t.set_defaults(func=_tables)
 
     s = verbs.add_parser("sanity", help="every model's sanity checks plus the study-level ones (attack above clean, white-box vs transfer)")

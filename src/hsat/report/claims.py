@@ -1,0 +1,480 @@
+"""The paper's claims as measured: numbers, seeds, spread and a verdict, from the result files only.
+
+Each claim is judged per group (initialisation) and backbone, at the patch level, with the primary
+classifier (the first of `evaluation.whitebox.classifiers`) and eps 8/255 (the largest eps an
+attack ran at when 8 is absent). A number is a mean over the models (seeds) of a method.
+
+Verdicts are `holds`, `does not hold` or `cannot be judged`, always with the reason. A difference
+a - b counts only when it is clear of the seed noise:
+
+- both sides with at least 3 seeds: |a - b| > 2 x the combined standard error
+  sqrt(sd_a^2/n_a + sd_b^2/n_b) (sample sd over seeds; over seed pairs for transfer);
+- an ablation or reference model with fewer than 3 seeds: |a - b| > 3 x the sample sd of HSAT's
+  seeds at the same condition (the seed spread of a 3-seed model); without 3 HSAT seeds there is no
+  spread to compare with and the claim cannot be judged.
+
+A claim of an order (a > b, or a chain a < b < c) holds when every difference points its way
+beyond the noise, does not hold when one points the other way beyond the noise, and cannot be
+judged when a difference lies inside the noise, a side has no rows or too few seeds. The clean-cost
+claim has its own rule (see `clean_cost`). When a sanity check of the attacks failed, every
+robustness verdict carries a caveat.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from hsat.io import write_text
+from hsat.report import METHOD_LABELS, method_label
+from hsat.report.tables import (
+    ABLATION_METHODS,
+    LEVEL_METHODS,
+    WORST_CASE,
+    _pick_eps,
+    _prepare_whitebox,
+    _select_transfer,
+    _transfer_cfg,
+    model_info,
+    transfer_summary,
+)
+
+HOLDS, FAILS, UNJUDGED = "holds", "does not hold", "cannot be judged"
+VERDICTS = (HOLDS, FAILS, UNJUDGED)
+MIN_SEEDS = 3
+SE_FACTOR = 2.0
+"""A difference between two methods with >= MIN_SEEDS seeds each must exceed this many combined SEs."""
+SPREAD_FACTOR = 3.0
+"""With fewer seeds, a difference must exceed this many sample sds of HSAT's seeds."""
+PAPER_CLEAN_COST = 17.0
+"""Clean accuracy the paper gives up for robustness: HiDisc 83.1 -> HSAT 66.4 (16.7, 'about 17')."""
+LEVEL = "patch"
+EPS = 8.0
+REFERENCES = ("supervised", "supervised_at")
+REFERENCE_LABELS = {"supervised": "Supervised", "supervised_at": "Supervised AT"}
+ROBUSTNESS_CLAIMS = (
+    "whitebox_worst_case", "whitebox_pgd", "blackbox_contrast", "level_order_worst_case",
+    "lmax_ablation", "reference_learnable", "reference_ceiling",
+)
+"""Claims about robust accuracy: a failed sanity check of the attacks puts a caveat on each."""
+RULES = (
+    f"A difference counts when both sides have >= {MIN_SEEDS} seeds and it exceeds {SE_FACTOR:g} x the combined "
+    "standard error sqrt(sd_a^2/n_a + sd_b^2/n_b) (sample sd over seeds; over seed pairs for transfer).",
+    f"An ablation or reference model with fewer than {MIN_SEEDS} seeds: the difference must exceed "
+    f"{SPREAD_FACTOR:g} x the sample sd of HSAT's seeds at the same condition; without {MIN_SEEDS} HSAT seeds "
+    "the claim cannot be judged.",
+    "holds: every difference points the claimed way beyond the noise; does not hold: one points the other "
+    "way beyond the noise; cannot be judged: a difference inside the noise, no rows or too few seeds.",
+    f"Clean cost: holds when the measured drop (HiDisc - HSAT) minus {SE_FACTOR:g} SE is at most "
+    f"{PAPER_CLEAN_COST:g} points (its interval contains {PAPER_CLEAN_COST:g}, or the cost is smaller than "
+    f"the paper's); does not hold when the drop exceeds {PAPER_CLEAN_COST:g} by more than {SE_FACTOR:g} SE.",
+)
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def _label(method: str) -> str:
+    return method_label(method) if method in METHOD_LABELS else REFERENCE_LABELS.get(method, method)
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def _seed_of(whitebox: pd.DataFrame | None, study_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Seed of each model: the whitebox CSV's `seed` column, else the study config's."""
+    default = (study_cfg.get("pretrain") or {}).get("seed")
+    seeds = {str(m): spec.get("seed", default) for m, spec in (study_cfg.get("models") or {}).items()}
+    if whitebox is not None and not whitebox.empty and "seed" in whitebox:
+        for model, seed in whitebox.dropna(subset=["seed"]).groupby("model")["seed"].first().items():
+            seeds[str(model)] = seed
+    return {m: _plain_seed(s) for m, s in seeds.items()}
+
+
+def _plain_seed(seed: Any) -> Any:
+    """A JSON-plain seed: whole numbers as int (CSV columns read as float or numpy ints), missing as None."""
+    try:
+        value = float(seed)
+    except (TypeError, ValueError):
+        return seed
+    return None if math.isnan(value) else int(value) if value.is_integer() else value
+
+
+def _arm(method: str, values: pd.Series, seeds: Sequence[Any]) -> dict[str, Any]:
+    """One side of a comparison: mean, sample sd and count over its units (models or seed pairs)."""
+    values = values.dropna()
+    n = int(len(values))
+    return {
+        "method": method,
+        "label": _label(method),
+        "mean": float(values.mean()) if n else None,
+        "sd": float(values.std(ddof=1)) if n > 1 else None,
+        "n": n,
+        "seeds": list(seeds),
+    }
+
+
+def _whitebox_arm(g: pd.DataFrame, method: str, attack: str, eps: float | None, seeds: Mapping[str, Any]) -> dict[str, Any]:
+    if eps is None or g.empty:
+        return _arm(method, pd.Series(dtype=float), [])
+    rows = g[(g["method"] == method) & (g["attack"] == attack) & (g["eps"] == eps)]
+    per_model = rows.groupby("model")["acc"].mean().dropna()
+    arm = _arm(method, per_model, [seeds.get(str(m)) for m in per_model.index])
+    arm["models"] = [str(m) for m in per_model.index]
+    return arm
+
+
+def _numbers(arms: Sequence[Mapping[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {
+        "means": {a["method"]: a["mean"] for a in arms},
+        "sds": {a["method"]: a["sd"] for a in arms},
+        "ns": {a["method"]: a["n"] for a in arms},
+        "seeds": {a["method"]: a["seeds"] for a in arms},
+        **({"models": {a["method"]: a["models"] for a in arms}} if all("models" in a for a in arms) else {}),
+        **extra,
+    }
+
+
+def _describe(arm: Mapping[str, Any]) -> str:
+    if not arm["n"]:
+        return f"{arm['label']} –"
+    sd = f" ± {arm['sd']:.1f}" if arm["sd"] is not None else ""
+    return f"{arm['label']} {arm['mean']:.1f}{sd} (n={arm['n']})"
+
+
+def _reference_sd(hsat: Mapping[str, Any]) -> tuple[str, float] | None:
+    """HSAT's seed spread, the yardstick for models with fewer seeds (None without 3 HSAT seeds)."""
+    return (hsat["label"], hsat["sd"]) if hsat["n"] >= MIN_SEEDS and hsat["sd"] is not None else None
+
+
+def gap(
+    a: Mapping[str, Any], b: Mapping[str, Any], reference: tuple[str, float] | None = None, unit: str = "seeds"
+) -> dict[str, Any]:
+    """a - b against the seed noise: `sign` +1 (a higher beyond it), -1 (lower beyond it), 0 (inside), None (unjudged).
+
+    With >= MIN_SEEDS units on both sides the threshold is SE_FACTOR combined SEs; otherwise
+    SPREAD_FACTOR x `reference` (label, sd) when given; otherwise no threshold (`why` says so).
+    """
+    out: dict[str, Any] = {"from": b["label"], "to": a["label"], "gap": None, "threshold": None, "rule": None, "sign": None, "why": None}
+    missing = [arm["label"] for arm in (a, b) if not arm["n"]]
+    if missing:
+        out["why"] = f"no rows for {' and '.join(missing)}"
+        return out
+    out["gap"] = a["mean"] - b["mean"]
+    few = [arm for arm in (a, b) if arm["n"] < MIN_SEEDS]
+    if not few:
+        se = math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"])
+        out["threshold"], out["rule"] = SE_FACTOR * se, f"{SE_FACTOR:g} x combined SE"
+    elif reference is not None:
+        counts = ", ".join(f"{arm['label']}: {arm['n']}" for arm in few)
+        out["threshold"] = SPREAD_FACTOR * reference[1]
+        out["rule"] = f"{SPREAD_FACTOR:g} x the sd of {reference[0]}'s seeds ({reference[1]:.1f}; fewer than {MIN_SEEDS} {unit} for {counts})"
+    else:
+        counts = ", ".join(f"{arm['label']}: {arm['n']}" for arm in (a, b))
+        out["why"] = f"fewer than {MIN_SEEDS} {unit} ({counts})"
+        if any(arm["method"] not in ("hsat", "hidisc") for arm in few):
+            out["why"] += f" and no {MIN_SEEDS}-seed HSAT spread to compare the gap with"
+        return out
+    g, t = out["gap"], out["threshold"]
+    out["sign"] = 1 if g > t else -1 if g < -t else 0
+    return out
+
+
+def _gap_text(d: Mapping[str, Any]) -> str:
+    if d["gap"] is None:
+        return f"{d['to']} - {d['from']}: {d['why']}"
+    text = f"{d['to']} - {d['from']} = {d['gap']:+.1f}"
+    return text + (f" (threshold {d['threshold']:.1f}: {d['rule']})" if d["threshold"] is not None else f" ({d['why']})")
+
+
+def _order_verdict(gaps: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    """Verdict on "each gap is positive": see the module docstring."""
+    detail = "; ".join(_gap_text(d) for d in gaps)
+    if any(d["sign"] == -1 for d in gaps):
+        return FAILS, f"a difference points the other way beyond the noise: {detail}"
+    if any(d["sign"] is None for d in gaps):
+        return UNJUDGED, "; ".join(d["why"] for d in gaps if d["sign"] is None)
+    if any(d["sign"] == 0 for d in gaps):
+        return UNJUDGED, f"the difference is inside the seed spread: {detail}"
+    return HOLDS, f"every difference exceeds the noise: {detail}"
+
+
+def _claim(cid: str, claim: str, paper: str, measured: str, numbers: Mapping[str, Any], verdict: str, reason: str,
+           rule: str, group: str | None, backbone: str | None) -> dict[str, Any]:
+    assert verdict in VERDICTS, verdict
+    return {"id": cid, "claim": claim, "paper": paper, "measured": measured, "numbers": dict(numbers), "verdict": verdict,
+            "reason": reason, "rule": rule, "group": group, "backbone": backbone, "caveat": None}
+
+
+_GAP_RULE = (
+    f">= {MIN_SEEDS} seeds each and a difference beyond {SE_FACTOR:g} x combined SE; otherwise "
+    f"{SPREAD_FACTOR:g} x HSAT's seed sd for a model with fewer seeds"
+)
+
+
+# ----------------------------------------------------------------------------- the claims
+
+
+def _comparison(cid, claim, paper, a, b, group, backbone, reference=None, unit="seeds", spread_rule=False, **extra) -> dict[str, Any]:
+    """Claim "a > b" judged on one gap; `spread_rule`: models with fewer seeds are judged against `reference`."""
+    d = gap(a, b, reference if spread_rule else None, unit)
+    verdict, reason = _order_verdict([d])
+    measured = f"{_describe(a)} vs {_describe(b)}" + (f": {d['gap']:+.1f} points" if d["gap"] is not None else "")
+    rule = _GAP_RULE if spread_rule else f">= {MIN_SEEDS} {unit} each and a difference beyond {SE_FACTOR:g} x combined SE"
+    numbers = _numbers([a, b], difference=d["gap"], threshold=d["threshold"], **extra)
+    return _claim(cid, claim, paper, measured, numbers, verdict, reason, rule, group, backbone)
+
+
+def _chain(cid, claim, paper, arms, group, backbone, reference, **extra) -> dict[str, Any]:
+    """Claim "arms[0] < arms[1] < ...", judged on each adjacent gap."""
+    gaps = [gap(hi, lo, reference) for lo, hi in zip(arms, arms[1:])]
+    verdict, reason = _order_verdict(gaps)
+    measured = " / ".join(_describe(a) for a in arms)
+    numbers = _numbers(arms, gaps=[{k: d[k] for k in ("from", "to", "gap", "threshold", "rule")} for d in gaps],
+                       reference_sd=None if reference is None else reference[1], **extra)
+    return _claim(cid, claim, paper, measured, numbers, verdict, reason, _GAP_RULE, group, backbone)
+
+
+def clean_cost(base: Mapping[str, Any], hsat: Mapping[str, Any], group, backbone, **extra) -> dict[str, Any]:
+    """Robustness costs about PAPER_CLEAN_COST points of clean accuracy (or less)."""
+    d = gap(base, hsat)
+    paper = f"HiDisc 83.1 -> HSAT 66.4 clean (ResNet-50 from scratch): a cost of about {PAPER_CLEAN_COST:g} points"
+    claim = f"adversarial training costs about {PAPER_CLEAN_COST:g} points of clean accuracy (or less)"
+    measured = f"{_describe(base)} -> {_describe(hsat)}"
+    if d["threshold"] is None:
+        verdict, reason = UNJUDGED, d["why"]
+    else:
+        drop, t = d["gap"], d["threshold"]
+        lo, hi = drop - t, drop + t
+        measured += f": a drop of {drop:.1f} points ({SE_FACTOR:g} SE interval {lo:.1f} to {hi:.1f})"
+        if lo <= PAPER_CLEAN_COST <= hi:
+            verdict, reason = HOLDS, f"the {SE_FACTOR:g}-SE interval of the drop contains {PAPER_CLEAN_COST:g}"
+        elif hi < PAPER_CLEAN_COST:
+            verdict, reason = HOLDS, f"the drop is below {PAPER_CLEAN_COST:g} beyond {SE_FACTOR:g} SE: a cost no larger than the paper's"
+        else:
+            verdict, reason = FAILS, f"the drop exceeds {PAPER_CLEAN_COST:g} by more than {SE_FACTOR:g} SE ({lo:.1f} > {PAPER_CLEAN_COST:g})"
+    numbers = _numbers([base, hsat], drop=d["gap"], threshold=d["threshold"], paper_drop=PAPER_CLEAN_COST, **extra)
+    return _claim("clean_cost", claim, paper, measured, numbers, verdict, reason, RULES[3], group, backbone)
+
+
+def _transfer_arms(transfer: pd.DataFrame | None, models: Sequence[str], study_cfg: Mapping[str, Any],
+                   methods: Sequence[str], seeds: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Same-method (other seed) transfer drop on each of `methods`, over the pairs of `models` only."""
+    empty = [_arm(m, pd.Series(dtype=float), []) for m in methods]
+    if transfer is None or transfer.empty:
+        return empty
+    tr = transfer[transfer["surrogate"].isin(models) & transfer["target"].isin(models)]
+    if tr.empty:
+        return empty
+    summ = transfer_summary(tr, study_cfg)
+    info = model_info(study_cfg)
+    method_of = dict(zip(info["model"], info["cfg_method"]))
+    cells = _select_transfer(tr, _transfer_cfg(study_cfg))
+    cells = cells[(cells["level"] == LEVEL) & (cells["surrogate"] != cells["target"])]
+    arms = []
+    for method in methods:
+        row = summ[(summ["target_method"] == method) & (summ["surrogate_kind"] == "same_method") & (summ["level"] == LEVEL)]
+        pairs = cells[(cells["surrogate"].map(lambda m: method_of.get(m, m)) == method) & (cells["target"].map(lambda m: method_of.get(m, m)) == method)]
+        pairs = pairs[["surrogate", "target"]].drop_duplicates()
+        arm = _arm(method, pd.Series(dtype=float), [[seeds.get(s), seeds.get(t)] for s, t in pairs.itertuples(index=False)])
+        if not row.empty:
+            r = row.iloc[0]
+            arm.update(mean=_float(r["acc_drop_mean"]), sd=_float(r["acc_drop_std"]), n=int(r["n_pairs"]))
+        arms.append(arm)
+    return arms
+
+
+def attack_quality(sanity: pd.DataFrame | None) -> dict[str, Any]:
+    """Precondition of every robustness number: the attacks pass their sanity checks."""
+    claim = "the attacks pass every sanity check (precondition of the robustness claims, not a paper claim)"
+    rule = "holds when no check failed; does not hold when any failed"
+    if sanity is None or sanity.empty or "passed" not in sanity:
+        return _claim("attack_quality", claim, "–", "no sanity checks", {"checks": 0, "failed": 0, "failed_checks": []},
+                      UNJUDGED, "no rows in sanity.csv", rule, None, None)
+    passed = sanity["passed"].astype(str).str.lower().isin(["true", "1", "1.0"])
+    bad = sanity[~passed]
+    cols = [c for c in ("model", "check") if c in bad]
+    failed = [" ".join(str(v) for v in row) for row in bad[cols].drop_duplicates().itertuples(index=False)]
+    numbers = {"checks": int(len(sanity)), "failed": int(len(bad)), "failed_checks": failed}
+    measured = f"{len(bad)} of {len(sanity)} sanity checks failed"
+    if bad.empty:
+        return _claim("attack_quality", claim, "–", measured, numbers, HOLDS, "no check failed", rule, None, None)
+    return _claim("attack_quality", claim, "–", measured, numbers, FAILS, f"failed: {', '.join(failed)}", rule, None, None)
+
+
+def claims(
+    whitebox: pd.DataFrame | None,
+    transfer: pd.DataFrame | None,
+    sanity: pd.DataFrame | None,
+    study_cfg: Mapping[str, Any],
+) -> list[dict[str, Any]]:
+    """Every claim of the paper per (group, backbone), then the attack-quality precondition.
+
+    Each claim is a dict: id, claim, paper, measured (text), numbers (means, sds, ns and seeds per
+    method, the difference and its threshold), verdict, reason, rule, group, backbone and caveat
+    (a line when a sanity check failed and the claim is about robust accuracy, else None).
+    """
+    baseline = ((study_cfg.get("tables") or {}).get("baseline")) or "hidisc"
+    seeds = _seed_of(whitebox, study_cfg)
+    if whitebox is None or whitebox.empty:
+        groups: list[tuple[tuple[Any, Any], pd.DataFrame]] = [((None, None), pd.DataFrame())]
+        classifier = objective = None
+        worst_eps = pgd_eps = None
+    else:
+        df, classifier, objective = _prepare_whitebox(whitebox, study_cfg)
+        df = df[df["level"] == LEVEL]
+        worst_eps, pgd_eps = _pick_eps(df, WORST_CASE, EPS), _pick_eps(df, "pgd", EPS)
+        groups = list(df.groupby(["group", "backbone"], sort=True)) or [((None, None), pd.DataFrame())]
+    setting = {"level": LEVEL, "classifier": classifier}
+    tcfg = _transfer_cfg(study_cfg)
+    out: list[dict[str, Any]] = []
+    for (group, backbone), g in groups:
+        arm = lambda method, attack, eps: _whitebox_arm(g, method, attack, eps, seeds)  # noqa: E731
+        worst = {m: arm(m, WORST_CASE, worst_eps) for m in {baseline, *LEVEL_METHODS, *ABLATION_METHODS, *REFERENCES}}
+        clean = {m: arm(m, "none", 0.0) for m in {baseline, *LEVEL_METHODS}}
+        hsat_worst = worst["hsat"]
+        at_worst = dict(setting, attack=WORST_CASE, eps=worst_eps)
+        eps_text = f"eps {worst_eps:g}/255" if worst_eps is not None else "eps –"
+
+        c = _comparison(
+            "whitebox_worst_case",
+            f"HSAT's worst-case accuracy (every attack and objective, {eps_text}) is higher than {_label(baseline)}'s",
+            "HSAT far more robust than HiDisc under white-box attacks",
+            hsat_worst, worst[baseline], group, backbone, **at_worst,
+        )
+        if worst_eps is None:
+            c["verdict"], c["reason"] = UNJUDGED, "no worst_case rows"
+        out.append(c)
+
+        pgd = dict(setting, attack="pgd", eps=pgd_eps, objective=objective)
+        pgd_text = f"eps {pgd_eps:g}/255" if pgd_eps is not None else "eps –"
+        c = _comparison(
+            "whitebox_pgd",
+            f"HSAT's accuracy under PGD ({objective} objective, {pgd_text}) is higher than {_label(baseline)}'s",
+            "HSAT far more robust than HiDisc under PGD (the paper's attack)",
+            arm("hsat", "pgd", pgd_eps), arm(baseline, "pgd", pgd_eps), group, backbone, **pgd,
+        )
+        if pgd_eps is None:
+            c["verdict"], c["reason"] = UNJUDGED, "no pgd rows"
+        out.append(c)
+
+        c = clean_cost(clean[baseline], clean["hsat"], group, backbone, **dict(setting, attack="none", eps=0.0))
+        c["paper"] += f"; here: {backbone}, {group}"
+        out.append(c)
+
+        models = sorted(set(g["model"])) if not g.empty else []
+        base_tr, hsat_tr = _transfer_arms(transfer, models, study_cfg, [baseline, "hsat"], seeds)
+        out.append(_comparison(
+            "blackbox_contrast",
+            f"a same-method surrogate (another seed) costs {_label(baseline)} more accuracy than HSAT "
+            f"({str(tcfg.get('attack', 'pgd')).upper()} transfer, drop in points)",
+            "same-method transfer drops 25-30 % for HiDisc, 3-4 % for HSAT",
+            base_tr, hsat_tr, group, backbone, unit="seed pairs",
+            level=LEVEL, attack=tcfg.get("attack"), eps=tcfg.get("eps"), metric="acc_drop",
+        ))
+
+        reference = _reference_sd(hsat_worst)
+        out.append(_chain(
+            "level_order_worst_case",
+            f"worst-case accuracy ({eps_text}) rises with the level of adversarial training: HSAT-Patch < HSAT-Slide < HSAT",
+            "HSAT-Patch < HSAT-Slide < HSAT-Patient (Table 3)",
+            [worst[m] for m in LEVEL_METHODS], group, backbone, reference, **at_worst,
+        ))
+        out.append(_chain(
+            "level_order_clean",
+            "clean accuracy rises with the level of adversarial training: HSAT-Patch < HSAT-Slide < HSAT",
+            "HSAT-Patch < HSAT-Slide < HSAT-Patient (Table 3)",
+            [clean[m] for m in LEVEL_METHODS], group, backbone, _reference_sd(clean["hsat"]), **dict(setting, attack="none", eps=0.0),
+        ))
+        out.append(_chain(
+            "lmax_ablation",
+            f"worst-case accuracy ({eps_text}) rises with the levels the attack maximises: L_max patch < patch+slide < all three",
+            "L_max: patch < patch + slide < patient + slide + patch (Table 4)",
+            [worst[m] for m in ABLATION_METHODS], group, backbone, reference, **at_worst,
+        ))
+
+        sup, sup_at = worst["supervised"], worst["supervised_at"]
+        for cid, claim, a, b in (
+            ("reference_learnable", f"supervised adversarial training is more robust than supervised training ({eps_text}): robustness is learnable on the cohort", sup_at, sup),
+            ("reference_ceiling", f"supervised adversarial training bounds HSAT's worst-case accuracy ({eps_text}) from above: the robust ceiling", sup_at, hsat_worst),
+        ):
+            c = _comparison(cid, claim, "reference, not a paper claim", a, b, group, backbone, reference, spread_rule=True, **at_worst)
+            missing = [arm["label"] for arm in (sup, sup_at) if not arm["n"]]
+            if missing:
+                c["verdict"], c["reason"] = UNJUDGED, f"no reference rows ({', '.join(missing)})"
+            elif cid == "reference_ceiling" and a["mean"]:
+                c["measured"] += f"; HSAT reaches {100 * b['mean'] / a['mean']:.0f} % of the ceiling" if b["n"] else ""
+            out.append(c)
+
+    quality = attack_quality(sanity)
+    if quality["verdict"] == FAILS:
+        caveat = (f"{quality['numbers']['failed']} of {quality['numbers']['checks']} sanity checks of the attacks failed "
+                  f"({', '.join(quality['numbers']['failed_checks'])}): the attacks may be weaker than they should be, "
+                  "so robust accuracy may be overstated")
+        for c in out:
+            if c["id"] in ROBUSTNESS_CLAIMS:
+                c["caveat"] = caveat
+    out.append(quality)
+    return out
+
+
+# ----------------------------------------------------------------------------- claims.md
+
+
+def _seeds_text(numbers: Mapping[str, Any]) -> str:
+    parts = []
+    for method, seeds in (numbers.get("seeds") or {}).items():
+        shown = ", ".join("->".join(map(str, s)) if isinstance(s, (list, tuple)) else str(s) for s in seeds)
+        parts.append(f"{_label(method)}: {shown or '–'}")
+    return "; ".join(parts) or "–"
+
+
+def write_claims(found: Sequence[Mapping[str, Any]], path_md: str | Path) -> Path:
+    """results/claims.md: a table of every claim and verdict, then the detail of each (written atomically)."""
+    rows = [
+        {
+            "#": i,
+            "Claim": c["id"],
+            "Group": c["group"] if c["group"] is not None else "all",
+            "Backbone": c["backbone"] if c["backbone"] is not None else "all",
+            "Measured": c["measured"],
+            "Verdict": c["verdict"] + (" (caveat)" if c.get("caveat") else ""),
+        }
+        for i, c in enumerate(found, start=1)
+    ]
+    lines = [
+        "# The paper's claims, as measured",
+        "",
+        "Generated by `hsat report tables` from whitebox.csv, transfer.csv and sanity.csv; do not edit by hand. "
+        f"Patch level, the primary classifier, eps {EPS:g}/255 (the largest eps an attack ran at when {EPS:g} is absent); "
+        "means over the models (seeds) of a method, ± the sample sd.",
+        "",
+        "Verdict rules:",
+        "",
+        *[f"- {rule}" for rule in RULES],
+        "",
+        pd.DataFrame(rows, columns=["#", "Claim", "Group", "Backbone", "Measured", "Verdict"]).to_markdown(index=False),
+        "",
+    ]
+    for i, c in enumerate(found, start=1):
+        where = f" ({c['group']}, {c['backbone']})" if c["group"] is not None else ""
+        lines += [
+            f"## {i}. {c['id']}{where}",
+            "",
+            f"- claim: {c['claim']}",
+            f"- paper: {c['paper']}",
+            f"- measured: {c['measured']}",
+            f"- seeds: {_seeds_text(c['numbers'])}",
+            f"- rule: {c['rule']}",
+            f"- verdict: **{c['verdict']}**: {c['reason']}",
+        ]
+        if c.get("caveat"):
+            lines.append(f"- caveat: {c['caveat']}")
+        lines.append("")
+    path = Path(path_md)
+    write_text(path, "\n".join(lines))
+    return path
