@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 
+import hsat.methods.hidisc as hidisc_mod
+import hsat.methods.robust as robust_mod
 import hsat.train as train_mod
 from hsat.errors import HSATError
 from hsat.train import (
@@ -140,7 +142,7 @@ def test_dynamic_augmentation_and_eps_warmup_follow_their_schedules(tiny_manifes
 def test_attack_builds_no_parameter_gradients(tiny_manifest, tmp_path, monkeypatch):
     """During PGD parameters are frozen and in eval mode; no .grad exists until the encoder's backward."""
     seen: dict = {"model": None, "attacks": 0, "objective_calls": 0}
-    real_build, real_pgd = train_mod.model_from_config, train_mod.pgd
+    real_build, real_pgd = train_mod.model_from_config, robust_mod.pgd
 
     def build(cfg):
         seen["model"] = real_build(cfg)
@@ -163,7 +165,7 @@ def test_attack_builds_no_parameter_gradients(tiny_manifest, tmp_path, monkeypat
         return x_adv
 
     monkeypatch.setattr(train_mod, "model_from_config", build)
-    monkeypatch.setattr(train_mod, "pgd", checked_pgd)
+    monkeypatch.setattr(robust_mod, "pgd", checked_pgd)  # the robust wrapper's inner maximisation
     run = pretrain(tiny_cfg(tiny_manifest, attack={"steps": 2}, train={"steps": 2}), tmp_path / "run")
     assert seen["attacks"] == 2 and seen["objective_calls"] == 4
     assert all(p.requires_grad for p in seen["model"].parameters()) and seen["model"].training  # restored
@@ -265,7 +267,7 @@ def test_malicious_checkpoint_is_refused_without_running_code(tiny_manifest, tmp
 
 def test_nan_loss_stops_with_error_and_keeps_last_good_checkpoint(tiny_manifest, tmp_path, monkeypatch):
     state = {"poisoned": False}
-    real_loss = train_mod.hierarchical_loss
+    real_loss = hidisc_mod.hierarchical_loss
 
     def loss(z, *args, **kw):
         out = real_loss(z, *args, **kw)
@@ -277,7 +279,7 @@ def test_nan_loss_stops_with_error_and_keeps_last_good_checkpoint(tiny_manifest,
         if done == 3:
             state["poisoned"] = True
 
-    monkeypatch.setattr(train_mod, "hierarchical_loss", loss)
+    monkeypatch.setattr(hidisc_mod, "hierarchical_loss", loss)  # the method's loss
     run = tmp_path / "run"
     with pytest.raises(HSATError, match=r"non-finite loss.*step 4.*step 3"):
         pretrain(tiny_cfg(tiny_manifest), run, callback=poison_after_3)

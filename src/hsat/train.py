@@ -52,12 +52,11 @@ import numpy as np
 import torch
 import yaml
 
-from hsat.attacks import attack_mode, frozen, pgd
 from hsat.distributed import convert_sync_batchnorm, gather_with_grad, init_distributed, wrap_ddp
 from hsat.errors import HSATError
 from hsat.io import atomic_path, write_text, write_yaml
-from hsat.losses import hierarchical_loss
 from hsat.models import model_from_config, save_weights, unwrap
+from hsat.methods import Robust, build_objective
 from hsat.progress import TrainingLive, progress_line
 
 log = logging.getLogger(__name__)
@@ -246,11 +245,6 @@ class StepResult:
     images: int  # images (views) in the local batch
 
 
-def _levels_kw(method: Mapping[str, Any]) -> dict[str, Any]:
-    return dict(weights=method["level_weights"], temperature=method["temperature"],
-                base_temperature=method["base_temperature"])
-
-
 def embed_views(module: torch.nn.Module, x: torch.Tensor, shape: tuple[int, ...],
                 autocast: Callable[[], Any] = contextlib.nullcontext) -> list[torch.Tensor]:
     """Embeddings of the (N*c, C, H, W) stack as c tensors (P_global, S, K, V, D), gathered over ranks."""
@@ -272,22 +266,17 @@ def adversarial_views(
     fast: torch.nn.Module | None = None,
     autocast: Callable[[], Any] = contextlib.nullcontext,
 ) -> torch.Tensor:
-    """Inner maximisation: PGD on the hierarchical loss of `method.max_levels` (eps in 1/255).
+    """Inner maximisation: PGD on the method's attack loss (HiDisc's: the hierarchical loss of
+    `method.max_levels`; eps in 1/255), through `hsat.methods.robust.Robust`.
 
     Only input gradients are built: parameters are frozen and the model runs in
     `attack.bn_mode` (restored after). `fast` is what the attack calls (the compiled model);
     never the DDP wrapper, whose hooks would expect a parameter backward.
     """
-    fast = model if fast is None else fast
-    levels_kw = _levels_kw(method)
-
-    def objective(x_adv: torch.Tensor) -> torch.Tensor:
-        (z_adv,) = embed_views(fast, x_adv, shape, autocast)
-        return hierarchical_loss(z_adv, method["max_levels"], **levels_kw)["total"]
-
-    with frozen(model), attack_mode(model, attack["bn_mode"]):
-        return pgd(x, objective, eps=float(eps) / 255, alpha=attack["alpha"] / 255, steps=attack["steps"],
-                   random_start=attack["random_start"], generator=generator)
+    objective = build_objective(method)
+    robust = objective if isinstance(objective, Robust) else Robust(objective)
+    return robust.adversarial_views(model, x, shape, attack=attack, eps=eps, embed=embed_views, generator=generator,
+                                    fast=fast, autocast=autocast)
 
 
 def encoder_update(
@@ -315,7 +304,7 @@ def encoder_update(
     caller zeroes them).
     """
     net = model if net is None else net
-    levels_kw = _levels_kw(method)
+    objective = build_objective(method)
     views = [v for v in (x, x_adv) if v is not None]
     if separate_forward and len(views) > 1:
         z = [embed_views(net, v, shape, autocast)[0] for v in views]
@@ -324,11 +313,11 @@ def encoder_update(
     losses: dict[str, torch.Tensor] = {}
     total: torch.Tensor | None = None
     if x is not None:
-        clean = hierarchical_loss(z.pop(0), method["min_levels"], **levels_kw)
+        clean = objective.loss(z.pop(0))
         losses.update({f"loss_clean_{k}": v.detach() for k, v in clean.items() if k != "total"})
         total = float(clean_weight) * clean["total"]
     if x_adv is not None:
-        adv = hierarchical_loss(z.pop(0), method["min_levels"], **levels_kw)
+        adv = objective.loss(z.pop(0))
         losses.update({f"loss_adv_{k}": v.detach() for k, v in adv.items() if k != "total"})
         total = float(adv_weight) * adv["total"] if total is None else total + float(adv_weight) * adv["total"]
     assert total is not None, "encoder_update needs clean or adversarial views"
@@ -375,17 +364,18 @@ def hsat_step(
     x = images.flatten(0, 3)  # (N, C, H, W)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    adversarial = bool(method["adversarial"])
-    x_adv = None
-    if adversarial:
-        x_adv = adversarial_views(model, x, shape, method=method, attack=attack, eps=eps, generator=generator,
-                                  fast=fast, autocast=autocast)
-    with_clean = not adversarial or not attack["only_adversarial"]
-    return encoder_update(model, optimizer, x if with_clean else None, x_adv, shape, method=method,
-                          clean_weight=float(clean_weight) if adversarial else 1.0,
-                          adv_weight=float(adv_weight) if adversarial else 1.0,
-                          separate_forward=attack["forward"] == "separate", net=net, autocast=autocast,
-                          grad_clip=grad_clip)
+    objective = build_objective(method)
+    # The objective says what the encoder trains on: clean views (HiDisc), or a robust wrapper's
+    # PGD views that maximise the method's own loss (and the clean ones unless only_adversarial).
+    x_clean, x_adv = objective.training_views(model, x, shape, attack=attack, eps=eps, embed=embed_views,
+                                              generator=generator, fast=fast, autocast=autocast)
+    result = encoder_update(model, optimizer, x_clean, x_adv, shape, method=method,
+                            clean_weight=float(clean_weight) if objective.adversarial else 1.0,
+                            adv_weight=float(adv_weight) if objective.adversarial else 1.0,
+                            separate_forward=attack["forward"] == "separate", net=net, autocast=autocast,
+                            grad_clip=grad_clip)
+    objective.after_step(model)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

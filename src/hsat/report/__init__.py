@@ -12,21 +12,11 @@ from typing import Iterable
 import pandas as pd
 
 from hsat.errors import HSATError
+from hsat.methods import METHODS, method_label  # noqa: F401 (method_label: public here too)
 from hsat.io import write_csv
 
-METHOD_LABELS: dict[str, str] = {
-    "hidisc": "HiDisc",
-    "hsat": "HSAT",
-    "hsat_patch": "HSAT-Patch",
-    "hsat_slide": "HSAT-Slide",
-    "hsat_lmax_patch": "HSAT (L_max: patch)",
-    "hsat_lmax_patch_slide": "HSAT (L_max: patch+slide)",
-}
-"""Display names of the named variants (hsat.methods.VARIANTS); other names show as they are."""
-
-
-def method_label(name: str) -> str:
-    return METHOD_LABELS.get(str(name), str(name))
+METHOD_LABELS: dict[str, str] = {name: entry.label for name, entry in METHODS.items()}
+"""Display names of the registered methods (hsat.methods.METHODS); other names show as they are."""
 
 
 def read_tidy(path: str | Path) -> pd.DataFrame:

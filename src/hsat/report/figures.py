@@ -24,6 +24,7 @@ import seaborn as sns  # noqa: E402
 
 from hsat import LEVELS  # noqa: E402
 from hsat.io import atomic_path  # noqa: E402
+from hsat.methods import METHODS  # noqa: E402
 from hsat.report import method_label  # noqa: E402
 from hsat.report.tables import _prepare_whitebox, _select_transfer, _transfer_cfg  # noqa: E402
 
@@ -214,15 +215,13 @@ def embedding_map(
 ) -> plt.Figure:
     """t-SNE of clean validation features (a subsample), coloured by class (top) and patient (bottom).
 
-    One model per method (the first by name), methods in `hsat.methods.VARIANTS` order (HiDisc,
+    One model per method (the first by name), methods in `hsat.methods.METHODS` order (HiDisc,
     HSAT, HSAT-Patch, ...), so the panels compare methods, at most `max_models`.
     """
     emb_root = Path(embeddings_dir)
     models = sorted(p.name for p in emb_root.iterdir() if p.is_dir()) if emb_root.is_dir() else []
     if whitebox is not None and not whitebox.empty and {"model", "method"} <= set(whitebox.columns):
-        from hsat.methods import VARIANTS
-
-        order = {name: i for i, name in enumerate(VARIANTS)}  # baseline and full HSAT first
+        order = {name: i for i, name in enumerate(METHODS)}  # registry order: baseline and full HSAT first
         firsts = whitebox.sort_values("model").drop_duplicates("method")
         firsts = firsts.assign(_rank=firsts["method"].map(order).fillna(len(order))).sort_values(["_rank", "model"])
         picked = [m for m in firsts["model"] if m in models]

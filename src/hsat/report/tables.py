@@ -18,12 +18,15 @@ import pandas as pd
 from hsat import LEVELS
 from hsat.errors import HSATError
 from hsat.io import write_csv, write_text
+from hsat.methods import VARIANTS, methods_with_role
 from hsat.report import method_label
 
 log = logging.getLogger(__name__)
 
-ABLATION_METHODS = ("hsat_lmax_patch", "hsat_lmax_patch_slide", "hsat")
-LEVEL_METHODS = ("hsat_patch", "hsat_slide", "hsat")
+# The methods of Table 3 (hierarchy level) and Table 4 (L_max), from their registry roles, in
+# the paper's order: fewest levels first.
+LEVEL_METHODS = tuple(sorted(methods_with_role("level", "method"), key=lambda m: len(VARIANTS[m]["min_levels"])))
+ABLATION_METHODS = tuple(sorted(methods_with_role("lmax", "method"), key=lambda m: len(VARIANTS[m]["max_levels"])))
 WHITEBOX_REQUIRED = ("model", "method", "attack", "eps", "classifier", "level", "acc", "mca")
 TRANSFER_REQUIRED = ("surrogate", "target", "level", "acc_drop", "mca_drop")
 LABEL_FREE_OBJECTIVES = ("feature", "head")

@@ -1,0 +1,93 @@
+"""The methods, one registry: name -> entry (display label, table role, the settings it fixes).
+
+A method section of a run config names an entry and may override its keys; `resolve_method`
+expands it, `build_objective` turns it into the objective the training loop asks for views and
+losses (`hsat.methods.base.Objective`). HiDisc and the HSAT family differ only in the levels of
+the hierarchical loss the encoder minimises and the attack maximises; every variant sees the
+same batch (patients x slides x patches x views).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from hsat import LEVELS
+from hsat.errors import HSATError
+from hsat.methods.base import MethodEntry, Objective
+from hsat.methods.hidisc import HiDisc
+from hsat.methods.robust import Robust
+
+ALL = ["patient", "slide", "patch"]
+
+
+def _hierarchical(adversarial: bool, min_levels: list[str], max_levels: list[str]) -> dict[str, Any]:
+    return {"family": "hidisc", "adversarial": adversarial, "min_levels": min_levels, "max_levels": max_levels}
+
+
+METHODS: dict[str, MethodEntry] = {e.name: e for e in (
+    # Non-adversarial baseline (HiDisc, Cheng et al. CVPR 2023).
+    MethodEntry("hidisc", "HiDisc", "baseline", _hierarchical(False, ALL, ALL)),
+    # HSAT-Patient: the full method (robust HiDisc).
+    MethodEntry("hsat", "HSAT", "method", _hierarchical(True, ALL, ALL)),
+    # Instance-level adversarial contrastive learning (views of a patch are the only positives).
+    MethodEntry("hsat_patch", "HSAT-Patch", "level", _hierarchical(True, ["patch"], ["patch"])),
+    # Patch + slide levels.
+    MethodEntry("hsat_slide", "HSAT-Slide", "level", _hierarchical(True, ["slide", "patch"], ["slide", "patch"])),
+    # Table 4 (L_max ablation): the attack maximises fewer levels; the encoder minimises all three.
+    MethodEntry("hsat_lmax_patch", "HSAT (L_max: patch)", "lmax", _hierarchical(True, ALL, ["patch"])),
+    MethodEntry("hsat_lmax_patch_slide", "HSAT (L_max: patch+slide)", "lmax", _hierarchical(True, ALL, ["slide", "patch"])),
+)}
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    name: {k: v for k, v in e.defaults.items() if k in ("adversarial", "min_levels", "max_levels")}
+    for name, e in METHODS.items()
+}
+"""Each named method's levels and adversarial flag (the view of `METHODS` older code reads)."""
+
+OBJECTIVES: dict[str, type[Objective]] = {"hidisc": HiDisc}
+"""Objective classes by family; `adversarial: true` wraps one in `Robust`."""
+
+
+def method_label(name: str) -> str:
+    """Display name of a method (its name when it is not a registered one)."""
+    entry = METHODS.get(str(name))
+    return entry.label if entry else str(name)
+
+
+def methods_with_role(*roles: str) -> tuple[str, ...]:
+    """Registered method names whose table role is one of `roles`, in registry order."""
+    return tuple(name for name, e in METHODS.items() if e.role in roles)
+
+
+def resolve_method(method: Mapping[str, Any]) -> dict[str, Any]:
+    """Expand a method section: start from the named entry, let explicit keys override it."""
+    name = method.get("name", "hsat")
+    if name not in METHODS and not {"adversarial", "min_levels", "max_levels"} <= set(method):
+        raise HSATError(
+            f"method.name {name!r} is not a known variant ({', '.join(METHODS)}); "
+            "a custom variant must set adversarial, min_levels and max_levels"
+        )
+    out = dict(VARIANTS.get(name, {}))
+    out.update({k: v for k, v in method.items()})
+    out["name"] = name
+    weights = {lvl: 1.0 for lvl in LEVELS}
+    weights.update(out.get("level_weights") or {})
+    out["level_weights"] = weights
+    out.setdefault("temperature", 0.07)
+    out.setdefault("base_temperature", 0.07)
+    # Keep levels in canonical order (patient, slide, patch) so logs and names are stable.
+    out["min_levels"] = [lvl for lvl in LEVELS if lvl in out["min_levels"]]
+    out["max_levels"] = [lvl for lvl in LEVELS if lvl in out["max_levels"]]
+    return out
+
+
+def build_objective(method: Mapping[str, Any]) -> Objective:
+    """The objective of a resolved method section: its family's, made robust when adversarial."""
+    entry = METHODS.get(method["name"])
+    family = entry.defaults.get("family", "hidisc") if entry else "hidisc"
+    objective = OBJECTIVES[family](method)
+    return Robust(objective) if method["adversarial"] else objective
+
+
+__all__ = ["ALL", "METHODS", "MethodEntry", "OBJECTIVES", "Objective", "Robust", "VARIANTS", "build_objective",
+           "method_label", "methods_with_role", "resolve_method"]

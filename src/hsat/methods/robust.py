@@ -1,0 +1,63 @@
+"""Robust X: HSAT's min-max around any method's own loss.
+
+The inner maximisation crafts PGD views that maximise X's attack loss (input gradients only,
+parameters frozen, the model in `attack.bn_mode`); the encoder then minimises X's loss on them
+(beside the clean views unless `attack.only_adversarial`). HSAT is robust HiDisc; its variants
+differ only in the levels HiDisc minimises and the attack maximises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Mapping
+
+import torch
+
+from hsat.attacks import attack_mode, frozen, pgd
+from hsat.methods.base import Objective
+
+
+class Robust(Objective):
+    adversarial = True
+
+    def __init__(self, inner: Objective):
+        super().__init__(inner.method)
+        self.inner = inner
+
+    def loss(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.inner.loss(z)
+
+    def attack_loss(self, z: torch.Tensor) -> torch.Tensor:
+        return self.inner.attack_loss(z)
+
+    def after_step(self, model: torch.nn.Module) -> None:
+        self.inner.after_step(model)
+
+    def adversarial_views(
+        self,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        shape: tuple[int, ...],
+        *,
+        attack: Mapping[str, Any],
+        eps: float,
+        embed: Callable[..., list[torch.Tensor]],
+        generator: torch.Generator | None = None,
+        fast: torch.nn.Module | None = None,
+        autocast: Callable[[], Any] = contextlib.nullcontext,
+    ) -> torch.Tensor:
+        """PGD on `attack_loss` of the embedded views (eps in 1/255). `embed(module, x, shape,
+        autocast)` embeds a stack of views; `fast` is what the attack calls (default `model`)."""
+        fast = model if fast is None else fast
+
+        def objective(x_adv: torch.Tensor) -> torch.Tensor:
+            (z_adv,) = embed(fast, x_adv, shape, autocast)
+            return self.attack_loss(z_adv)
+
+        with frozen(model), attack_mode(model, attack["bn_mode"]):
+            return pgd(x, objective, eps=float(eps) / 255, alpha=attack["alpha"] / 255, steps=attack["steps"],
+                       random_start=attack["random_start"], generator=generator)
+
+    def training_views(self, model, x, shape, *, attack, **kw):
+        x_adv = self.adversarial_views(model, x, shape, attack=attack, **kw)
+        return (None if attack["only_adversarial"] else x), x_adv
