@@ -28,10 +28,12 @@ if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
 
 
 def config_error(message):
-    """Stop with the message alone. Snakemake prints an exception raised while the Snakefile is
-    parsed (a WorkflowError included) with a traceback into this file; a configuration error is
-    the user's to fix and needs none. SystemExit passes Snakemake's handlers: exit status 1."""
-    raise SystemExit(f"Error: {message}")
+    """Stop with the message alone, exit status 2 (bad input, as every `hsat` verb). Snakemake
+    prints an exception raised while the Snakefile is parsed (a WorkflowError included) with a
+    traceback into this file; a configuration error is the user's to fix and needs none.
+    SystemExit passes Snakemake's handlers."""
+    print(f"Error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 # ---------------------------------------------------------------- config: overlay, validate once, fill defaults
@@ -44,7 +46,7 @@ _BASE_CONFIG = os.path.join(workflow.basedir, "config", "config.yaml")
 _OVERLAYS = [str(p) for p in workflow.configfiles if os.path.abspath(p) != os.path.abspath(_BASE_CONFIG)]
 _CONFIG_SOURCE = " + ".join([os.path.relpath(_BASE_CONFIG)] + _OVERLAYS)
 try:
-    _study, _ = resolve_study(_BASE_CONFIG, [dict(config)])
+    _study, _ = resolve_study(_BASE_CONFIG, [(dict(config), " + ".join(_OVERLAYS) or "--config")])
     RUN_CONFIGS = {name: run_config_for_model(_study, name) for name in _study["models"]}
 except HSATError as exc:
     config_error(exc)

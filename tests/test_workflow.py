@@ -95,11 +95,11 @@ def test_invalid_config_and_missing_opensrh_root_fail_readably(workdir):
         (workdir / name).write_text(yaml.safe_dump(cfg))
         proc = snakemake("-n", "all", "--configfile", name, cwd=workdir)
         out = proc.stdout + proc.stderr
-        assert proc.returncode != 0 and all(s in out for s in says), out
+        assert proc.returncode == 2 and all(s in out for s in says) and name in out, out
         assert not TRACEBACK.search(out), out
     proc = snakemake("-n", "all", "--configfile", "config/opensrh.yaml", cwd=workdir)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "dataset.root" in out and "meta/opensrh.json" in out, out
+    assert proc.returncode == 2 and "dataset.root" in out and "meta/opensrh.json" in out, out
     assert not TRACEBACK.search(out), out
 
 

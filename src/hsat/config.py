@@ -202,16 +202,21 @@ def leaf_paths(d: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[
 
 
 def resolve_study(
-    base: str | Path | Mapping[str, Any], overlays: Sequence[str | Path | Mapping[str, Any]] = (),
+    base: str | Path | Mapping[str, Any], overlays: Sequence[str | Path | Mapping[str, Any] | tuple] = (),
     overrides: Iterable[str] = (),
 ) -> tuple[dict, set[tuple[str, ...]]]:
     """The validated study: the base study changed by each overlay in turn, then key=value overrides.
 
-    Returns (config with the schema's defaults filled in, key paths that the overlays and
-    overrides set). Errors name the overlay file and the key.
+    Each base or overlay is a YAML path, a mapping, or (mapping, name to quote). Returns (config
+    with the schema's defaults filled in, key paths that the overlays and overrides set).
+    Errors name the files and the key.
     """
     def load(x):
-        return (read_yaml(x), str(x)) if isinstance(x, (str, Path)) else (dict(x), "config")
+        if isinstance(x, (str, Path)):
+            return read_yaml(x), str(x)
+        if isinstance(x, tuple):  # (mapping, the name to quote in messages)
+            return dict(x[0]), str(x[1])
+        return dict(x), "config"
 
     cfg, source = load(base)
     named: set[tuple[str, ...]] = set()
