@@ -160,6 +160,12 @@ SANITY_MODELS = _subset(EVAL["sanity"]["models"]) if EVAL["sanity"]["enabled"] e
 TRANSFER_MODELS = _subset(EVAL["transfer"]["models"]) if EVAL["transfer"]["enabled"] else []
 _subset(EVAL["whitebox"]["autoattack"]["models"])  # names checked; empty = every model
 TRANSFER_PAIRS = [(s, t) for s in TRANSFER_MODELS for t in TRANSFER_MODELS if s != t]
+TRANSFER_TARGETS = [t for t in TRANSFER_MODELS if len(TRANSFER_MODELS) > 1]
+
+
+def transfer_surrogates(target):
+    """The surrogates whose stored examples a target scores: every other transfer model."""
+    return [s for s in TRANSFER_MODELS if s != target]
 
 
 def run_dir(model):
@@ -169,7 +175,7 @@ def run_dir(model):
 def sweep_outputs():
     out = [f"{RESULTS}/whitebox/{m}.csv" for m in MODELS]
     out += [f"{RESULTS}/sanity/{m}.csv" for m in SANITY_MODELS]
-    out += [f"{RESULTS}/transfer/{s}__{t}.csv" for s, t in TRANSFER_PAIRS]
+    out += [f"{RESULTS}/transfer/{t}.csv" for t in TRANSFER_TARGETS]
     return out
 
 

@@ -5,7 +5,7 @@ rule collect:
     input:
         lambda wildcards: {
             "whitebox": [f"{RESULTS}/whitebox/{m}.csv" for m in MODELS],
-            "transfer": [f"{RESULTS}/transfer/{s}__{t}.csv" for s, t in TRANSFER_PAIRS],
+            "transfer": [f"{RESULTS}/transfer/{t}.csv" for t in TRANSFER_TARGETS],
         }[wildcards.kind],
     output:
         f"{RESULTS}/{{kind}}.csv",

@@ -1,5 +1,5 @@
-# Black-box transfer: craft the adversarial validation set once per surrogate, then score it on
-# every other target (evaluation.transfer.models, or every model).
+# Black-box transfer: craft the adversarial validation set once per surrogate, then score every
+# other surrogate's set on each target (evaluation.transfer.models, or every model).
 
 
 rule transfer_craft:
@@ -28,29 +28,31 @@ rule transfer_craft:
 
 
 rule transfer_evaluate:
+    """One job per target: its model is loaded once and scores every other surrogate's stored
+    examples (a job's start -- importing torch and friends -- costs more than scoring a set)."""
     input:
-        adversarial=f"{RESULTS}/adversarial/{{surrogate}}.safetensors",
+        adversarial=lambda wildcards: [f"{RESULTS}/adversarial/{s}.safetensors" for s in transfer_surrogates(wildcards.target)],
         model=f"{RESULTS}/runs/{{target}}/model.safetensors",
         features=f"{RESULTS}/embeddings/{{target}}/features.safetensors",
     output:
-        f"{RESULTS}/transfer/{{surrogate}}__{{target}}.csv",
+        f"{RESULTS}/transfer/{{target}}.csv",
     params:
+        surrogates=lambda wildcards: " ".join(transfer_surrogates(wildcards.target)),
         run_dir=lambda wildcards: run_dir(wildcards.target),
         emb_dir=lambda wildcards, input: str(Path(input.features).parent),
         study=STUDY,
         settings=lambda wildcards: eval_settings("transfer"),
         code=CODE_VERSION["transfer"],
     wildcard_constraints:
-        surrogate=MODEL_RE,
         target=MODEL_RE,
     threads: 1
     resources:
         gpu=1,
     log:
-        f"{RESULTS}/logs/transfer/{{surrogate}}__{{target}}.log",
+        f"{RESULTS}/logs/transfer/{{target}}.log",
     conda:
         "../envs/hsat.yaml"
     shell:
         "OMP_NUM_THREADS={threads} hsat transfer evaluate --adversarial {input.adversarial}"
-        " --surrogate {wildcards.surrogate} --target {wildcards.target} --target-run {params.run_dir}"
+        " --surrogate {params.surrogates} --target {wildcards.target} --target-run {params.run_dir}"
         " --target-embeddings {params.emb_dir} --study {params.study} --out {output} > {log} 2>&1"

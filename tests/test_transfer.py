@@ -135,3 +135,28 @@ def test_cli_transfer_round_trip(cli_study):  # noqa: F811
     df = pd.read_csv(out)
     assert list(df.columns) == list(TRANSFER_COLUMNS) and len(df) == 3
     assert len(load_adversarial(adv)["positions"]) == 14  # evaluation.max_val_patches
+
+
+def test_cli_transfer_scores_several_surrogates_with_one_load(cli_study, monkeypatch):  # noqa: F811
+    import hsat.transfer as transfer_mod
+    from hsat.cli import main
+
+    root, run, manifest = cli_study
+    study = str(root / "study.yaml")
+    emb = root / "emb_t2" / "m1"
+    assert main(["embed", "--run", str(run), "--manifest", str(manifest), "--study", study, "--out", str(emb)]) == 0
+    adv = root / "adversarial2" / "m1.safetensors"
+    assert main(["transfer", "craft", "--run", str(run), "--manifest", str(manifest), "--embeddings", str(emb),
+                 "--study", study, "--out", str(adv)]) == 0
+    loads = []
+    real = transfer_mod.load_trained_model
+    monkeypatch.setattr(transfer_mod, "load_trained_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    out = root / "transfer" / "t.csv"
+    common = ["--target", "t", "--target-run", str(run), "--target-embeddings", str(emb), "--study", study]
+    assert main(["transfer", "evaluate", "--adversarial", str(adv), str(adv), "--surrogate", "a", "b", *common,
+                 "--out", str(out)]) == 0
+    df = pd.read_csv(out)
+    assert len(loads) == 1 and list(df["surrogate"].unique()) == ["a", "b"] and len(df) == 6
+    bad = root / "transfer" / "bad.csv"
+    assert main(["transfer", "evaluate", "--adversarial", str(adv), "--surrogate", "a", "b", *common, "--out", str(bad)]) == 2
+    assert not bad.exists()

@@ -243,12 +243,21 @@ def craft_run(run_dir, manifest, emb_dir, study: Mapping[str, Any], out, device=
     return save_adversarial(out, crafted)
 
 
-def transfer_run(adv_file, surrogate: str, target: str, target_run, target_emb, study: Mapping[str, Any], out,
+def transfer_run(adv_files, surrogates, target: str, target_run, target_emb, study: Mapping[str, Any], out,
                  device=None) -> pd.DataFrame:
-    """`hsat transfer evaluate`: one surrogate -> target cell of the transfer matrix, written to `out`."""
+    """`hsat transfer evaluate`: the target's cells of the transfer matrix -- one per surrogate's
+    stored set (`adv_files` and `surrogates` in the same order; one of each also works) -- with the
+    target model loaded once, written to `out`."""
+    adv_files = [adv_files] if isinstance(adv_files, (str, Path)) else list(adv_files)
+    surrogates = [surrogates] if isinstance(surrogates, str) else list(surrogates)
+    if len(adv_files) != len(surrogates):
+        raise HSATError(f"{len(adv_files)} adversarial file(s) but {len(surrogates)} surrogate name(s): "
+                        "give one --surrogate per --adversarial, in the same order")
     device = torch.device(device) if device else default_device()
     emb = load_embeddings(target_emb)
     model = load_trained_model(target_run, device=device)
-    df = evaluate_transfer(adv_file, model, emb, study["evaluation"], surrogate=surrogate, target=target, device=device)
+    frames = [evaluate_transfer(adv, model, emb, study["evaluation"], surrogate=s, target=target, device=device)
+              for adv, s in zip(adv_files, surrogates)]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(TRANSFER_COLUMNS))
     write_csv(out, df)
     return df

@@ -96,9 +96,10 @@ def add_parsers(subparsers) -> None:
     _common(c, model=False)
     c.add_argument("--out", required=True, metavar="FILE.safetensors")
     c.set_defaults(func=_craft)
-    e = sub.add_parser("evaluate", help="score a stored adversarial set on a target model")
-    e.add_argument("--adversarial", required=True, metavar="FILE.safetensors")
-    e.add_argument("--surrogate", required=True, metavar="NAME")
+    e = sub.add_parser("evaluate", help="score stored adversarial sets on a target model (loaded once)")
+    e.add_argument("--adversarial", required=True, nargs="+", metavar="FILE.safetensors",
+                   help="stored sets of `hsat transfer craft` (several: one per surrogate)")
+    e.add_argument("--surrogate", required=True, nargs="+", metavar="NAME", help="their surrogates' names, in the same order")
     e.add_argument("--target", required=True, metavar="NAME")
     e.add_argument("--target-run", required=True, metavar="RUN_DIR")
     e.add_argument("--target-embeddings", required=True, metavar="EMB_DIR")
