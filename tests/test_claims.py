@@ -147,6 +147,17 @@ def test_whitebox_does_not_hold_when_hsat_lower_beyond_noise(study):
     assert c["numbers"]["difference"] == pytest.approx(-5.0)
 
 
+def test_whitebox_gain_beyond_noise_but_below_the_margin_does_not_hold(study):
+    """Higher beyond the seed noise is not "far more robust": 5 points with sd 1 fails the 15-point margin."""
+    values = with_(**{m: (70.0, 15.0 + i, 16.0 + i) for i, m in enumerate(SEEDED["hsat"])})
+    found = run(values, study=study)
+    for cid in ("whitebox_worst_case", "whitebox_pgd"):
+        c = found[cid]
+        assert c["verdict"] == FAILS and "less than the 15 points" in c["reason"], c
+        assert c["numbers"]["difference"] > c["numbers"]["threshold"]  # beyond the noise, below the margin
+        assert "at least 15 points" in c["rule"]
+
+
 def test_whitebox_inside_seed_spread_cannot_be_judged(study):
     # Means 15 vs 11, sd 10: 2 SE = 2 sqrt(100/3 + 1/3) = 11.6 > 4.
     values = with_(**{m: (70.0, w, w) for m, w in zip(SEEDED["hsat"], (5.0, 15.0, 25.0))})
