@@ -415,3 +415,17 @@ def test_cli_tables_writes_claims_and_metrics(study, tmp_path):
     assert found["whitebox_worst_case"]["verdict"] == HOLDS and found["blackbox_contrast"]["verdict"] == HOLDS
     assert found["whitebox_worst_case"]["numbers"]["seeds"]["hsat"] == [0, 1, 2]
     assert "blackbox_contrast" in md.read_text()
+
+
+def test_worst_cases_over_different_attacks_cannot_be_compared(study):
+    """AutoAttack on HSAT only: HSAT's worst case combines one more attack than HSAT-Patch's, so
+    the level ordering of worst cases cannot be judged; the HiDisc-HSAT comparison still can."""
+    wb = whitebox_frame()
+    extra = wb[(wb["model"].isin(SEEDED["hsat"] + SEEDED["hidisc"])) & (wb["attack"] == "pgd")].copy()
+    extra["attack"], extra["objective"] = "autoattack", "linear_probe"
+    found = by_id(claims(pd.concat([wb, extra], ignore_index=True), None, None, study))
+    for cid, lacking in (("level_order_worst_case", "hsat_patch, hsat_slide"), ("lmax_ablation", "lmax_p, lmax_ps")):
+        assert found[cid]["verdict"] == UNJUDGED and "different attacks" in found[cid]["reason"], found[cid]
+        assert f"{lacking} lack autoattack/linear_probe" in found[cid]["reason"]
+    assert found["whitebox_worst_case"]["verdict"] == HOLDS
+    assert found["level_order_clean"]["verdict"] != UNJUDGED or "different attacks" not in found["level_order_clean"]["reason"]

@@ -322,6 +322,29 @@ def attack_quality(sanity: pd.DataFrame | None) -> dict[str, Any]:
     return _claim("attack_quality", claim, "–", measured, numbers, FAILS, f"failed: {', '.join(failed)}", rule, None, None)
 
 
+def attack_sets(whitebox: pd.DataFrame | None, classifier: str | None, eps: float | None) -> dict[str, frozenset]:
+    """Per model, the (attack, objective) pairs its worst case at `eps` combines (patch level)."""
+    if whitebox is None or whitebox.empty or eps is None:
+        return {}
+    rows = whitebox[(whitebox["level"] == LEVEL) & (whitebox["classifier"] == classifier) & (whitebox["eps"] == eps)
+                    & (whitebox["attack"] != WORST_CASE)]
+    return {str(m): frozenset(zip(g["attack"], g["objective"])) for m, g in rows.groupby("model")}
+
+
+def _same_attacks(c: dict[str, Any], arms: Sequence[Mapping[str, Any]], sets: Mapping[str, frozenset]) -> dict[str, Any]:
+    """A worst-case comparison is unjudged when its models' worst cases combine different attacks
+    (e.g. AutoAttack ran on some only): a lower worst case could then be more attacks, not less robustness."""
+    per_model = {m: sets[m] for arm in arms for m in arm.get("models", []) if m in sets}
+    if len(set(per_model.values())) > 1:
+        union = frozenset().union(*per_model.values())
+        lacking = sorted(m for m, s in per_model.items() if s != union)
+        missing = sorted({f"{a}/{o}" for m in lacking for a, o in union - per_model[m]})
+        c["verdict"] = UNJUDGED
+        c["reason"] = (f"the worst cases combine different attacks: {', '.join(lacking)} lack {', '.join(missing)} "
+                       "(run the same attacks on every compared model, e.g. evaluation.whitebox.autoattack.models: [])")
+    return c
+
+
 def claims(
     whitebox: pd.DataFrame | None,
     transfer: pd.DataFrame | None,
@@ -346,6 +369,7 @@ def claims(
         worst_eps, pgd_eps = _pick_eps(df, WORST_CASE, EPS), _pick_eps(df, "pgd", EPS)
         groups = list(df.groupby(["group", "backbone"], sort=True)) or [((None, None), pd.DataFrame())]
     setting = {"level": LEVEL, "classifier": classifier}
+    sets = attack_sets(whitebox, classifier, worst_eps)
     tcfg = _transfer_cfg(study_cfg)
     out: list[dict[str, Any]] = []
     for (group, backbone), g in groups:
@@ -364,7 +388,7 @@ def claims(
         )
         if worst_eps is None:
             c["verdict"], c["reason"] = UNJUDGED, "no worst_case rows"
-        out.append(_require_margin(c))
+        out.append(_same_attacks(_require_margin(c), [hsat_worst, worst[baseline]], sets))
 
         pgd = dict(setting, attack="pgd", eps=pgd_eps, objective=objective)
         pgd_text = f"eps {pgd_eps:g}/255" if pgd_eps is not None else "eps –"
@@ -394,24 +418,24 @@ def claims(
         ))
 
         reference = _reference_sd(hsat_worst)
-        out.append(_chain(
+        out.append(_same_attacks(_chain(
             "level_order_worst_case",
             f"worst-case accuracy ({eps_text}) rises with the level of adversarial training: HSAT-Patch < HSAT-Slide < HSAT",
             "HSAT-Patch < HSAT-Slide < HSAT-Patient (Table 3)",
             [worst[m] for m in LEVEL_METHODS], group, backbone, reference, **at_worst,
-        ))
+        ), [worst[m] for m in LEVEL_METHODS], sets))
         out.append(_chain(
             "level_order_clean",
             "clean accuracy rises with the level of adversarial training: HSAT-Patch < HSAT-Slide < HSAT",
             "HSAT-Patch < HSAT-Slide < HSAT-Patient (Table 3)",
             [clean[m] for m in LEVEL_METHODS], group, backbone, _reference_sd(clean["hsat"]), **dict(setting, attack="none", eps=0.0),
         ))
-        out.append(_chain(
+        out.append(_same_attacks(_chain(
             "lmax_ablation",
             f"worst-case accuracy ({eps_text}) rises with the levels the attack maximises: L_max patch < patch+slide < all three",
             "L_max: patch < patch + slide < patient + slide + patch (Table 4)",
             [worst[m] for m in ABLATION_METHODS], group, backbone, reference, **at_worst,
-        ))
+        ), [worst[m] for m in ABLATION_METHODS], sets))
 
         sup, sup_at = worst["supervised"], worst["supervised_at"]
         for cid, claim, a, b in (
@@ -424,7 +448,7 @@ def claims(
                 c["verdict"], c["reason"] = UNJUDGED, f"no reference rows ({', '.join(missing)})"
             elif cid == "reference_ceiling" and a["mean"]:
                 c["measured"] += f"; HSAT reaches {100 * b['mean'] / a['mean']:.0f} % of the ceiling" if b["n"] else ""
-            out.append(c)
+            out.append(c if missing else _same_attacks(c, [a, b], sets))
 
     quality = attack_quality(sanity)
     if quality["verdict"] == FAILS:
