@@ -361,3 +361,19 @@ def test_separate_forward_gives_each_kind_of_view_its_own_batch_norm_batch(tiny_
                    for v in (x, x_adv))
     assert losses[True] == pytest.approx(expected, rel=1e-5)
     assert abs(losses[True] - losses[False]) > 1e-4
+
+
+def test_cli_pretrain_refuses_patches_smaller_than_the_crop_before_writing(tiny_manifest, tmp_path, capsys):
+    """The embedded cohort's 32 px patches cannot hold a 48 px crop: exit 2 naming a file, no run dir."""
+    from hsat.cli import main
+
+    settings = ["data.image_size=48", "model.backbone=test_resnet", "model.head_hidden=[16]", "model.embed_dim=8",
+                "train.steps=1", "data.num_workers=0", "data.patients_per_batch=4", "device=cpu"]
+    out = tmp_path / "run"
+    assert main(["pretrain", "--manifest", str(tiny_manifest), "--out", str(out), *settings]) == 2
+    err = capsys.readouterr().err
+    assert ".tif" in err and "smaller than the 48 px crop" in err and "data.resize" in err
+    assert not out.exists()
+    resized = tmp_path / "resized"  # the fix the message names
+    assert main(["pretrain", "--manifest", str(tiny_manifest), "--out", str(resized), *settings, "data.resize={size: 48}"]) == 0
+    assert (resized / "model.safetensors").is_file()

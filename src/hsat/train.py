@@ -454,6 +454,21 @@ def make_optimizer(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.opti
 # the run
 
 
+def _check_first_patch(cfg: Mapping[str, Any]) -> None:
+    """The first training patch must hold the crop (after data.resize): the common mistake of a
+    dataset at another scale fails at once, naming the file, not in a DataLoader worker later."""
+    from hsat.data.manifest import read_manifest
+    from hsat.data.srh import read_image
+    from hsat.data.transforms import check_patch_size
+
+    table = read_manifest(cfg["data"]["manifest"], check_files=False)
+    train = table[table["split"] == "train"]
+    if len(train):
+        path = str(train["path"].iloc[0])
+        check_patch_size(path, read_image(path), int(cfg["data"]["image_size"]), cfg["data"]["resize"],
+                         cfg["data"]["allow_upscale"])
+
+
 def pretrain(
     cfg: Mapping[str, Any],
     out_dir: str | os.PathLike,
@@ -484,6 +499,7 @@ def pretrain(
     method, attack, augment = cfg["method"], cfg["attack"], cfg["augment"]
     if not cfg["data"]["manifest"]:
         raise HSATError("data.manifest is not set: pass --manifest or data.manifest=PATH")
+    _check_first_patch(cfg)  # a patch too small for the crop stops here, before anything is written
 
     # ============ processes, device, precision ... ============
     rank, world, _local_rank, device = init_distributed(cfg["device"])

@@ -105,6 +105,15 @@ def resize_op(resize: Mapping[str, Any] | None) -> torch.nn.Module | None:
     return _ScaleBy(float(value))
 
 
+def check_patch_size(path: str, image: Tensor, size: int, resize: Mapping[str, Any] | None = None,
+                     allow_upscale: bool = False) -> None:
+    """Raise HSATError naming `path` when `image` (after `resize`) cannot hold a `size` crop."""
+    try:
+        _FitToSize(size, resize, allow_upscale)(image)
+    except PatchTooSmall as exc:
+        raise HSATError(f"{path}: {exc}") from None
+
+
 class _FitToSize(torch.nn.Module):
     """`data.resize` (if any), then make sure the patch holds an `size` crop.
 
