@@ -16,6 +16,8 @@ rule synth:
         code=CODE_VERSION["synth"],
     log:
         f"{RESULTS}/logs/synth.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/synth.tsv",
     conda:
         "../envs/hsat.yaml"
     shell:
@@ -35,6 +37,8 @@ if DATASET_KIND == "manifest":
             code=CODE_VERSION["prepare"],
         log:
             f"{RESULTS}/logs/prepare.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/prepare.tsv",
         conda:
             "../envs/hsat.yaml"
         shell:
@@ -51,6 +55,8 @@ else:
             code=CODE_VERSION["prepare"],
         log:
             f"{RESULTS}/logs/prepare.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/prepare.tsv",
         conda:
             "../envs/hsat.yaml"
         shell:

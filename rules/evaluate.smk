@@ -21,6 +21,8 @@ rule embed:
         gpu=1,
     log:
         f"{RESULTS}/logs/embed/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/embed/{{model}}.tsv",
     conda:
         "../envs/hsat.yaml"
     shell:
@@ -46,6 +48,8 @@ rule evaluate:
         gpu=1,
     log:
         f"{RESULTS}/logs/evaluate/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{model}}.tsv",
     conda:
         "../envs/hsat.yaml"
     shell:
@@ -72,6 +76,8 @@ rule sanity:
         gpu=1,
     log:
         f"{RESULTS}/logs/sanity/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/sanity/{{model}}.tsv",
     conda:
         "../envs/hsat.yaml"
     shell:

@@ -28,6 +28,8 @@ rule pretrain:
         gpu=NPROC,
     log:
         f"{RESULTS}/logs/pretrain/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/pretrain/{{model}}.tsv",
     conda:
         "../envs/hsat.yaml"
     shell:

@@ -15,6 +15,8 @@ rule collect:
         code=CODE_VERSION["report"],
     log:
         f"{RESULTS}/logs/report/collect_{{kind}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/collect_{{kind}}.tsv",
     conda:
         "../envs/hsat.yaml"
     shell:
@@ -37,6 +39,8 @@ rule sanity_report:
         code=CODE_VERSION["sanity_report"],
     log:
         f"{RESULTS}/logs/report/sanity.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/sanity.tsv",
     conda:
         "../envs/hsat.yaml"
     shell:
@@ -65,6 +69,8 @@ rule tables:
         code=CODE_VERSION["report"],
     log:
         f"{RESULTS}/logs/report/tables.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/tables.tsv",
     conda:
         "../envs/hsat.yaml"
     shell:
@@ -96,6 +102,8 @@ rule figures:
     threads: 1
     log:
         f"{RESULTS}/logs/report/figures.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/figures.tsv",
     conda:
         "../envs/hsat.yaml"
     shell:

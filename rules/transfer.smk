@@ -20,6 +20,8 @@ rule transfer_craft:
         gpu=1,
     log:
         f"{RESULTS}/logs/transfer/craft_{{surrogate}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/transfer/craft_{{surrogate}}.tsv",
     conda:
         "../envs/hsat.yaml"
     shell:
@@ -50,6 +52,8 @@ rule transfer_evaluate:
         gpu=1,
     log:
         f"{RESULTS}/logs/transfer/{{target}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/transfer/{{target}}.tsv",
     conda:
         "../envs/hsat.yaml"
     shell:

@@ -319,4 +319,6 @@ def load_trained_model(run_dir: str | os.PathLike, device: str | torch.device = 
             f"{weights_path} does not match the model described by {cfg_path} "
             f"(backbone {model_cfg.get('backbone')!r}): {exc}"
         ) from exc
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    # Evaluation runs the model in the memory format it was trained in (faster convolutions).
+    return model.to(memory_format=torch.channels_last) if cfg.get("channels_last") else model
