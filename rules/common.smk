@@ -104,6 +104,12 @@ def _dataset_source():
 
 DATASET_KIND, DATASET_PATH = _dataset_source()
 SYNTH = config["dataset"]["synth"]
+try:
+    from hsat.data.synthetic import synth_params
+
+    synth_params(SYNTH["params"], source=f"{_CONFIG_SOURCE}: dataset.synth.params")
+except HSATError as exc:
+    config_error(exc)
 MANIFEST = f"{RESULTS}/manifest.csv"
 
 

@@ -13,6 +13,8 @@ rule synth:
         size=SYNTH["size"],
         seed=SYNTH["seed"],
         val_fraction=SYNTH["val_fraction"],
+        # Generation knobs (SynthParams overrides) as one sorted string: a stable rerun key.
+        sets=" ".join(shlex.quote(f"--set={k}={json.dumps(v)}") for k, v in sorted(SYNTH["params"].items())),
         code=CODE_VERSION["synth"],
     log:
         f"{RESULTS}/logs/synth.log",
@@ -23,7 +25,7 @@ rule synth:
     shell:
         "hsat synth --out {output} --patients {params.patients} --slides {params.slides}"
         " --patches {params.patches} --size {params.size} --seed {params.seed}"
-        " --val-fraction {params.val_fraction} > {log} 2>&1"
+        " --val-fraction {params.val_fraction} {params.sets} > {log} 2>&1"
 
 
 if DATASET_KIND == "manifest":

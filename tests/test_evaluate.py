@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import hsat.evaluate as ev
+from hsat.errors import HSATError
 from hsat.evaluate import (
     WHITEBOX_COLUMNS,
     aggregate,
@@ -427,3 +428,56 @@ def test_spec_random_starts_do_not_depend_on_the_other_specs():
     a = one[one.attack == "pgd"].set_index(key)["acc"]
     b = many.set_index(key)["acc"].reindex(a.index)
     pd.testing.assert_series_equal(a, b)
+
+
+class ToyBNModel(ToyModel):
+    """ToyModel with batch norm on its features: training mode would show in every score."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+        self.eval()
+
+    def forward_features(self, x):
+        return self.bn(super().forward_features(x))
+
+
+@pytest.mark.parametrize("attacks", [["autoattack"], ["pgd", "autoattack", "bim"]])
+def test_attacks_leave_batch_norm_alone_and_clean_scores_match_a_plain_eval(attacks):
+    """Regression: torchattacks restores the mode it found its classifier in, and a fresh wrapper
+    module is in training mode: the encoder's batch norm then scored every later batch with batch
+    statistics and overwrote its running ones. Clean scores of a sweep with AutoAttack must equal
+    a plain eval-mode scoring, batch by batch, and the stored statistics must not move."""
+    pytest.importorskip("torchattacks")
+    _, probe, bank, val = toy_setup()
+    model = ToyBNModel()
+    with torch.no_grad():
+        model.bn.running_mean.fill_(0.01)
+        model.bn.running_var.fill_(0.5)
+    stats = (model.bn.running_mean.clone(), model.bn.running_var.clone())
+    cfg = toy_cfg(attacks=attacks, eps=[8], classifiers=["linear"],
+                  autoattack={"version": "apgd-ce+apgd-t", "steps": 5})
+    cfg["batch_size"] = 4  # several batches: the ones after the first AutoAttack call are the test
+    df = whitebox_sweep(model, probe, bank, val, cfg, progress=False)
+    assert torch.equal(model.bn.running_mean, stats[0]) and torch.equal(model.bn.running_var, stats[1])
+    assert not model.training
+    with torch.no_grad():
+        feats = torch.cat([model.forward_features(b["image"]) for b in ev.embeddings.loader(val, 4)])
+        labels = np.concatenate([np.asarray(b["label"]) for b in ev.embeddings.loader(val, 4)])
+    expected = (probe(feats).argmax(1).numpy() == labels).mean() * 100
+    clean = df[(df.attack == "none") & (df.level == "patch")]["acc"].item()
+    assert clean == pytest.approx(expected)
+
+
+def test_an_attack_that_leaves_training_mode_on_is_an_error(monkeypatch):
+    model, probe, bank, val = toy_setup()
+    real = ev.sweep.craft_batch
+
+    def sloppy(model_, *args, **kw):
+        out = real(model_, *args, **kw)
+        model_.train()
+        return out
+
+    monkeypatch.setattr(ev.sweep, "craft_batch", sloppy)
+    with pytest.raises(HSATError, match="training mode"):
+        whitebox_sweep(model, probe, bank, val, toy_cfg(), progress=False)

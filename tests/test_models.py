@@ -227,3 +227,28 @@ def test_embedding_changes_with_input():
     model = build_model("test_resnet", head_hidden=(8,), embed_dim=4).eval()
     a, b = model(torch.zeros(1, 3, 32, 32)), model(torch.ones(1, 3, 32, 32))
     assert F.cosine_similarity(a, b).item() < 1 - 1e-6
+
+
+def test_folded_batch_norm_is_the_same_function_and_gradient():
+    """Evaluation folds batch norm into the convolutions: same features and input gradients."""
+    import copy
+
+    from hsat.models import fold_batch_norm
+
+    torch.manual_seed(0)
+    model = build_model("test_resnet", head_hidden=(16,), embed_dim=8)
+    model.train()
+    with torch.no_grad():  # non-trivial running statistics
+        for _ in range(3):
+            model.forward_features(torch.rand(8, 3, 16, 16))
+    model.eval()
+    folded = fold_batch_norm(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.backbone.modules())
+    x = torch.rand(4, 3, 16, 16, requires_grad=True)
+    g1, = torch.autograd.grad(model.forward_features(x).sum(), x)
+    g2, = torch.autograd.grad(folded.forward_features(x).sum(), x)
+    assert torch.allclose(model(x), folded(x), atol=1e-5)
+    assert torch.allclose(g1, g2, atol=1e-5)
+    # A model still training is left alone (folding freezes the statistics).
+    training = build_model("test_resnet", head_hidden=(16,), embed_dim=8)
+    assert fold_batch_norm(training).backbone is training.backbone

@@ -123,3 +123,47 @@ def test_thousands_of_patches(tmp_path):
     # Its speed is measured by `hsat bench` (report["synth"]), not asserted here.
     synthesize_cohort(tmp_path / "big", patients=42, slides=2, patches=24, size=32)
     assert len(list((tmp_path / "big" / "studies").glob("*/*/patches/*.tif"))) == 42 * 2 * 24
+
+
+def test_synth_params_overrides_and_errors():
+    from hsat.data.synthetic import synth_params
+
+    p = synth_params({"texture_amplitude": 3, "class_texture": {"hgg": [0.1, "v"]}})
+    assert p.texture_amplitude == 3.0 and p.class_texture["hgg"] == (0.1, "v")
+    assert p.class_texture["lgg"] == SynthParams().class_texture["lgg"]  # the other classes kept
+    assert synth_params({}) == SynthParams()
+    for bad, key in (({"texture_amp": 1}, "texture_amp"), ({"noise_sd": "x"}, "noise_sd"),
+                     ({"class_texture": {"glioma": [0.1, "h"]}}, "class_texture")):
+        with pytest.raises(HSATError, match=key):
+            synth_params(bad, source="overlay.yaml")
+
+
+def test_cli_set_reaches_the_generator_and_bad_keys_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    def synth(out, *sets):
+        cmd = [sys.executable, "-m", "hsat", "synth", "--out", str(out), "--patients", "7", "--patches", "1",
+               "--slides", "1", "--size", "16", *[f"--set={s}" for s in sets]]
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    ok = synth(tmp_path / "a", "texture_amplitude=2.5", "intensity_gain=2")
+    assert ok.returncode == 0, ok.stderr
+    params = json.loads((tmp_path / "a" / "meta" / "synthetic.json").read_text())["params"]
+    assert params["texture_amplitude"] == 2.5 and params["intensity_gain"] == 2.0
+    bad = synth(tmp_path / "b", "texture_amp=1")
+    assert bad.returncode == 2 and "texture_amp" in bad.stderr and not (tmp_path / "b").exists()
+
+
+def test_cue_measurement_follows_the_generation_knobs():
+    """The measured amplitudes move with the knobs that set them: the texture's RMS with
+    texture_amplitude, the nearest-class intensity distance with intensity_gain."""
+    from hsat.data.cues import measure_cues
+
+    kw = dict(patients=14, slides=1, patches=4, size=32)
+    base = measure_cues(SynthParams(), **kw)
+    assert abs(base["texture_rms"] - SynthParams().texture_amplitude) < 1.0
+    assert abs(measure_cues(SynthParams(texture_amplitude=2.0), **kw)["texture_rms"] - 2.0) < 0.5
+    strong = measure_cues(SynthParams(intensity_gain=3.0, intensity_sd_scale=0.2), **kw)
+    assert min(strong["intensity_nearest"].values()) > 2 * min(base["intensity_nearest"].values())
+    assert max(strong["intensity_patient_sd"].values()) < max(base["intensity_patient_sd"].values())

@@ -43,12 +43,15 @@ class HSATModel(nn.Module):
         embed_dim: int = 128,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_features = int(backbone.num_features)
         self.embed_dim = int(embed_dim)
         self.head = projection_head(self.num_features, head_hidden, embed_dim)
+        # The supervised methods' own classification head (a classifier of the evaluation, `head`).
+        self.classifier = nn.Linear(self.num_features, int(num_classes)) if num_classes else None
         # Persistent buffers: a saved model carries the normalisation it was trained with.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
@@ -61,8 +64,16 @@ class HSATModel(nn.Module):
         """(N, num_features) -> (N, embed_dim), L2-normalised (the contrastive embedding)."""
         return F.normalize(self.head(f), dim=-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward_logits(self, f: torch.Tensor) -> torch.Tensor:
+        """(N, num_features) -> (N, num_classes) logits of the classification head."""
+        if self.classifier is None:
+            raise HSATError("this model has no classification head (model.num_classes is null)")
+        return self.classifier(f)
+
+    def forward(self, x: torch.Tensor, output: str = "embedding") -> torch.Tensor:
+        """The contrastive embedding (`output="embedding"`) or the classification logits ("logits")."""
+        f = self.forward_features(x)
+        return self.forward_logits(f) if output == "logits" else self.forward_head(f)
 
 
 def projection_head(in_features: int, hidden: Sequence[int], out_features: int) -> nn.Sequential:
@@ -90,6 +101,7 @@ def build_model(
     head_hidden: Sequence[int] = (512,),
     embed_dim: int = 128,
     image_size: int | None = None,
+    num_classes: int | None = None,
 ) -> HSATModel:
     """Build the encoder around any timm backbone name (CNN or ViT).
 
@@ -128,7 +140,7 @@ def build_model(
     cfg = getattr(net, "pretrained_cfg", None) or {}
     mean = tuple(cfg.get("mean") or IMAGENET_MEAN)
     std = tuple(cfg.get("std") or IMAGENET_STD)
-    return HSATModel(net, head_hidden=head_hidden, embed_dim=embed_dim, mean=mean, std=std)
+    return HSATModel(net, head_hidden=head_hidden, embed_dim=embed_dim, mean=mean, std=std, num_classes=num_classes)
 
 
 def load_backbone_weights(net: nn.Module, path: Path) -> None:
@@ -246,6 +258,7 @@ def model_from_config(cfg: Mapping[str, Any]) -> HSATModel:
         head_hidden=tuple(m.get("head_hidden", (512,))),
         embed_dim=int(m.get("embed_dim", 128)),
         image_size=data.get("image_size"),
+        num_classes=m.get("num_classes"),
     )
 
 
@@ -291,8 +304,26 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
-def load_trained_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> HSATModel:
-    """Rebuild a trained encoder from RUN_DIR/config.yaml and RUN_DIR/model.safetensors (eval mode)."""
+def fold_batch_norm(model: HSATModel) -> HSATModel:
+    """The model for evaluation only: each batch norm that follows a convolution folded into the
+    convolution's weights (torch.fx), the same function up to float rounding and ~15 % faster
+    per attack step on a CPU. A backbone that cannot be traced, or has no batch norm, is kept."""
+    from torch.fx.experimental.optimization import fuse
+
+    if model.training or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.backbone.modules()):
+        return model
+    try:
+        model.backbone = fuse(model.backbone)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure keeps the unfused, equivalent backbone
+        _log.debug("batch norm not folded (%s): %s", type(model.backbone).__name__, exc)
+    return model
+
+
+def load_trained_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                       fold_bn: bool = False) -> HSATModel:
+    """Rebuild a trained encoder from RUN_DIR/config.yaml and RUN_DIR/model.safetensors (eval mode).
+
+    `fold_bn`: fold batch norms into the convolutions (`fold_batch_norm`), for evaluation only."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -320,5 +351,7 @@ def load_trained_model(run_dir: str | os.PathLike, device: str | torch.device = 
             f"(backbone {model_cfg.get('backbone')!r}): {exc}"
         ) from exc
     model = model.to(device).eval()
+    if fold_bn:
+        model = fold_batch_norm(model)
     # Evaluation runs the model in the memory format it was trained in (faster convolutions).
     return model.to(memory_format=torch.channels_last) if cfg.get("channels_last") else model

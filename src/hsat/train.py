@@ -246,10 +246,11 @@ class StepResult:
 
 
 def embed_views(module: torch.nn.Module, x: torch.Tensor, shape: tuple[int, ...],
-                autocast: Callable[[], Any] = contextlib.nullcontext) -> list[torch.Tensor]:
-    """Embeddings of the (N*c, C, H, W) stack as c tensors (P_global, S, K, V, D), gathered over ranks."""
+                autocast: Callable[[], Any] = contextlib.nullcontext, output: str = "embedding") -> list[torch.Tensor]:
+    """The model's `output` ("embedding", or "logits" of the classification head) of the
+    (N*c, C, H, W) stack as c tensors (P_global, S, K, V, D), gathered over ranks."""
     with autocast():
-        z = module(x)
+        z = module(x) if output == "embedding" else module(x, output=output)
     chunks = z.float().chunk(x.shape[0] // math.prod(shape))
     return [gather_with_grad(c.reshape(*shape, -1)) for c in chunks]
 
@@ -293,6 +294,7 @@ def encoder_update(
     net: torch.nn.Module | None = None,
     autocast: Callable[[], Any] = contextlib.nullcontext,
     grad_clip: float | None = None,
+    labels: torch.Tensor | None = None,
 ) -> StepResult:
     """Outer minimisation: forward of the clean and adversarial views, loss, ONE backward, optimiser step.
 
@@ -307,17 +309,17 @@ def encoder_update(
     objective = build_objective(method)
     views = [v for v in (x, x_adv) if v is not None]
     if separate_forward and len(views) > 1:
-        z = [embed_views(net, v, shape, autocast)[0] for v in views]
+        z = [embed_views(net, v, shape, autocast, objective.output)[0] for v in views]
     else:
-        z = embed_views(net, torch.cat(views) if len(views) > 1 else views[0], shape, autocast)
+        z = embed_views(net, torch.cat(views) if len(views) > 1 else views[0], shape, autocast, objective.output)
     losses: dict[str, torch.Tensor] = {}
     total: torch.Tensor | None = None
     if x is not None:
-        clean = objective.loss(z.pop(0))
+        clean = objective.loss_of(z.pop(0), labels)
         losses.update({f"loss_clean_{k}": v.detach() for k, v in clean.items() if k != "total"})
         total = float(clean_weight) * clean["total"]
     if x_adv is not None:
-        adv = objective.loss(z.pop(0))
+        adv = objective.loss_of(z.pop(0), labels)
         losses.update({f"loss_adv_{k}": v.detach() for k, v in adv.items() if k != "total"})
         total = float(adv_weight) * adv["total"] if total is None else total + float(adv_weight) * adv["total"]
     assert total is not None, "encoder_update needs clean or adversarial views"
@@ -347,8 +349,11 @@ def hsat_step(
     autocast: Callable[[], Any] = contextlib.nullcontext,
     channels_last: bool = False,
     grad_clip: float | None = None,
+    labels: torch.Tensor | None = None,
 ) -> StepResult:
     """One HSAT (or HiDisc) optimiser step on `images` (P, S, K, V, C, H, W), already on the device.
+
+    `labels` (P,) are the patients' class ids, which only the supervised methods read.
 
     `model` is the plain HSATModel (frozen during the attack), `fast` what the attack calls
     (default `model`), `net` what the encoder's forward/backward goes through (default `fast`;
@@ -365,15 +370,17 @@ def hsat_step(
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     objective = build_objective(method)
+    if labels is not None:
+        labels = gather_with_grad(labels)  # the labels of the gathered (P_global, ...) outputs
     # The objective says what the encoder trains on: clean views (HiDisc), or a robust wrapper's
     # PGD views that maximise the method's own loss (and the clean ones unless only_adversarial).
     x_clean, x_adv = objective.training_views(model, x, shape, attack=attack, eps=eps, embed=embed_views,
-                                              generator=generator, fast=fast, autocast=autocast)
+                                              generator=generator, fast=fast, autocast=autocast, labels=labels)
     result = encoder_update(model, optimizer, x_clean, x_adv, shape, method=method,
                             clean_weight=float(clean_weight) if objective.adversarial else 1.0,
                             adv_weight=float(adv_weight) if objective.adversarial else 1.0,
                             separate_forward=attack["forward"] == "separate", net=net, autocast=autocast,
-                            grad_clip=grad_clip)
+                            grad_clip=grad_clip, labels=labels)
     objective.after_step(model)
     return result
 
@@ -503,6 +510,11 @@ def pretrain(
     if not cfg["data"]["manifest"]:
         raise HSATError("data.manifest is not set: pass --manifest or data.manifest=PATH")
     _check_first_patch(cfg)  # a patch too small for the crop stops here, before anything is written
+    if build_objective(method).needs_classifier and not cfg["model"]["num_classes"]:
+        from hsat.data.manifest import class_names, read_manifest
+
+        # The classification head's size is part of the run's config (evaluation rebuilds it).
+        cfg["model"]["num_classes"] = len(class_names(read_manifest(cfg["data"]["manifest"])))
 
     # ============ processes, device, precision ... ============
     rank, world, _local_rank, device = init_distributed(cfg["device"])
@@ -614,6 +626,7 @@ def pretrain(
         for group in optimizer.param_groups:
             group["lr"] = float(lr_schedule[step])  # a python float: checkpoints hold no numpy objects
         images = batch["images"].to(device, non_blocking=True)  # (P, S, K, V, C, H, W), local slice
+        labels = batch["label"].to(device, non_blocking=True)
         try:
             # inner maximisation (input gradients only) + outer minimisation (one forward/backward)
             result = hsat_step(
@@ -621,7 +634,7 @@ def pretrain(
                 clean_weight=float(clean_weight_schedule[step]), adv_weight=float(adv_weight_schedule[step]),
                 generator=_attack_generator(seed, step, rank, device),
                 fast=fast, net=net, autocast=autocast, channels_last=cfg["channels_last"],
-                grad_clip=cfg["optim"]["grad_clip"],
+                grad_clip=cfg["optim"]["grad_clip"], labels=labels,
             )
         except NonFiniteLoss as exc:
             last = f"step {last_ckpt}" if last_ckpt is not None else "none written yet"

@@ -255,7 +255,7 @@ def transfer_run(adv_files, surrogates, target: str, target_run, target_emb, stu
                         "give one --surrogate per --adversarial, in the same order")
     device = torch.device(device) if device else default_device()
     emb = load_embeddings(target_emb)
-    model = load_trained_model(target_run, device=device)
+    model = load_trained_model(target_run, device=device, fold_bn=True)
     frames = [evaluate_transfer(adv, model, emb, study["evaluation"], surrogate=s, target=target, device=device)
               for adv, s in zip(adv_files, surrogates)]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(TRANSFER_COLUMNS))

@@ -9,10 +9,19 @@ from hsat.errors import HSATError
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from hsat.data.synthetic import synthesize_cohort
+    import yaml
 
+    from hsat.data.synthetic import synth_params, synthesize_cohort
+
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise HSATError(f"--set {item!r}: expected key=value (a SynthParams field)")
+        overrides[key.strip()] = yaml.safe_load(value)
     out = synthesize_cohort(
-        args.out,
+        params=synth_params(overrides, source="--set"),
+        out=args.out,
         patients=args.patients,
         slides=args.slides,
         patches=args.patches,
@@ -69,6 +78,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--size", type=int, default=d["size"], help="patch side in pixels")
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--val-fraction", type=float, default=d["val_fraction"], help="fraction of each class's patients held out for val")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a generation parameter (hsat.data.synthetic.SynthParams field; value as YAML), repeatable")
     p.set_defaults(func=_synth)
 
     p = subparsers.add_parser(

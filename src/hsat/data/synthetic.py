@@ -30,6 +30,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import tifffile
@@ -111,6 +112,12 @@ class SynthParams:
     """Protein gain inside a nucleus at feature value 0 (x exp(0.3 * contrast))."""
     nuclear_lipid_drop: float = 0.45
     """Fraction of the background lipid missing inside a nucleus (nuclei are lipid-poor)."""
+    intensity_gain: float = 1.0
+    """Scale of the class (and patient/slide/patch) offsets of background lipid and protein:
+    the channel-intensity cue's strength."""
+    intensity_sd_scale: float = 1.0
+    """Scale of the patient, slide and patch spread of the lipid and protein features alone (the
+    intensity cue's within-class spread, beside the other features' `patient_sd` etc.)."""
     cloud_amplitude: float = 0.025
     """Smooth tissue-density variation (low-pass noise, ~5 px correlation) in both channels."""
     slide_gain_sd: float = 0.06
@@ -132,6 +139,30 @@ class SynthParams:
     """White pixel noise per raw channel, in /255."""
     class_morphology: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(CLASS_MORPHOLOGY))
     class_texture: dict[str, tuple[float, str]] = field(default_factory=lambda: dict(CLASS_TEXTURE))
+
+
+def synth_params(overrides: Mapping[str, Any] | None = None, source: str = "dataset.synth.params") -> SynthParams:
+    """SynthParams with `overrides` (field -> value) applied; an unknown field or a value of the
+    wrong type is an HSATError naming `source` and the field."""
+    base = SynthParams()
+    if not overrides:
+        return base
+    fields = {f.name: f for f in dataclasses.fields(SynthParams)}
+    values: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise HSATError(f"{source}: unknown cohort parameter {key!r} (one of: {', '.join(fields)})")
+        default = getattr(base, key)
+        if isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise HSATError(f"{source}: {key} must be a number, not {value!r}")
+            value = float(value)
+        elif isinstance(default, dict):
+            if not isinstance(value, Mapping) or not set(value) <= set(default):
+                raise HSATError(f"{source}: {key} must map classes ({', '.join(default)}) to values, not {value!r}")
+            value = {**default, **{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}}
+        values[key] = value
+    return dataclasses.replace(base, **values)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,10 +241,20 @@ def _render_nuclei(rng: np.random.Generator, z: np.ndarray, size: int, p: SynthP
     return 1.0 - np.exp(-2.0 * acc)  # soft union of overlapping nuclei
 
 
+INTENSITY_FEATURES = (FEATURES.index("lipid"), FEATURES.index("protein"))
+
+
+def spread_scale(p: SynthParams) -> np.ndarray:
+    """Per-feature factor on the patient/slide/patch spread (the intensity features' own scale)."""
+    scale = np.ones(len(FEATURES))
+    scale[list(INTENSITY_FEATURES)] = p.intensity_sd_scale
+    return scale
+
+
 def _morph(z: np.ndarray, p: SynthParams) -> dict[str, np.ndarray]:
     return {
-        "lipid": p.lipid_level + 0.045 * z[:, 4],
-        "protein": p.protein_level + 0.035 * z[:, 5],
+        "lipid": p.lipid_level + 0.045 * p.intensity_gain * z[:, 4],
+        "protein": p.protein_level + 0.035 * p.intensity_gain * z[:, 5],
         "contrast": p.nuclear_contrast * np.exp(0.3 * z[:, 6]),
     }
 
@@ -228,7 +269,7 @@ def render_slide(
     p: SynthParams,
 ) -> np.ndarray:
     """The raw patches of one slide: uint16 (n, 2, size, size) = (CH2, CH3) in release units."""
-    z = z_slide[None, :] + p.patch_sd * rng.standard_normal((n, len(FEATURES)))
+    z = z_slide[None, :] + p.patch_sd * spread_scale(p) * rng.standard_normal((n, len(FEATURES)))
     m = _morph(z, p)
     nuc = _render_nuclei(rng, z, size, p)
     cloud = _lowpass_noise(rng, (n, size, size), 5.0) * p.cloud_amplitude
@@ -261,6 +302,21 @@ def render_slide(
 # ----------------------------------------------------------------------------------------------
 # cohort
 # ----------------------------------------------------------------------------------------------
+
+
+def render_patient(seed: int, index: int, label: str, slides: int, patches: int, size: int, p: SynthParams
+                   ) -> list[np.ndarray]:
+    """The raw slides (uint16 (patches, 2, size, size) each) of patient `index` of a cohort seed."""
+    rng = np.random.default_rng([seed, index])
+    mean = np.asarray(p.class_morphology[label], dtype=np.float64)
+    scale = spread_scale(p)
+    z_patient = p.morph_separation * mean + p.patient_sd * scale * rng.standard_normal(len(FEATURES))
+    freq = p.class_texture[label][0] * float(np.exp(p.texture_patient_jitter * rng.standard_normal()))
+    out = []
+    for _ in range(slides):
+        z_slide = z_patient + p.slide_sd * scale * rng.standard_normal(len(FEATURES))
+        out.append(render_slide(rng, label, z_slide, freq, patches, size, p))
+    return out
 
 
 def assign_classes(patients: int) -> list[str]:
@@ -334,15 +390,9 @@ def synthesize_cohort(
     try:
         meta: dict[str, dict] = {}
         for i, (pid, label) in enumerate(zip(ids, labels)):
-            rng = np.random.default_rng([seed, i])
-            mean = np.asarray(p.class_morphology[label], dtype=np.float64)
-            z_patient = p.morph_separation * mean + p.patient_sd * rng.standard_normal(len(FEATURES))
-            freq = p.class_texture[label][0] * float(np.exp(p.texture_patient_jitter * rng.standard_normal()))
             slide_meta = {}
-            for s in range(slides):
+            for s, raw in enumerate(render_patient(seed, i, label, slides, patches, size, p)):
                 sid = str(s + 1)
-                z_slide = z_patient + p.slide_sd * rng.standard_normal(len(FEATURES))
-                raw = render_slide(rng, label, z_slide, freq, patches, size, p)
                 folder = tmp / "studies" / pid / sid / "patches"
                 folder.mkdir(parents=True)
                 names = []

@@ -156,8 +156,10 @@ def classify(
     classifiers: Sequence[str],
     num_classes: int,
     knn: Mapping[str, float],
+    head: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Class scores (N, C) on CPU of each named classifier; `knn` holds k and temperature."""
+    """Class scores (N, C) on CPU of each named classifier; `knn` holds k and temperature;
+    `head` is the model's own classification head (classifier `head`, supervised methods)."""
     out = {}
     for clf in classifiers:
         if clf == "knn":
@@ -169,6 +171,11 @@ def classify(
                 raise HSATError("classifier linear needs a linear probe")
             with torch.no_grad():
                 out[clf] = probe(features).softmax(1).float().cpu()
+        elif clf == "head":
+            if head is None:
+                raise HSATError("classifier head needs a model with a classification head (the supervised methods)")
+            with torch.no_grad():
+                out[clf] = head(features).softmax(1).float().cpu()
         else:
-            raise HSATError(f"unknown classifier {clf!r} ({', '.join(CLASSIFIERS)})")
+            raise HSATError(f"unknown classifier {clf!r} ({', '.join(CLASSIFIERS)}, head)")
     return out

@@ -75,7 +75,7 @@ def embed_run(
     cfg_eval = resolve_evaluation(study["evaluation"])
     size = eval_image_size(study, run_dir)
     (train_ds, val_ds), classes = datasets(manifest, size, ("train", "val"), run_dir)
-    model = load_trained_model(run_dir, device=device)
+    model = load_trained_model(run_dir, device=device, fold_bn=True)
     bs = cfg_eval["batch_size"]
     train = embed(model, train_ds, bs, device, progress, desc="embed train")
     val = embed(model, val_ds, bs, device, progress, desc="embed val")
@@ -107,7 +107,7 @@ def load_for_eval(run_dir, manifest, emb_dir, study: Mapping[str, Any], device):
     if emb.classes and emb.classes != classes:
         raise HSATError(f"{emb_dir}: classes {emb.classes} differ from {manifest}'s {classes}")
     check_val_matches(emb, val_ds, emb_dir, manifest)
-    model = load_trained_model(run_dir, device=device)
+    model = load_trained_model(run_dir, device=device, fold_bn=True)
     return model, emb, val_ds
 
 

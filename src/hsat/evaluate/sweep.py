@@ -9,7 +9,9 @@ What keeps the numbers honest and cheap:
   point of the eps-ball: BIM and MI-FGSM run there as `bim_r` / `mifgsm_r`. Under label-based
   objectives (`linear_ce`, `knn_soft`) they start at x, as defined, and keep their names.
 - `knn_soft` is the adaptive attack on the classifier that is scored: cross-entropy of a
-  differentiable copy of the kNN vote (`SoftKNN`), with the same bank and temperature.
+  differentiable copy of the kNN vote (`SoftKNN`), with the same bank and temperature. A model
+  with its own classification head (the supervised references) is also scored by that head
+  (classifier `head`) and attacked through it (objective `head_ce`, added automatically).
 - Every spec has its own random generator, seeded from the spec itself, so adding or removing
   other specs never changes a spec's random start.
 """
@@ -47,6 +49,8 @@ AUTOATTACK_OBJECTIVE = "linear_probe"
 LABEL_FREE_OBJECTIVES: tuple[str, ...] = ("feature", "head")
 """Objectives that need no label; their gradient vanishes at the clean input."""
 OBJECTIVES: tuple[str, ...] = ("feature", "head", "linear_ce", "knn_soft")
+HEAD_OBJECTIVE = "head_ce"
+"""Cross-entropy of the model's own classification head: attacks classifier `head`."""
 
 RANDOM_START: dict[str, bool] = {"pgd": True, "bim": False, "mifgsm": False, "bim_r": True, "mifgsm_r": True}
 """Whether each iterative attack starts at a uniform random point of the eps-ball."""
@@ -131,7 +135,9 @@ def make_objective(
         if soft_knn is None:
             raise HSATError("objective knn_soft needs the kNN bank")
         return lambda xa: F.nll_loss(soft_knn(model.forward_features(xa)), labels, reduction="sum")
-    raise HSATError(f"unknown attack objective {objective!r} ({', '.join(OBJECTIVES)})")
+    if objective == HEAD_OBJECTIVE:
+        return lambda xa: F.cross_entropy(model.forward_logits(model.forward_features(xa)), labels, reduction="sum")
+    raise HSATError(f"unknown attack objective {objective!r} ({', '.join(OBJECTIVES)}, {HEAD_OBJECTIVE})")
 
 
 def autoattack(model: nn.Module, probe: LinearProbe, eps: float, version: str, steps: int, seed: int) -> Callable:
@@ -143,7 +149,10 @@ def autoattack(model: nn.Module, probe: LinearProbe, eps: float, version: str, s
     """
     import torchattacks  # installed with --no-deps (Makefile); imported here so kNN-only users never need it
 
-    clf = ProbeClassifier(model, probe)
+    # In eval mode: torchattacks puts the classifier back into the mode it found it in, and a
+    # fresh module is in training mode -- which would leave the encoder's batch norm updating
+    # its statistics on every later batch of the sweep.
+    clf = ProbeClassifier(model, probe).eval()
     n = probe.num_classes
     parts = [
         torchattacks.APGD(clf, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce"),
@@ -205,6 +214,15 @@ def eval_frozen(*modules: nn.Module | None) -> Iterator[None]:
                 m.train(mode)
 
 
+def _check_still_eval(spec: AttackSpec, *modules: nn.Module | None) -> None:
+    """An attack must leave every module in eval mode: a module switched to training mode would
+    score every later batch with batch statistics and overwrite the stored ones."""
+    for m in modules:
+        if m is not None and any(sub.training for sub in m.modules()):
+            raise HSATError(f"attack {spec.attack} (eps {spec.eps:g}, {spec.objective}) left {type(m).__name__} "
+                            "in training mode; the sweep would be scored with batch statistics")
+
+
 @dataclass
 class AttackResults:
     """Patch-level class scores of the clean and each attacked version of the same patches."""
@@ -242,6 +260,7 @@ def run_attacks(
     receives each adversarial batch (transfer).
     """
     device = torch.device(device)
+    head = getattr(model, "classifier", None) if "head" in classifiers else None
     if bank is not None:
         bank = (bank[0].to(device), bank[1].to(device))
     if probe is not None:
@@ -272,15 +291,16 @@ def run_attacks(
             paths.extend(str(p) for p in batch["path"])
             with torch.no_grad():
                 f_clean = model.forward_features(x)
-            for c, s in classify(f_clean, probe, bank, classifiers, num_classes, knn).items():
+            for c, s in classify(f_clean, probe, bank, classifiers, num_classes, knn, head).items():
                 clean[c].append(s)
             for i, spec in enumerate(specs):
                 x_adv = craft_batch(model, probe, x, y, spec, f_clean, gens[i], soft_knn)
+                _check_still_eval(spec, model, probe, soft_knn)
                 if keep is not None:
                     keep(i, x_adv)
                 with torch.no_grad():
                     f_adv = model.forward_features(x_adv)
-                for c, s in classify(f_adv, probe, bank, classifiers, num_classes, knn).items():
+                for c, s in classify(f_adv, probe, bank, classifiers, num_classes, knn, head).items():
                     adv[i][c].append(s)
     if not labels:
         raise HSATError(f"{desc}: no validation patches to attack")
@@ -296,11 +316,13 @@ def run_attacks(
     )
 
 
-def whitebox_specs(cfg_eval: Mapping[str, Any], seed: int = 0, model_name: str | None = None) -> list[AttackSpec]:
+def whitebox_specs(cfg_eval: Mapping[str, Any], seed: int = 0, model_name: str | None = None,
+                   head_classifier: bool = False) -> list[AttackSpec]:
     """The (attack, eps, objective) grid of a validated `evaluation.whitebox`.
 
     AutoAttack runs once per eps, and only for the models of `whitebox.autoattack.models` (every
-    model when that list is empty, or when `model_name` is None).
+    model when that list is empty, or when `model_name` is None). `head_classifier`: the model
+    has its own classification head, which every iterative attack also targets (`head_ce`).
     """
     wb = cfg_eval["whitebox"]
     aa = wb["autoattack"]
@@ -313,7 +335,7 @@ def whitebox_specs(cfg_eval: Mapping[str, Any], seed: int = 0, model_name: str |
                     specs.append(AttackSpec("autoattack", float(eps), int(aa["steps"]), AUTOATTACK_OBJECTIVE,
                                             float(wb["alpha"]), seed, version=aa["version"]))
                 continue
-            for objective in wb["objectives"]:
+            for objective in [*wb["objectives"], *([HEAD_OBJECTIVE] if head_classifier else [])]:
                 specs.append(AttackSpec(attack_name(attack, objective), float(eps), int(wb["steps"]), objective,
                                         float(wb["alpha"]), seed))
     return list(dict.fromkeys(specs))  # bim and bim_r listed together would repeat a spec
@@ -370,8 +392,9 @@ def whitebox_sweep(
     cfg_eval = resolve_evaluation(cfg_eval)
     if indices is None:
         indices = attack_subset(val_dataset, cfg_eval, seed=attack_seed)
-    specs = whitebox_specs(cfg_eval, seed=attack_seed, model_name=model_name or None)
-    classifiers = list(cfg_eval["whitebox"]["classifiers"])
+    has_head = getattr(model, "classifier", None) is not None
+    specs = whitebox_specs(cfg_eval, seed=attack_seed, model_name=model_name or None, head_classifier=has_head)
+    classifiers = list(cfg_eval["whitebox"]["classifiers"]) + (["head"] if has_head else [])
     num_classes = probe.num_classes
     res = run_attacks(
         model, probe, bank, val_dataset, specs, classifiers, num_classes,

@@ -16,12 +16,18 @@ from hsat.errors import HSATError
 from hsat.methods.base import MethodEntry, Objective
 from hsat.methods.hidisc import HiDisc
 from hsat.methods.robust import Robust
+from hsat.methods.supervised import Supervised
 
 ALL = ["patient", "slide", "patch"]
 
 
 def _hierarchical(adversarial: bool, min_levels: list[str], max_levels: list[str]) -> dict[str, Any]:
     return {"family": "hidisc", "adversarial": adversarial, "min_levels": min_levels, "max_levels": max_levels}
+
+
+def _supervised(adversarial: bool) -> dict[str, Any]:
+    # No hierarchy levels: the label is the only positive structure.
+    return {"family": "supervised", "adversarial": adversarial, "min_levels": [], "max_levels": []}
 
 
 METHODS: dict[str, MethodEntry] = {e.name: e for e in (
@@ -36,6 +42,9 @@ METHODS: dict[str, MethodEntry] = {e.name: e for e in (
     # Table 4 (L_max ablation): the attack maximises fewer levels; the encoder minimises all three.
     MethodEntry("hsat_lmax_patch", "HSAT (L_max: patch)", "lmax", _hierarchical(True, ALL, ["patch"])),
     MethodEntry("hsat_lmax_patch_slide", "HSAT (L_max: patch+slide)", "lmax", _hierarchical(True, ALL, ["slide", "patch"])),
+    # References on labels, same backbone, crops and batches: the non-robust and the robust ceiling.
+    MethodEntry("supervised", "Supervised", "reference", _supervised(False)),
+    MethodEntry("supervised_at", "Supervised AT", "reference", _supervised(True)),
 )}
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -44,7 +53,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 """Each named method's levels and adversarial flag (the view of `METHODS` older code reads)."""
 
-OBJECTIVES: dict[str, type[Objective]] = {"hidisc": HiDisc}
+OBJECTIVES: dict[str, type[Objective]] = {"hidisc": HiDisc, "supervised": Supervised}
 """Objective classes by family; `adversarial: true` wraps one in `Robust`."""
 
 
@@ -89,5 +98,5 @@ def build_objective(method: Mapping[str, Any]) -> Objective:
     return Robust(objective) if method["adversarial"] else objective
 
 
-__all__ = ["ALL", "METHODS", "MethodEntry", "OBJECTIVES", "Objective", "Robust", "VARIANTS", "build_objective",
+__all__ = ["ALL", "METHODS", "MethodEntry", "OBJECTIVES", "Objective", "Robust", "Supervised", "VARIANTS", "build_objective",
            "method_label", "methods_with_role", "resolve_method"]

@@ -31,14 +31,22 @@ class MethodEntry:
 
 
 class Objective:
-    """A method's loss on hierarchical embeddings z (P, S, K, V, D), L2-normalised.
+    """A method's loss on the model's outputs z (P, S, K, V, D) for a hierarchical batch.
 
-    Subclasses define `loss` (a dict with "total", which the encoder minimises, and one entry per
-    term for the logs) and may define `attack_loss` (what a robust wrapper's PGD maximises; the
-    total loss by default) and `after_step` (e.g. an EMA teacher update).
+    `output` names what z is: the L2-normalised contrastive embedding ("embedding") or the
+    classification head's logits ("logits", for which the model needs `model.num_classes`:
+    `needs_classifier`). Subclasses define `loss` (a dict with "total", which the encoder
+    minimises, and one entry per term for the logs) and may define `attack_loss` (what a robust
+    wrapper's PGD maximises; the total loss by default) and `after_step` (e.g. an EMA teacher
+    update). An objective with `uses_labels` takes `loss(z, labels)` and `attack_loss(z, labels)`,
+    labels (P,) being the patients' class ids gathered over ranks like z; the training loop calls
+    `loss_of` / `attack_loss_of`, which pass them only there.
     """
 
     adversarial = False
+    output = "embedding"
+    needs_classifier = False
+    uses_labels = False
 
     def __init__(self, method: Mapping[str, Any]):
         self.method = method
@@ -48,6 +56,12 @@ class Objective:
 
     def attack_loss(self, z: torch.Tensor) -> torch.Tensor:
         return self.loss(z)["total"]
+
+    def loss_of(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.loss(z, labels) if self.uses_labels else self.loss(z)
+
+    def attack_loss_of(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attack_loss(z, labels) if self.uses_labels else self.attack_loss(z)
 
     def training_views(self, model: torch.nn.Module, x: torch.Tensor, shape: tuple[int, ...], **kw: Any
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:

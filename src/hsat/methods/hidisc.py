@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 import torch
 
+from hsat.errors import HSATError
 from hsat.losses import hierarchical_loss
 from hsat.methods.base import Objective
 
@@ -18,6 +19,12 @@ def levels_kw(method: Mapping[str, Any]) -> dict[str, Any]:
 
 class HiDisc(Objective):
     """The hierarchical loss over `method.min_levels`; an attack on it maximises `method.max_levels`."""
+
+    def __init__(self, method: Mapping[str, Any]):
+        super().__init__(method)
+        for key in ("min_levels", "max_levels"):
+            if not method.get(key):
+                raise HSATError(f"method {method.get('name')!r}: {key} is empty; HiDisc needs at least one level")
 
     def loss(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         return hierarchical_loss(z, self.method["min_levels"], **levels_kw(self.method))

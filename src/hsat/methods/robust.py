@@ -24,11 +24,21 @@ class Robust(Objective):
         super().__init__(inner.method)
         self.inner = inner
 
-    def loss(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.inner.loss(z)
+    uses_labels = True  # passes them on to an inner objective that uses them
 
-    def attack_loss(self, z: torch.Tensor) -> torch.Tensor:
-        return self.inner.attack_loss(z)
+    @property
+    def output(self) -> str:  # type: ignore[override]
+        return self.inner.output
+
+    @property
+    def needs_classifier(self) -> bool:  # type: ignore[override]
+        return self.inner.needs_classifier
+
+    def loss(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.inner.loss_of(z, labels)
+
+    def attack_loss(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner.attack_loss_of(z, labels)
 
     def after_step(self, model: torch.nn.Module) -> None:
         self.inner.after_step(model)
@@ -45,14 +55,15 @@ class Robust(Objective):
         generator: torch.Generator | None = None,
         fast: torch.nn.Module | None = None,
         autocast: Callable[[], Any] = contextlib.nullcontext,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """PGD on `attack_loss` of the embedded views (eps in 1/255). `embed(module, x, shape,
-        autocast)` embeds a stack of views; `fast` is what the attack calls (default `model`)."""
+        autocast, output)` embeds a stack of views; `fast` is what the attack calls (default `model`)."""
         fast = model if fast is None else fast
 
         def objective(x_adv: torch.Tensor) -> torch.Tensor:
-            (z_adv,) = embed(fast, x_adv, shape, autocast)
-            return self.attack_loss(z_adv)
+            (z_adv,) = embed(fast, x_adv, shape, autocast, self.output)
+            return self.attack_loss(z_adv, labels)
 
         with frozen(model), attack_mode(model, attack["bn_mode"]):
             return pgd(x, objective, eps=float(eps) / 255, alpha=attack["alpha"] / 255, steps=attack["steps"],

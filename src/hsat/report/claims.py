@@ -29,7 +29,8 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from hsat.io import write_text
-from hsat.report import METHOD_LABELS, method_label
+from hsat.methods import methods_with_role
+from hsat.report import method_label
 from hsat.report.tables import (
     ABLATION_METHODS,
     LEVEL_METHODS,
@@ -53,8 +54,8 @@ PAPER_CLEAN_COST = 17.0
 """Clean accuracy the paper gives up for robustness: HiDisc 83.1 -> HSAT 66.4 (16.7, 'about 17')."""
 LEVEL = "patch"
 EPS = 8.0
-REFERENCES = ("supervised", "supervised_at")
-REFERENCE_LABELS = {"supervised": "Supervised", "supervised_at": "Supervised AT"}
+REFERENCES = methods_with_role("reference")
+"""The non-robust and the robust reference (registry role `reference`)."""
 ROBUSTNESS_CLAIMS = (
     "whitebox_worst_case", "whitebox_pgd", "blackbox_contrast", "level_order_worst_case",
     "lmax_ablation", "reference_learnable", "reference_ceiling",
@@ -75,10 +76,6 @@ RULES = (
 
 
 # ----------------------------------------------------------------------------- numbers
-
-
-def _label(method: str) -> str:
-    return method_label(method) if method in METHOD_LABELS else REFERENCE_LABELS.get(method, method)
 
 
 def _float(value: Any) -> float | None:
@@ -110,7 +107,7 @@ def _arm(method: str, values: pd.Series, seeds: Sequence[Any]) -> dict[str, Any]
     n = int(len(values))
     return {
         "method": method,
-        "label": _label(method),
+        "label": method_label(method),
         "mean": float(values.mean()) if n else None,
         "sd": float(values.std(ddof=1)) if n > 1 else None,
         "n": n,
@@ -382,7 +379,7 @@ def claims(
 
         c = _comparison(
             "whitebox_worst_case",
-            f"HSAT's worst-case accuracy (every attack and objective, {eps_text}) is higher than {_label(baseline)}'s",
+            f"HSAT's worst-case accuracy (every attack and objective, {eps_text}) is higher than {method_label(baseline)}'s",
             "HSAT far more robust than HiDisc under white-box attacks",
             hsat_worst, worst[baseline], group, backbone, **at_worst,
         )
@@ -394,7 +391,7 @@ def claims(
         pgd_text = f"eps {pgd_eps:g}/255" if pgd_eps is not None else "eps –"
         c = _comparison(
             "whitebox_pgd",
-            f"HSAT's accuracy under PGD ({objective} objective, {pgd_text}) is higher than {_label(baseline)}'s",
+            f"HSAT's accuracy under PGD ({objective} objective, {pgd_text}) is higher than {method_label(baseline)}'s",
             "HSAT far more robust than HiDisc under PGD (the paper's attack)",
             arm("hsat", "pgd", pgd_eps), arm(baseline, "pgd", pgd_eps), group, backbone, **pgd,
         )
@@ -410,7 +407,7 @@ def claims(
         base_tr, hsat_tr = _transfer_arms(transfer, models, study_cfg, [baseline, "hsat"], seeds)
         out.append(_comparison(
             "blackbox_contrast",
-            f"a same-method surrogate (another seed) costs {_label(baseline)} more accuracy than HSAT "
+            f"a same-method surrogate (another seed) costs {method_label(baseline)} more accuracy than HSAT "
             f"({str(tcfg.get('attack', 'pgd')).upper()} transfer, drop in points)",
             "same-method transfer drops 25-30 % for HiDisc, 3-4 % for HSAT",
             base_tr, hsat_tr, group, backbone, unit="seed pairs",
@@ -469,7 +466,7 @@ def _seeds_text(numbers: Mapping[str, Any]) -> str:
     parts = []
     for method, seeds in (numbers.get("seeds") or {}).items():
         shown = ", ".join("->".join(map(str, s)) if isinstance(s, (list, tuple)) else str(s) for s in seeds)
-        parts.append(f"{_label(method)}: {shown or '–'}")
+        parts.append(f"{method_label(method)}: {shown or '–'}")
     return "; ".join(parts) or "–"
 
 
