@@ -123,3 +123,57 @@ def test_gradient_steps_lower_the_loss():
         value.backward()
         opt.step()
     assert loss().item() < start - 0.1
+
+
+def _dino_loss_loop(student, teacher, center, ts, tt):
+    """The reference training loop's formula, written as its two loops."""
+    import torch.nn.functional as F
+
+    total, n = 0.0, 0
+    q = F.softmax((teacher - center) / tt, dim=-1)
+    for iq in range(teacher.shape[0]):
+        for v in range(student.shape[0]):
+            if v == iq:
+                continue
+            total = total + torch.sum(-q[iq] * F.log_softmax(student[v] / ts, dim=-1), dim=-1).mean()
+            n += 1
+    return total / n
+
+
+def test_dino_loss_matches_the_two_loops_and_skips_same_crop_pairs():
+    from hsat.losses import dino_loss
+
+    torch.manual_seed(0)
+    student = torch.randn(6, 5, 11, requires_grad=True)  # 2 global + 4 local crops
+    teacher = torch.randn(2, 5, 11)
+    center = torch.randn(11) * 0.1
+    got = dino_loss(student, teacher, center, 0.1, 0.04)
+    assert torch.allclose(got, _dino_loss_loop(student, teacher, center, 0.1, 0.04), atol=1e-6)
+    got.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    # Only global crops: the two cross pairs (0, 1) and (1, 0) count, not (0, 0) or (1, 1).
+    two = dino_loss(teacher.clone(), teacher, torch.zeros(11), 0.1, 0.04)
+    assert torch.allclose(two, _dino_loss_loop(teacher, teacher, torch.zeros(11), 0.1, 0.04), atol=1e-6)
+    # The teacher gets no gradient, and shapes are checked.
+    t = teacher.clone().requires_grad_(True)
+    dino_loss(student.detach().requires_grad_(True), t, center).backward()
+    assert t.grad is None
+    with pytest.raises(ValueError):
+        dino_loss(torch.randn(1, 5, 11), torch.randn(2, 5, 11), center)
+    with pytest.raises(ValueError):
+        dino_loss(torch.randn(4, 5, 11), torch.randn(2, 4, 11), center)
+
+
+def test_dino_loss_center_and_temperatures_act_as_defined():
+    from hsat.losses import dino_loss
+
+    torch.manual_seed(1)
+    student, teacher = torch.randn(4, 3, 7), torch.randn(2, 3, 7)
+    # A constant center shifts every teacher logit equally: the targets, hence the loss, do not change.
+    assert torch.allclose(dino_loss(student, teacher, torch.full((7,), 3.0)), dino_loss(student, teacher, torch.zeros(7)), atol=1e-6)
+    # A sharper teacher (lower temperature) concentrates the targets on the teacher's argmax class.
+    sharp = dino_loss(student, teacher, torch.zeros(7), teacher_temp=0.001)
+    lp = torch.log_softmax(student / 0.1, dim=-1)
+    onehot = torch.nn.functional.one_hot(teacher.argmax(-1), 7).float()
+    expected = torch.stack([-(onehot[t] * lp[s]).sum(-1).mean() for t in range(2) for s in range(4) if s != t]).mean()
+    assert torch.allclose(sharp, expected, atol=1e-4)

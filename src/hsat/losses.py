@@ -1,6 +1,7 @@
-"""Supervised-contrastive loss (Khosla et al. 2020) and its patient/slide/patch hierarchy (HiDisc).
+"""Supervised-contrastive loss (Khosla et al. 2020) and its patient/slide/patch hierarchy (HiDisc);
+DINO's self-distillation cross-entropy (Caron et al. 2021).
 
-Both are plain functions of tensors. The hierarchy is only a regrouping of the same embeddings:
+All are plain functions of tensors. The hierarchy is only a regrouping of the same embeddings:
 patient-level positives are every view of every patch of the patient, slide-level positives
 every view of every patch of the slide, patch-level positives the views of one patch.
 """
@@ -80,3 +81,36 @@ def hierarchical_loss(
         out[lvl] = supcon_loss(z.reshape(g, members, d), temperature, base_temperature)
     out["total"] = sum(float(weights.get(lvl, 1.0)) * out[lvl] for lvl in levels)
     return out
+
+
+def dino_loss(
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+) -> torch.Tensor:
+    """DINO's loss: cross-entropy from the centred, sharpened teacher to the student, over crop pairs.
+
+    `student_out` (n_student_crops, B, K) and `teacher_out` (n_teacher_crops, B, K) are the heads'
+    logits; the student's first n_teacher_crops crops are the global crops the teacher saw, so the
+    pairs (teacher crop i, student crop i) compare a crop with itself and are skipped. Every other
+    (teacher crop, student crop) pair counts once; the loss is the mean over those pairs of the
+    batch-mean cross-entropy between softmax((t - center) / teacher_temp) (no gradient) and
+    log_softmax(s / student_temp). The center's EMA update is the caller's (it must not see the
+    loss's graph).
+    """
+    if student_out.ndim != 3 or teacher_out.ndim != 3 or student_out.shape[1:] != teacher_out.shape[1:]:
+        raise ValueError(
+            f"dino_loss: expected student (S, B, K) and teacher (T, B, K) with the same B, K; "
+            f"got {tuple(student_out.shape)} and {tuple(teacher_out.shape)}"
+        )
+    n_s, n_t = student_out.shape[0], teacher_out.shape[0]
+    if n_t > n_s or n_s < 2:
+        raise ValueError(f"dino_loss: the student needs at least the teacher's {n_t} crops and 2 in all; got {n_s}")
+    targets = torch.softmax((teacher_out - center) / teacher_temp, dim=-1).detach()  # (T, B, K)
+    log_probs = torch.log_softmax(student_out / student_temp, dim=-1)  # (S, B, K)
+    # (T, S) matrix of batch-mean cross-entropies; the diagonal (the same crop) is left out.
+    ce = -torch.einsum("tbk,sbk->ts", targets, log_probs) / student_out.shape[1]
+    keep = ~torch.eye(n_t, n_s, dtype=torch.bool, device=ce.device)
+    return ce[keep].mean()
