@@ -20,6 +20,7 @@ from hsat.train import adversarial_views, hsat_step, make_optimizer
 
 TINY = {
     "device": "cpu",
+    "precision": "fp32",
     "seed": 0,
     "data": {"image_size": 16, "patients_per_batch": 2},
     "model": {"backbone": "test_resnet", "head_hidden": [32], "embed_dim": 16},

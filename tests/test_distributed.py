@@ -137,6 +137,7 @@ def test_two_process_gloo_run_matches_one_process(tiny_manifest: Path, tmp_path:
     cfg = {
         "device": "cpu",
         "threads": 1,
+        "precision": "fp32",
         "seed": 3,
         "data": {"manifest": str(tiny_manifest), "image_size": 16, "patients_per_batch": 4},
         "model": {"backbone": "test_resnet", "head_hidden": [32], "embed_dim": 16, "sync_bn": True},

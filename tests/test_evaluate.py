@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import hsat.evaluate as ev
+from hsat.precision import effective_precision
 from hsat.errors import HSATError
 from hsat.evaluate import (
     WHITEBOX_COLUMNS,
@@ -87,7 +88,7 @@ class ToyPatches(Dataset):
 def toy_cfg(**whitebox) -> dict:
     wb = {"attacks": ["pgd"], "eps": [8], "alpha": 2, "steps": 10, "objectives": ["feature", "linear_ce"], "classifiers": ["knn", "linear"]}
     wb.update(whitebox)
-    return {"batch_size": 16, "max_val_patches": None, "knn": {"k": 10, "temperature": 0.07},
+    return {"batch_size": 16, "max_val_patches": None, "attack_precision": "fp32", "knn": {"k": 10, "temperature": 0.07},
             "linear": {"epochs": 200, "lr": 0.05, "weight_decay": 0.0}, "whitebox": wb,
             "sanity": {"steps": [1, 3, 6], "eps": [2, 8, 64], "restarts": 2}}
 
@@ -321,7 +322,11 @@ def test_cli_embed_evaluate_sanity(cli_study):
     san = root / "sanity" / "m1.csv"
     assert main(["sanity", *common, "--out", str(san)]) == 0
     s = pd.read_csv(san)
-    assert {"steps", "steps_feature_knn", "restarts", "eps", "large_eps_label", "large_eps_feature", "noise"} == set(s["check"])
+    # `attack_precision: auto` (the default) crafts in bf16 where the CPU runs it natively, and then
+    # the sanity checks compare it with fp32 crafting.
+    low = effective_precision("auto", "cpu") != "fp32"
+    assert {"steps", "steps_feature_knn", "restarts", "eps", "large_eps_label", "large_eps_feature", "noise",
+            *(["precision"] if low else [])} == set(s["check"])
     # Unknown model name: exit 2 with a message, nothing written.
     bad = root / "whitebox" / "nope.csv"
     assert main(["evaluate", *common[:-1], "nope", "--out", str(bad)]) == 2

@@ -30,6 +30,7 @@ def tiny_cfg(manifest: Path, **sections) -> dict:
         "device": "cpu",
         "threads": 1,
         "seed": 0,
+        "precision": "fp32",
         "data": {"manifest": str(manifest), "image_size": 16, "patients_per_batch": 2, "num_workers": 0},
         "model": {"backbone": "test_resnet", "head_hidden": [32], "embed_dim": 16},
         "method": {"name": "hsat"},

@@ -48,6 +48,7 @@ import torch
 from hsat.attacks import attack_mode, frozen
 from hsat.errors import HSATError
 from hsat.losses import hierarchical_loss
+from hsat.precision import autocast_factory, effective_precision
 from hsat.train import StepResult, embed_views, encoder_update, hsat_step, make_optimizer
 
 __all__ = [
@@ -265,8 +266,8 @@ def _setup(cfg: Mapping[str, Any], device: torch.device):
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     fast = torch.compile(model) if cfg["compile"] else model
-    use_bf16 = cfg["precision"] == "bf16" and device.type == "cuda"
-    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    use_bf16 = effective_precision(cfg["precision"], device) == "bf16"
+    autocast = autocast_factory(cfg["precision"], device)
     model.train()
     return model, fast, make_optimizer(model, cfg), autocast, use_bf16
 
@@ -509,7 +510,8 @@ def _run(base, device, *, extra, repeats, warmup, threads, data_steps, data_work
                 "name": name, "backbone": cfg["model"]["backbone"], "image_size": cfg["data"]["image_size"],
                 "batch": [cfg["data"][k] for k in ("patients_per_batch", "num_slide_samples", "num_patch_samples", "num_transforms")],
                 "method": cfg["method"]["name"], "pgd_steps": cfg["attack"]["steps"], "bn_mode": cfg["attack"]["bn_mode"],
-                "precision": cfg["precision"], "channels_last": cfg["channels_last"], "compile": cfg["compile"],
+                "precision": cfg["precision"], "effective_precision": effective_precision(cfg["precision"], device),
+                "channels_last": cfg["channels_last"], "compile": cfg["compile"],
             }
             entry.update(bench_step(cfg, device, warmup=warmup, repeats=repeats, seed=int(cfg["seed"])))
             by_workers = {}

@@ -25,8 +25,10 @@ Choices worth knowing:
   rank from a generator seeded by (seed, step, rank).
 - Weight decay (AdamW) is applied to weight matrices/kernels only, not to biases and norm
   parameters (as DINO does).
-- `precision: bf16` autocasts the forward passes on CUDA; on CPU it falls back to fp32 with a
-  warning, so one study config runs on a laptop and on a GPU node alike.
+- `precision: bf16` autocasts the forward passes (losses stay fp32); `auto` (the default) does so
+  where the device runs bf16 natively (`hsat.precision`): a GPU, or a CPU with AVX512-BF16/AMX,
+  so one study config runs fast on a laptop and on a GPU node alike. The precision used is
+  stored in model.safetensors' metadata.
 - Resuming is exact on CPU: data and attack noise are pure functions of (seed, step[, rank]),
   schedules are arrays indexed by the step, and the checkpoint holds model, optimiser and RNG
   states. Only rank 0's RNG state is saved (nothing in the loop draws from the global RNGs).
@@ -43,7 +45,6 @@ import os
 import random
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -56,6 +57,7 @@ from hsat.distributed import convert_sync_batchnorm, gather_with_grad, init_dist
 from hsat.errors import HSATError
 from hsat.io import atomic_path, write_text, write_yaml
 from hsat.models import model_from_config, save_weights, unwrap
+from hsat.precision import autocast_factory, effective_precision
 from hsat.methods import Robust, build_objective
 from hsat.progress import TrainingLive, progress_line
 
@@ -521,11 +523,8 @@ def pretrain(
     is_main = rank == 0
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
-    use_bf16 = cfg["precision"] == "bf16"
-    if use_bf16 and device.type != "cuda":
-        warnings.warn("precision bf16 is GPU-only here; running in fp32 on the CPU", stacklevel=2)
-        use_bf16 = False
-    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    precision = effective_precision(cfg["precision"], device)
+    autocast = autocast_factory(precision, device)
 
     # ============ resume or start ... ============
     if on_config_change not in ("error", "restart"):
@@ -682,7 +681,7 @@ def pretrain(
     if is_main:
         if start_step == total_steps and not ckpt_path.exists():  # pragma: no cover - defensive
             _save_checkpoint(ckpt_path, model, optimizer, total_steps, cfg)
-        save_weights(model, out_dir / WEIGHTS)
+        save_weights(model, out_dir / WEIGHTS, metadata={"precision": precision})
     if world > 1:
         torch.distributed.barrier()
     return out_dir

@@ -44,6 +44,7 @@ from hsat.evaluate import (
 from hsat.evaluate.sanity import check_whitebox_vs_transfer as whitebox_vs_transfer  # noqa: F401 (public name)
 from hsat.io import atomic_path, write_csv
 from hsat.models import load_trained_model
+from hsat.precision import effective_precision
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def craft(
     device: str | torch.device = "cpu",
     attack_seed: int = 0,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Adversarial validation set of one surrogate under `evaluation.transfer` (eps, alpha in 1/255;
     missing keys, and `knn` when None, take the schema's defaults).
@@ -89,7 +91,8 @@ def craft(
     kept: list[torch.Tensor] = []
     res = run_attacks(model, probe, bank, val_dataset, [spec], [classifier], probe.num_classes, knn=knn,
                       indices=indices, batch_size=batch_size, device=device, progress=progress,
-                      desc=f"craft {surrogate}".strip(), keep=lambda i, x: kept.append(x.float().cpu()))
+                      desc=f"craft {surrogate}".strip(), keep=lambda i, x: kept.append(x.float().cpu()),
+                      precision=precision)
     images = torch.cat(kept).contiguous()
     meta = {
         "format": FORMAT,
@@ -100,6 +103,7 @@ def craft(
         "steps": spec.steps,
         "objective": spec.objective,
         "random_start": spec.random_start,
+        "precision": effective_precision(precision, device),
         "seed": attack_seed,
         "classifier": classifier,
         "image_size": int(image_size if image_size is not None else images.shape[-1]),
@@ -239,7 +243,8 @@ def craft_run(run_dir, manifest, emb_dir, study: Mapping[str, Any], out, device=
     crafted = craft(model, emb.probe, emb.bank, val_ds, cfg_eval["transfer"], alpha=float(cfg_eval["whitebox"]["alpha"]),
                     knn=cfg_eval["knn"], indices=attacked_positions(emb, cfg_eval), surrogate=Path(run_dir).name,
                     classes=emb.classes, image_size=eval_image_size(study, run_dir),
-                    batch_size=cfg_eval["batch_size"], device=device, progress=progress)
+                    batch_size=cfg_eval["batch_size"], device=device, progress=progress,
+                    precision=cfg_eval["attack_precision"])
     return save_adversarial(out, crafted)
 
 

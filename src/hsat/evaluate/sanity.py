@@ -16,7 +16,10 @@ Per model (`sanity_checks`, patch level):
 - `large_eps_label`, `large_eps_feature`: at eps `large_eps` (64/255) the label attack (scored
   by the probe) and the feature attack (scored by kNN) must reach chance + `chance_margin`;
 - `noise`: uniform noise in the same ball must hurt at most half as much as PGD (at the
-  white-box eps values and at `large_eps`, where an attack that is no stronger than noise shows).
+  white-box eps values and at `large_eps`, where an attack that is no stronger than noise shows);
+- `precision` (when `evaluation.attack_precision` crafts in bf16): PGD under `feature`,
+  `linear_ce` and `knn_soft` crafted in bf16 must be as strong as the same PGD crafted in fp32
+  (accuracy <= fp32 accuracy + noise), so low-precision gradients do not weaken the sweep.
 Per study (`study_checks`, from the result CSVs):
 - `above_clean`: no attack row of any model may exceed its clean accuracy by more than the noise;
 - `whitebox_vs_transfer`: white-box accuracy <= transferred accuracy for the same target and eps.
@@ -36,6 +39,7 @@ from hsat.config import resolve_evaluation
 from hsat.evaluate.classifiers import LinearProbe
 from hsat.evaluate.metrics import binomial_se, patch_accuracy
 from hsat.evaluate.sweep import AttackSpec, attack_subset, run_attacks
+from hsat.precision import effective_precision
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +113,14 @@ def check_noise(model: str, spec: AttackSpec, noise_acc: float, attack_acc: floa
                 f"noise drop <= 0.5 x PGD drop ({attack_drop:.2f}) + {z:g} SE ({tol:.2f})")
 
 
+def check_precision(model: str, spec: AttackSpec, low_acc: float, fp32_acc: float, precision: str, n: int,
+                    z: float, classifier: str) -> dict:
+    """The attack crafted at `precision` must be no weaker than in fp32: low_acc <= fp32_acc + z SE."""
+    tol = z * binomial_se(fp32_acc, n)
+    return _row(model, "precision", "precision", precision, low_acc, low_acc <= fp32_acc + tol, spec, classifier,
+                f"acc crafted in {precision} <= acc crafted in fp32 ({fp32_acc:.2f}) + {z:g} SE ({tol:.2f})")
+
+
 def check_above_clean(whitebox: pd.DataFrame, n_patches: int, z: float) -> pd.DataFrame:
     """Every model's patch accuracy under every attack row <= its clean accuracy + z SE.
 
@@ -157,6 +169,10 @@ def check_whitebox_vs_transfer(whitebox: pd.DataFrame, transfer: pd.DataFrame, n
 # ----------------------------------------------------------------------------- runners
 
 
+PRECISION_OBJECTIVES: dict[str, str] = {"feature": "knn", "linear_ce": "linear", "knn_soft": "knn"}
+"""Objectives of the `precision` check and the classifier that scores each."""
+
+
 def sanity_specs(cfg_eval: Mapping[str, Any], seed: int = 0) -> dict[str, list[AttackSpec]]:
     """The attack specs of every per-model check (a spec shared by two checks runs once)."""
     wb, san = cfg_eval["whitebox"], cfg_eval["sanity"]
@@ -174,6 +190,7 @@ def sanity_specs(cfg_eval: Mapping[str, Any], seed: int = 0) -> dict[str, list[A
         "large_eps_feature": [AttackSpec("pgd", big, steps, "feature", wide(big), seed)],
         "noise_pgd": [AttackSpec("pgd", e, steps, "linear_ce", alpha if e in wb["eps"] else wide(e), seed) for e in noise_eps],
         "noise": [AttackSpec("noise", e, 0, "none", alpha, seed) for e in noise_eps],
+        "precision": [AttackSpec("pgd", eps_ref, steps, obj, alpha, seed) for obj in PRECISION_OBJECTIVES],
     }
 
 
@@ -197,9 +214,11 @@ def sanity_checks(
         indices = attack_subset(val_dataset, cfg_eval, seed=attack_seed)
     by_check = sanity_specs(cfg_eval, seed=attack_seed)
     unique = list(dict.fromkeys(s for specs in by_check.values() for s in specs))
-    res = run_attacks(model, probe, bank, val_dataset, unique, ["knn", "linear"], probe.num_classes,
-                      knn=cfg_eval["knn"], indices=indices, batch_size=cfg_eval["batch_size"], device=device,
-                      progress=progress, desc=f"sanity {model_name}".strip())
+    precision = effective_precision(cfg_eval["attack_precision"], device)
+    run = lambda specs, prec, desc: run_attacks(  # noqa: E731
+        model, probe, bank, val_dataset, specs, ["knn", "linear"], probe.num_classes, knn=cfg_eval["knn"],
+        indices=indices, batch_size=cfg_eval["batch_size"], device=device, progress=progress, desc=desc, precision=prec)
+    res = run(unique, precision, f"sanity {model_name}".strip())
     y, n, z = res.labels, len(res.labels), float(san["z"])
     scores = dict(zip(unique, res.adv))
     acc = lambda spec, clf: patch_accuracy(scores[spec][clf], y)  # noqa: E731
@@ -218,6 +237,11 @@ def sanity_checks(
         rows.append(check_large_eps(m, check, spec, acc(spec, clf), chance, float(san["chance_margin"]), clf))
     for spec_pgd, spec_noise in zip(by_check["noise_pgd"], by_check["noise"]):
         rows.append(check_noise(m, spec_noise, acc(spec_noise, "linear"), acc(spec_pgd, "linear"), clean_acc, n, z, "linear"))
+    if precision != "fp32":
+        ref = run(by_check["precision"], "fp32", f"sanity fp32 {model_name}".strip())
+        for spec, scores_fp32 in zip(ref.specs, ref.adv):
+            clf = PRECISION_OBJECTIVES[spec.objective]
+            rows.append(check_precision(m, spec, acc(spec, clf), patch_accuracy(scores_fp32[clf], y), precision, n, z, clf))
     df = pd.DataFrame(rows, columns=list(SANITY_COLUMNS))
     failed = df[~df["passed"]]
     if len(failed):

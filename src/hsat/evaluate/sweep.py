@@ -14,6 +14,9 @@ What keeps the numbers honest and cheap:
   (classifier `head`) and attacked through it (objective `head_ce`, added automatically).
 - Every spec has its own random generator, seeded from the spec itself, so adding or removing
   other specs never changes a spec's random start.
+- Crafting may run in bf16 autocast (`evaluation.attack_precision`); every clean and adversarial
+  image is scored in fp32, so low precision can only weaken an attack, never flatter a score —
+  and the sanity check `precision` measures whether it did.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from hsat.evaluate.classifiers import LinearProbe, SoftKNN, classify
 from hsat.evaluate.embeddings import dataset_labels, loader
 from hsat.evaluate.metrics import level_metrics, stratified_subset
 from hsat.evaluate.worst_case import worst_case_rows
+from hsat.precision import autocast_factory
 
 WHITEBOX_COLUMNS: tuple[str, ...] = (
     "model", "method", "group", "seed", "attack", "eps", "steps", "objective",
@@ -177,8 +181,12 @@ def craft_batch(
     clean_features: torch.Tensor,
     generator: torch.Generator | None = None,
     soft_knn: SoftKNN | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
 ) -> torch.Tensor:
-    """Adversarial (or noisy) version of the batch `x` under `spec`; the model must be frozen."""
+    """Adversarial (or noisy) version of the batch `x` under `spec`; the model must be frozen.
+
+    `autocast` wraps the objective's forward passes (the iterative attacks; AutoAttack runs as
+    torchattacks calls it, in fp32)."""
     eps, alpha = spec.eps / 255.0, spec.alpha / 255.0
     if spec.attack == "noise":
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
@@ -193,7 +201,12 @@ def craft_batch(
     if fn is None:
         raise HSATError(f"unknown attack {spec.attack!r} (pgd, bim, bim_r, mifgsm, mifgsm_r, autoattack)")
     kw = {"decay": 1.0} if base == "mifgsm" else {}
-    obj = make_objective(spec.objective, model, probe, clean_features, y, soft_knn)
+    objective = make_objective(spec.objective, model, probe, clean_features, y, soft_knn)
+
+    def obj(xa: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            return objective(xa).float()
+
     x_adv = fn(x, obj, eps, alpha, spec.steps, random_start=spec.random_start, generator=generator, **kw)
     return x_adv.detach()
 
@@ -252,14 +265,17 @@ def run_attacks(
     progress: bool = True,
     desc: str = "attacks",
     keep: Callable[[int, torch.Tensor], None] | None = None,
+    precision: str = "fp32",
 ) -> AttackResults:
     """Craft every spec on every batch once and score it with every classifier.
 
     Loops batches outside and specs inside, so each batch is read and its clean features computed
     once. `knn` holds k and temperature (of `evaluation.knn`). `keep(spec_position, x_adv)`
-    receives each adversarial batch (transfer).
+    receives each adversarial batch (transfer). `precision` (fp32 | bf16 | auto) is the
+    crafting's; scoring is always fp32.
     """
     device = torch.device(device)
+    autocast = autocast_factory(precision, device)
     head = getattr(model, "classifier", None) if "head" in classifiers else None
     if bank is not None:
         bank = (bank[0].to(device), bank[1].to(device))
@@ -294,7 +310,7 @@ def run_attacks(
             for c, s in classify(f_clean, probe, bank, classifiers, num_classes, knn, head).items():
                 clean[c].append(s)
             for i, spec in enumerate(specs):
-                x_adv = craft_batch(model, probe, x, y, spec, f_clean, gens[i], soft_knn)
+                x_adv = craft_batch(model, probe, x, y, spec, f_clean, gens[i], soft_knn, autocast)
                 _check_still_eval(spec, model, probe, soft_knn)
                 if keep is not None:
                     keep(i, x_adv)
@@ -400,6 +416,7 @@ def whitebox_sweep(
         model, probe, bank, val_dataset, specs, classifiers, num_classes,
         knn=cfg_eval["knn"], indices=indices, batch_size=cfg_eval["batch_size"],
         device=device, progress=progress, desc=f"whitebox {model_name}".strip(),
+        precision=cfg_eval["attack_precision"],
     )
     base = {"model": model_name, "method": method, "group": group, "seed": seed}
     rows = metric_rows(base, {"attack": "none", "eps": 0.0, "steps": 0, "objective": "none"}, res.clean, res, num_classes)

@@ -1,0 +1,98 @@
+"""Precision: what `auto` resolves to, bf16 crafting scored in fp32, and the sanity check that
+catches an attack weakened by low precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_evaluate import ToyModel, toy_cfg
+from test_sanity import hard_setup
+
+import hsat.precision as precision_mod
+from hsat.evaluate import sanity_checks
+from hsat.evaluate.sweep import AttackSpec, run_attacks
+from hsat.precision import autocast_factory, effective_precision
+
+torch.set_num_threads(1)
+
+
+def test_auto_follows_the_hardware(monkeypatch):
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda device: True)
+    assert effective_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda device: False)
+    assert effective_precision("auto", "cpu") == "fp32"
+    # explicit values are taken as they are
+    assert effective_precision("bf16", "cpu") == "bf16"
+    assert effective_precision("fp32", "cpu") == "fp32"
+    with pytest.raises(ValueError, match="fp16"):
+        effective_precision("fp16", "cpu")
+
+
+def test_autocast_factory_runs_linear_layers_in_bf16():
+    layer = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    with autocast_factory("bf16", "cpu")():
+        assert layer(x).dtype == torch.bfloat16
+    with autocast_factory("fp32", "cpu")():
+        assert layer(x).dtype == torch.float32
+
+
+def test_bf16_crafting_is_scored_in_fp32():
+    """The clean scores do not depend on the crafting precision; the attack still works in bf16."""
+    model, probe, bank, val = hard_setup()
+    spec = AttackSpec("pgd", 8.0, 6, "linear_ce", 2.0, 0)
+    out = {p: run_attacks(model, probe, bank, val, [spec], ["linear"], 3, knn={"k": 10, "temperature": 0.07},
+                          batch_size=64, progress=False, precision=p) for p in ("fp32", "bf16")}
+    assert (out["fp32"].clean["linear"] == out["bf16"].clean["linear"]).all()
+    y = out["fp32"].labels
+    acc = {p: (r.adv[0]["linear"].argmax(1) == y).mean() for p, r in out.items()}
+    clean = (out["fp32"].clean["linear"].argmax(1) == y).mean()
+    assert acc["bf16"] < clean - 0.2 and abs(acc["bf16"] - acc["fp32"]) < 0.1
+
+
+class MaskedInBf16(ToyModel):
+    """Rounds its input to 1/255 under autocast only: a zero input gradient in bf16, honest in fp32."""
+
+    def forward_features(self, x):
+        if torch.is_autocast_enabled("cpu"):
+            x = torch.round(x * 255) / 255
+        return super().forward_features(x)
+
+
+def _precision_rows(model, attack_precision):
+    model, probe, bank, val = hard_setup(model)
+    cfg = toy_cfg(eps=[8], steps=6)
+    cfg.update(batch_size=128, attack_precision=attack_precision)
+    cfg["sanity"] = {"steps": [1, 3, 6], "eps": [2, 8, 32], "restarts": 3, "large_eps": 64}
+    df = sanity_checks(model, probe, bank, val, cfg, model_name="m", progress=False)
+    return df[df["check"] == "precision"]
+
+
+def test_precision_check_passes_when_bf16_attacks_as_well_as_fp32():
+    rows = _precision_rows(ToyModel(), "bf16")
+    assert set(rows["objective"]) == {"feature", "linear_ce", "knn_soft"}
+    assert rows["passed"].all(), rows
+
+
+def test_precision_check_fails_when_bf16_masks_the_gradient():
+    rows = _precision_rows(MaskedInBf16(), "bf16")
+    assert not rows["passed"].all(), rows
+    assert not rows[rows["objective"] == "linear_ce"]["passed"].any()
+
+
+def test_no_precision_rows_when_crafting_in_fp32():
+    assert _precision_rows(ToyModel(), "fp32").empty
+
+
+def test_pretrain_records_the_precision_it_used(tiny_manifest, tmp_path):
+    """A bf16 run on the CPU trains (finite, falling loss is test_train's job) and says so."""
+    from safetensors import safe_open
+    from test_train import read_log, tiny_cfg
+
+    from hsat.train import pretrain
+
+    for prec in ("bf16", "fp32"):
+        out = pretrain(tiny_cfg(tiny_manifest, precision=prec, train={"steps": 2, "checkpoint_every": 2}), tmp_path / prec)
+        with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
+            assert fh.metadata()["precision"] == prec
+        assert all(torch.isfinite(torch.tensor(r["loss_total"])) for r in read_log(out))
