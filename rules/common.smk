@@ -142,11 +142,14 @@ def run_settings(wildcards):
 
 def eval_settings(stage, wildcards=None):
     """The `evaluation` keys a stage reads (and the model's table group, which goes into the CSV)."""
+    extras = {"mil", "attention"}  # their own stages: changing them reruns nothing else
     drop = {
-        "embed": {"whitebox", "transfer", "sanity"},
-        "evaluate": {"transfer", "sanity"},
-        "sanity": {"transfer"},
-        "transfer": {"sanity"},
+        "embed": {"whitebox", "transfer", "sanity"} | extras,
+        "evaluate": {"transfer", "sanity"} | extras,
+        "sanity": {"transfer"} | extras,
+        "transfer": {"sanity"} | extras,
+        "mil": {"whitebox", "transfer", "sanity", "attention"},
+        "attention": {"whitebox", "transfer", "sanity", "mil"},
     }[stage]
     out = {k: v for k, v in EVAL.items() if k not in drop}
     if wildcards is not None and "model" in wildcards.keys():
@@ -165,6 +168,8 @@ def _subset(names):
 SANITY_MODELS = _subset(EVAL["sanity"]["models"]) if EVAL["sanity"]["enabled"] else []
 TRANSFER_MODELS = _subset(EVAL["transfer"]["models"]) if EVAL["transfer"]["enabled"] else []
 _subset(EVAL["whitebox"]["autoattack"]["models"])  # names checked; empty = every model
+MIL_MODELS = _subset(EVAL["mil"]["models"]) if EVAL["mil"]["enabled"] else []
+ATTENTION_MODELS = _subset(EVAL["attention"]["models"]) if EVAL["attention"]["enabled"] else []
 TRANSFER_PAIRS = [(s, t) for s in TRANSFER_MODELS for t in TRANSFER_MODELS if s != t]
 TRANSFER_TARGETS = [t for t in TRANSFER_MODELS if len(TRANSFER_MODELS) > 1]
 
@@ -182,6 +187,7 @@ def sweep_outputs():
     out = [f"{RESULTS}/whitebox/{m}.csv" for m in MODELS]
     out += [f"{RESULTS}/sanity/{m}.csv" for m in SANITY_MODELS]
     out += [f"{RESULTS}/transfer/{t}.csv" for t in TRANSFER_TARGETS]
+    out += [f"{RESULTS}/mil/{m}.csv" for m in MIL_MODELS]
     return out
 
 
@@ -202,6 +208,8 @@ def report_outputs():
         + [f"{RESULTS}/tables/{t}" for t in TABLES]
         + [f"{RESULTS}/metrics.json", f"{RESULTS}/claims.md"]
         + [f"{RESULTS}/figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")]
+        + ([f"{RESULTS}/mil.csv"] if MIL_MODELS else [])
+        + [f"{RESULTS}/figures/attention/attention_{m}.{ext}" for m in ATTENTION_MODELS for ext in ("png", "pdf")]
     )
 
 

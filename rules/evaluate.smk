@@ -84,3 +84,53 @@ rule sanity:
         "OMP_NUM_THREADS={threads} hsat sanity --run {params.run_dir} --manifest {input.manifest}"
         " --embeddings {params.emb_dir} --study {params.study} --model {wildcards.model} --out {output}"
         " > {log} 2>&1"
+
+
+rule mil:
+    """Slide-level gated attention MIL on the model's frozen clean features (evaluation.mil)."""
+    input:
+        features=f"{RESULTS}/embeddings/{{model}}/features.safetensors",
+    output:
+        f"{RESULTS}/mil/{{model}}.csv",
+    params:
+        emb_dir=lambda wildcards, input: str(Path(input.features).parent),
+        study=STUDY,
+        settings=lambda wildcards: eval_settings("mil", wildcards),
+        code=CODE_VERSION["evaluate"],
+    threads: 1
+    log:
+        f"{RESULTS}/logs/mil/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/mil/{{model}}.tsv",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} hsat mil --embeddings {params.emb_dir} --study {params.study}"
+        " --model {wildcards.model} --out {output} > {log} 2>&1"
+
+
+rule attention:
+    """A ViT model's last-block attention maps on validation patches (evaluation.attention)."""
+    input:
+        model=f"{RESULTS}/runs/{{model}}/model.safetensors",
+        manifest=MANIFEST,
+    output:
+        png=f"{RESULTS}/figures/attention/attention_{{model}}.png",
+        pdf=f"{RESULTS}/figures/attention/attention_{{model}}.pdf",
+    params:
+        run_dir=lambda wildcards: run_dir(wildcards.model),
+        out_dir=lambda wildcards, output: str(Path(output.png).parent),
+        study=STUDY,
+        per_class=EVAL["attention"]["patches_per_class"],
+        settings=lambda wildcards: eval_settings("attention", wildcards),
+        code=CODE_VERSION["evaluate"],
+    threads: 1
+    log:
+        f"{RESULTS}/logs/attention/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/attention/{{model}}.tsv",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} hsat attention --run {params.run_dir} --manifest {input.manifest}"
+        " --study {params.study} --out-dir {params.out_dir} --patches-per-class {params.per_class} > {log} 2>&1"

@@ -6,11 +6,12 @@ rule collect:
         lambda wildcards: {
             "whitebox": [f"{RESULTS}/whitebox/{m}.csv" for m in MODELS],
             "transfer": [f"{RESULTS}/transfer/{t}.csv" for t in TRANSFER_TARGETS],
+            "mil": [f"{RESULTS}/mil/{m}.csv" for m in MIL_MODELS],
         }[wildcards.kind],
     output:
         f"{RESULTS}/{{kind}}.csv",
     wildcard_constraints:
-        kind="whitebox|transfer",
+        kind="whitebox|transfer|mil",
     params:
         code=CODE_VERSION["report"],
     log:

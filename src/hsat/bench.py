@@ -279,6 +279,11 @@ def _setup(cfg: Mapping[str, Any], device: torch.device):
 def bench_step(cfg: Mapping[str, Any], device: torch.device, *, warmup: int = 2, repeats: int = 5,
                seed: int = 0) -> dict[str, Any]:
     """step_s, floor_s (and its parts), naive_step_s and the ratios, on one model and one batch."""
+    from hsat.models import method_family
+
+    if method_family(cfg["method"]["name"]) != "hidisc":
+        raise HSATError(f"hsat bench times the hierarchical-loss methods (HiDisc, HSAT and its variants); "
+                        f"method.name {cfg['method']['name']!r} is not one of them")
     torch.manual_seed(seed)
     model, fast, optimizer, autocast, _ = _setup(cfg, device)
     d, method, attack = cfg["data"], cfg["method"], cfg["attack"]

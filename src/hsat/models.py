@@ -44,12 +44,23 @@ class HSATModel(nn.Module):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         num_classes: int | None = None,
+        dino_head: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_features = int(backbone.num_features)
-        self.embed_dim = int(embed_dim)
-        self.head = projection_head(self.num_features, head_hidden, embed_dim)
+        if dino_head:
+            # DINO's head: prototype scores, not a unit-norm embedding (hsat.methods.dino).
+            from hsat.methods.dino import DINOHead
+
+            self.head = DINOHead(self.num_features, int(dino_head["out_dim"]), int(dino_head["hidden_dim"]),
+                                 int(dino_head["bottleneck_dim"]), int(dino_head["nlayers"]))
+            self.embed_dim = int(dino_head["out_dim"])
+            self.normalize_head = False
+        else:
+            self.head = projection_head(self.num_features, head_hidden, embed_dim)
+            self.embed_dim = int(embed_dim)
+            self.normalize_head = True
         # The supervised methods' own classification head (a classifier of the evaluation, `head`).
         self.classifier = nn.Linear(self.num_features, int(num_classes)) if num_classes else None
         # Persistent buffers: a saved model carries the normalisation it was trained with.
@@ -61,8 +72,10 @@ class HSATModel(nn.Module):
         return self.backbone((x - self.mean) / self.std)
 
     def forward_head(self, f: torch.Tensor) -> torch.Tensor:
-        """(N, num_features) -> (N, embed_dim), L2-normalised (the contrastive embedding)."""
-        return F.normalize(self.head(f), dim=-1)
+        """(N, num_features) -> (N, embed_dim): the L2-normalised contrastive embedding, or with a
+        DINO head its prototype scores."""
+        out = self.head(f)
+        return F.normalize(out, dim=-1) if self.normalize_head else out
 
     def forward_logits(self, f: torch.Tensor) -> torch.Tensor:
         """(N, num_features) -> (N, num_classes) logits of the classification head."""
@@ -102,8 +115,14 @@ def build_model(
     embed_dim: int = 128,
     image_size: int | None = None,
     num_classes: int | None = None,
+    backbone_args: Mapping[str, Any] | None = None,
+    dino_head: Mapping[str, int] | None = None,
 ) -> HSATModel:
     """Build the encoder around any timm backbone name (CNN or ViT).
+
+    `backbone_args` go to `timm.create_model` (e.g. `{patch_size: 4}` for a ViT on 32 px crops);
+    `dino_head` (out_dim, hidden_dim, bottleneck_dim, nlayers) replaces the projection head by
+    DINO's.
 
     `pretrained_path` (a .safetensors or .pth state dict) implies ImageNet-style initialisation
     from that file; `pretrained=True` alone looks for the timm weights in the local Hugging Face
@@ -133,14 +152,15 @@ def build_model(
         weights = _find_cached_weights(backbone)
 
     with _hub_offline():
-        net = _create_backbone(backbone, image_size, {"num_classes": 0, "pretrained": False})
+        net = _create_backbone(backbone, image_size, {**(backbone_args or {}), "num_classes": 0, "pretrained": False})
     if weights is not None:
         load_backbone_weights(net, weights)
 
     cfg = getattr(net, "pretrained_cfg", None) or {}
     mean = tuple(cfg.get("mean") or IMAGENET_MEAN)
     std = tuple(cfg.get("std") or IMAGENET_STD)
-    return HSATModel(net, head_hidden=head_hidden, embed_dim=embed_dim, mean=mean, std=std, num_classes=num_classes)
+    return HSATModel(net, head_hidden=head_hidden, embed_dim=embed_dim, mean=mean, std=std, num_classes=num_classes,
+                     dino_head=dino_head)
 
 
 def load_backbone_weights(net: nn.Module, path: Path) -> None:
@@ -181,6 +201,15 @@ def load_backbone_weights(net: nn.Module, path: Path) -> None:
 def _create_backbone(name: str, image_size: int | None, kwargs: dict[str, Any]) -> nn.Module:
     import timm
 
+    if kwargs.get("dynamic_img_size") == "if_supported":
+        # Local crops of another size (DINO): ViTs then interpolate their position embeddings;
+        # CNNs take any size anyway and do not know the argument.
+        kwargs = {k: v for k, v in kwargs.items() if k != "dynamic_img_size"}
+        try:
+            return _create_backbone(name, image_size, {**kwargs, "dynamic_img_size": True})
+        except TypeError as exc:
+            if "dynamic_img_size" not in str(exc):
+                raise
     if image_size is not None:
         try:
             return timm.create_model(name, img_size=int(image_size), **kwargs)
@@ -247,10 +276,32 @@ def _find_cached_weights(backbone: str) -> Path:
     )
 
 
+DINO_HEAD_DEFAULTS: dict[str, int] = {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64, "nlayers": 3}
+"""The default study's DINO head (the paper's scale: 65,536 prototypes, 2048 hidden, 256 bottleneck),
+as the schema's `method.dino` defaults; read here for configs validated before those keys."""
+
+
+def method_family(name: str) -> str:
+    """The family of a registered method name ("" for an unknown one)."""
+    from hsat.methods import METHODS
+
+    entry = METHODS.get(str(name))
+    return str(entry.defaults.get("family", "")) if entry else ""
+
+
 def model_from_config(cfg: Mapping[str, Any]) -> HSATModel:
     """Build the encoder of a resolved run config (`model` section and `data.image_size`)."""
     m = dict(cfg.get("model") or {})
     data = cfg.get("data") or {}
+    method = cfg.get("method") or {}
+    backbone_args = dict(m.get("backbone_args") or {})
+    local = data.get("local_crops") or {}
+    if local.get("number") and int(local.get("size", 0)) != int(data.get("image_size") or 0):
+        backbone_args.setdefault("dynamic_img_size", "if_supported")
+    dino = None
+    if method_family(method.get("name", "")) == "dino":
+        d = {**DINO_HEAD_DEFAULTS, **(method.get("dino") or {})}
+        dino = {k: d[k] for k in DINO_HEAD_DEFAULTS}
     return build_model(
         backbone=m.get("backbone", "resnet10t"),
         pretrained=bool(m.get("pretrained", False)),
@@ -259,6 +310,8 @@ def model_from_config(cfg: Mapping[str, Any]) -> HSATModel:
         embed_dim=int(m.get("embed_dim", 128)),
         image_size=data.get("image_size"),
         num_classes=m.get("num_classes"),
+        backbone_args=backbone_args,
+        dino_head=dino,
     )
 
 

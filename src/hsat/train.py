@@ -58,7 +58,7 @@ from hsat.errors import HSATError
 from hsat.io import atomic_path, write_text, write_yaml
 from hsat.models import model_from_config, save_weights, unwrap
 from hsat.precision import autocast_factory, effective_precision
-from hsat.methods import Robust, build_objective
+from hsat.methods import Objective, Robust, build_objective
 from hsat.progress import TrainingLive, progress_line
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     step: int, cfg: Mapping[str, Any]) -> None:
+                     step: int, cfg: Mapping[str, Any], objective_state: Mapping[str, Any] | None = None) -> None:
     state = {
         "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
         "optimizer": optimizer.state_dict(),
@@ -171,6 +171,8 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
         "rng": _rng_state(),
         "config": json.loads(json.dumps(cfg)),
     }
+    if objective_state is not None:
+        state["objective"] = objective_state  # the method's own state (DINO: teacher, center)
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(state, tmp)
 
@@ -297,6 +299,7 @@ def encoder_update(
     autocast: Callable[[], Any] = contextlib.nullcontext,
     grad_clip: float | None = None,
     labels: torch.Tensor | None = None,
+    objective: Objective | None = None,
 ) -> StepResult:
     """Outer minimisation: forward of the clean and adversarial views, loss, ONE backward, optimiser step.
 
@@ -308,20 +311,21 @@ def encoder_update(
     caller zeroes them).
     """
     net = model if net is None else net
-    objective = build_objective(method)
+    objective = build_objective(method) if objective is None else objective
     views = [v for v in (x, x_adv) if v is not None]
     if separate_forward and len(views) > 1:
         z = [embed_views(net, v, shape, autocast, objective.output)[0] for v in views]
     else:
         z = embed_views(net, torch.cat(views) if len(views) > 1 else views[0], shape, autocast, objective.output)
+    z_local = objective.local_outputs(net, embed_views, autocast)  # DINO's local crops (student only)
     losses: dict[str, torch.Tensor] = {}
     total: torch.Tensor | None = None
     if x is not None:
-        clean = objective.loss_of(z.pop(0), labels)
+        clean = objective.loss_of(z.pop(0), labels, z_local)
         losses.update({f"loss_clean_{k}": v.detach() for k, v in clean.items() if k != "total"})
         total = float(clean_weight) * clean["total"]
     if x_adv is not None:
-        adv = objective.loss_of(z.pop(0), labels)
+        adv = objective.loss_of(z.pop(0), labels, z_local)
         losses.update({f"loss_adv_{k}": v.detach() for k, v in adv.items() if k != "total"})
         total = float(adv_weight) * adv["total"] if total is None else total + float(adv_weight) * adv["total"]
     assert total is not None, "encoder_update needs clean or adversarial views"
@@ -331,6 +335,7 @@ def encoder_update(
     total.backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    objective.before_optimizer_step(unwrap(model))
     optimizer.step()
     return StepResult(loss=loss_value, losses=losses, images=int(math.prod(shape)))
 
@@ -352,10 +357,16 @@ def hsat_step(
     channels_last: bool = False,
     grad_clip: float | None = None,
     labels: torch.Tensor | None = None,
+    objective: Objective | None = None,
+    local: torch.Tensor | None = None,
+    step: int = 0,
 ) -> StepResult:
     """One HSAT (or HiDisc) optimiser step on `images` (P, S, K, V, C, H, W), already on the device.
 
     `labels` (P,) are the patients' class ids, which only the supervised methods read.
+    `objective` is the run's (stateful methods, DINO, keep one for the whole run; built from
+    `method` when None); `local` (P, S, K, L, C, h, w) are the local crops of `data.local_crops`
+    and `step` the optimiser step (its schedules).
 
     `model` is the plain HSATModel (frozen during the attack), `fast` what the attack calls
     (default `model`), `net` what the encoder's forward/backward goes through (default `fast`;
@@ -371,9 +382,17 @@ def hsat_step(
     x = images.flatten(0, 3)  # (N, C, H, W)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    objective = build_objective(method)
+    objective = build_objective(method) if objective is None else objective
     if labels is not None:
         labels = gather_with_grad(labels)  # the labels of the gathered (P_global, ...) outputs
+    local_x, local_shape = None, None
+    if local is not None:
+        local_shape = tuple(local.shape[:4])
+        local_x = local.flatten(0, 3)
+        if channels_last:
+            local_x = local_x.contiguous(memory_format=torch.channels_last)
+    objective.begin_step(model, x, shape, step=step, embed=embed_views, autocast=autocast, local=local_x,
+                         local_shape=local_shape)
     # The objective says what the encoder trains on: clean views (HiDisc), or a robust wrapper's
     # PGD views that maximise the method's own loss (and the clean ones unless only_adversarial).
     x_clean, x_adv = objective.training_views(model, x, shape, attack=attack, eps=eps, embed=embed_views,
@@ -382,7 +401,7 @@ def hsat_step(
                             clean_weight=float(clean_weight) if objective.adversarial else 1.0,
                             adv_weight=float(adv_weight) if objective.adversarial else 1.0,
                             separate_forward=attack["forward"] == "separate", net=net, autocast=autocast,
-                            grad_clip=grad_clip, labels=labels)
+                            grad_clip=grad_clip, labels=labels, objective=objective)
     objective.after_step(model)
     return result
 
@@ -435,6 +454,7 @@ def training_loader(
         preset=cfg["augment"]["preset"],
         resize=data["resize"],
         allow_upscale=data["allow_upscale"],
+        local_crops=data["local_crops"],
     )
     sampler = HierarchicalBatchSampler(
         dataset,
@@ -589,14 +609,21 @@ def pretrain(
     fast = torch.compile(model) if cfg["compile"] else model  # what the attack calls
     net = wrap_ddp(fast, device)  # what the encoder's forward/backward goes through
 
-    # ============ optimiser ... ============
+    # ============ optimiser, the method's own state (DINO's teacher) ... ============
     optimizer = make_optimizer(model, cfg)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+    objective = build_objective(method)
+    objective.setup(model, total_steps)
+    if state is not None and state.get("objective") is not None:
+        objective.load_state_dict(state["objective"])
 
     # ============ schedules ... ============
     strength_fn = strength_function(cfg)
     lr_schedule = cosine_schedule(cfg["optim"]["lr"], cfg["optim"]["min_lr"], total_steps, cfg["optim"]["warmup_steps"])
+    wd_end = cfg["optim"]["weight_decay_end"]
+    wd_schedule = cosine_schedule(cfg["optim"]["weight_decay"], cfg["optim"]["weight_decay"] if wd_end is None else wd_end,
+                                  total_steps, 0)
     eps_schedule = linear_warmup(attack["eps"], total_steps, attack["warmup_steps"], attack["warmup_start"])  # 1/255
     strength_schedule = np.array([strength_fn(s) for s in range(total_steps)])
     weight_schedule = np.array([
@@ -624,8 +651,10 @@ def pretrain(
     for step, batch in zip(range(start_step, total_steps), loader):
         for group in optimizer.param_groups:
             group["lr"] = float(lr_schedule[step])  # a python float: checkpoints hold no numpy objects
+        optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[step])  # the decayed group (make_optimizer)
         images = batch["images"].to(device, non_blocking=True)  # (P, S, K, V, C, H, W), local slice
         labels = batch["label"].to(device, non_blocking=True)
+        local = batch["local_images"].to(device, non_blocking=True) if "local_images" in batch else None
         try:
             # inner maximisation (input gradients only) + outer minimisation (one forward/backward)
             result = hsat_step(
@@ -633,7 +662,7 @@ def pretrain(
                 clean_weight=float(clean_weight_schedule[step]), adv_weight=float(adv_weight_schedule[step]),
                 generator=_attack_generator(seed, step, rank, device),
                 fast=fast, net=net, autocast=autocast, channels_last=cfg["channels_last"],
-                grad_clip=cfg["optim"]["grad_clip"], labels=labels,
+                grad_clip=cfg["optim"]["grad_clip"], labels=labels, objective=objective, local=local, step=step,
             )
         except NonFiniteLoss as exc:
             last = f"step {last_ckpt}" if last_ckpt is not None else "none written yet"
@@ -669,7 +698,7 @@ def pretrain(
                 if not interactive:  # a rule's log file gets one line per logged step instead of a bar
                     log.info(progress_line(record, total_steps, start_step, time.perf_counter() - started))
         if is_main and (done % ckpt_every == 0 or done == total_steps):
-            _save_checkpoint(ckpt_path, model, optimizer, done, cfg)
+            _save_checkpoint(ckpt_path, model, optimizer, done, cfg, objective.state_dict())
             last_ckpt = done
         if callback is not None:
             callback(done, record)
@@ -680,8 +709,8 @@ def pretrain(
     # ============ final weights ... ============
     if is_main:
         if start_step == total_steps and not ckpt_path.exists():  # pragma: no cover - defensive
-            _save_checkpoint(ckpt_path, model, optimizer, total_steps, cfg)
-        save_weights(model, out_dir / WEIGHTS, metadata={"precision": precision})
+            _save_checkpoint(ckpt_path, model, optimizer, total_steps, cfg, objective.state_dict())
+        save_weights(objective.export_model(model), out_dir / WEIGHTS, metadata={"precision": precision})
     if world > 1:
         torch.distributed.barrier()
     return out_dir

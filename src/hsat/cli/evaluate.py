@@ -62,6 +62,24 @@ def _transfer_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attention(args: argparse.Namespace) -> int:
+    from hsat.evaluate import attention_run
+
+    paths = attention_run(args.run, args.manifest, _study(args), args.out_dir, args.patches_per_class)
+    log.info("attention maps written to %s", ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _mil(args: argparse.Namespace) -> int:
+    from hsat.evaluate import mil_run
+
+    df = mil_run(args.embeddings, _study(args), args.model, args.out)
+    r = df.iloc[0]
+    log.info("%s: slide-level MIL acc %.1f, MCA %.1f, AUC %.1f on %d slides -> %s", args.model, r.acc, r.mca, r.auc,
+             r.n_slides, args.out)
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, embeddings: bool = True, model: bool = True) -> None:
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory of `hsat pretrain` (config.yaml, model.safetensors)")
     p.add_argument("--manifest", required=True, metavar="CSV", help="manifest of the study (its val split is attacked)")
@@ -89,6 +107,19 @@ def add_parsers(subparsers) -> None:
     _common(p)
     p.add_argument("--out", required=True, metavar="CSV")
     p.set_defaults(func=_sanity)
+
+    p = subparsers.add_parser("attention", help="a ViT run's last-block class-token attention, per head, on validation patches (figure)")
+    _common(p, embeddings=False, model=False)
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="writes attention_<run>.png and .pdf here")
+    p.add_argument("--patches-per-class", type=int, default=1, metavar="N")
+    p.set_defaults(func=_attention)
+
+    p = subparsers.add_parser("mil", help="slide-level gated attention MIL on a model's frozen clean features -> CSV")
+    p.add_argument("--embeddings", required=True, metavar="EMB_DIR", help="folder written by `hsat embed`")
+    p.add_argument("--study", "--config", dest="study", required=True, metavar="STUDY.yaml")
+    p.add_argument("--model", required=True, metavar="NAME")
+    p.add_argument("--out", required=True, metavar="CSV")
+    p.set_defaults(func=_mil)
 
     p = subparsers.add_parser("transfer", help="black-box transfer: craft once per surrogate, evaluate on each target")
     sub = p.add_subparsers(dest="transfer_verb", metavar="ACTION", required=True)

@@ -14,7 +14,7 @@ The batch sampler is likewise a pure function of `(seed, step)`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hsat.data.transforms import PatchTooSmall, eval_transform, train_transform
+from hsat.data.transforms import PatchTooSmall, eval_transform, local_transform, train_transform
 from hsat.errors import HSATError
 
 __all__ = [
@@ -116,6 +116,7 @@ class HierarchicalDataset(Dataset):
         preset: str = "srh",
         resize: dict[str, Any] | None = None,
         allow_upscale: bool = False,
+        local_crops: Mapping[str, Any] | None = None,
     ):
         for name, value in (
             ("num_slide_samples", num_slide_samples),
@@ -154,13 +155,23 @@ class HierarchicalDataset(Dataset):
         self.preset = str(preset)
         self.resize = resize
         self.allow_upscale = bool(allow_upscale)
+        local = dict(local_crops or {})
+        self.num_local = int(local.get("number", 0))
+        self.local_size = int(local.get("size", 16))
+        self.local_scale = tuple(local.get("scale", (0.05, 0.4)))
         train_transform(self.image_size, 1.0, self.prob, self.preset, self.resize, self.allow_upscale)  # fail early
+        if self.num_local:
+            self._local_transform(1.0)
 
     def __len__(self) -> int:
         return len(self.patients)
 
     def strength(self, step: int) -> float:
         return 1.0 if self.strength_fn is None else float(self.strength_fn(step))
+
+    def _local_transform(self, strength: float) -> Callable[[Tensor], Tensor]:
+        return local_transform(self.image_size, self.local_size, self.local_scale, strength, self.prob, self.preset,
+                               self.resize, self.allow_upscale)
 
     def __getitem__(self, key: Key | int) -> dict[str, Any]:
         from hsat.data.srh import read_image
@@ -172,20 +183,28 @@ class HierarchicalDataset(Dataset):
             self.image_size, self.strength(step), self.prob, self.preset, self.resize, self.allow_upscale
         )
         slides = self.slides[index]
+        local = self._local_transform(self.strength(step)) if self.num_local else None
         # torchvision v2 draws from torch's global RNG: seed it inside a fork so the caller's
         # RNG state is untouched and the draw depends on the key alone.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed_for(self.seed, step, index))
-            per_slide = []
+            per_slide, local_slide = [], []
             for s in _draw(len(slides), self.num_slide_samples).tolist():
                 patches = slides[s]
-                per_patch = []
+                per_patch, local_patch = [], []
                 for k in _draw(len(patches), self.num_patch_samples).tolist():
                     image = read_image(patches[k])
                     views = [_apply(transform, image, patches[k]) for _ in range(self.num_transforms)]
                     per_patch.append(torch.stack(views))
+                    if local is not None:
+                        local_patch.append(torch.stack([_apply(local, image, patches[k]) for _ in range(self.num_local)]))
                 per_slide.append(torch.stack(per_patch))
-        return {"images": torch.stack(per_slide), "label": self.labels[index], "patient": self.patients[index]}
+                if local is not None:
+                    local_slide.append(torch.stack(local_patch))
+        item = {"images": torch.stack(per_slide), "label": self.labels[index], "patient": self.patients[index]}
+        if local is not None:
+            item["local_images"] = torch.stack(local_slide)  # (S, K, L, C, h, w): the student's local crops
+        return item
 
 
 class HierarchicalBatchSampler(Sampler[list[Key]]):
@@ -259,11 +278,14 @@ class HierarchicalBatchSampler(Sampler[list[Key]]):
 
 def collate_hierarchical(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack patients: `images (P, S, K, V, C, H, W)`, `label` LongTensor (P,), `patient` list."""
-    return {
+    out = {
         "images": torch.stack([it["images"] for it in items]),
         "label": torch.tensor([int(it["label"]) for it in items], dtype=torch.long),
         "patient": [str(it["patient"]) for it in items],
     }
+    if items and "local_images" in items[0]:
+        out["local_images"] = torch.stack([it["local_images"] for it in items])  # (P, S, K, L, C, h, w)
+    return out
 
 
 class PatchDataset(Dataset):

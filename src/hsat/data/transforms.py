@@ -44,6 +44,7 @@ __all__ = [
     "eval_transform",
     "strength_at",
     "clean_weight_at",
+    "local_transform",
 ]
 
 PRESETS = ("srh", "he")
@@ -253,7 +254,35 @@ def train_transform(
                 [v2.RandomResizedCrop(size, scale=(1.0 - (1.0 - MIN_CROP_SCALE) * s, 1.0), antialias=True)], p=p
             )
         )
-    ops += [v2.RandomHorizontalFlip(p=p), v2.RandomVerticalFlip(p=p)]
+    return v2.Compose(ops + _view_ops(s, p, preset))
+
+
+def local_transform(
+    image_size: int,
+    local_size: int,
+    scale: tuple[float, float] = (0.05, 0.4),
+    strength: float = 1.0,
+    prob: float = 0.3,
+    preset: str = "srh",
+    resize: Mapping[str, Any] | None = None,
+    allow_upscale: bool = False,
+) -> Callable[[Tensor], Tensor]:
+    """DINO's local crop: a random resized crop of `scale` of an `image_size` region, to
+    `local_size` px, then the same flips and preset ops as `train_transform`."""
+    size, small = _check_size(image_size), _check_size(local_size)
+    lo, hi = (float(v) for v in scale)
+    if not 0.0 < lo <= hi <= 1.0:
+        raise HSATError(f"data.local_crops.scale must be 0 < low <= high <= 1, got {list(scale)}")
+    if preset not in PRESETS:
+        raise HSATError(f"augment.preset must be one of {list(PRESETS)}, got {preset!r}")
+    ops: list[torch.nn.Module] = [_FitToSize(size, resize, allow_upscale), v2.RandomCrop(size),
+                                  v2.RandomResizedCrop(small, scale=(lo, hi), antialias=True)]
+    return v2.Compose(ops + _view_ops(float(strength), float(prob), preset))
+
+
+def _view_ops(s: float, p: float, preset: str) -> list[torch.nn.Module]:
+    """Flips and the preset's strength-scaled ops, ending with the clamp to [0, 1]."""
+    ops: list[torch.nn.Module] = [v2.RandomHorizontalFlip(p=p), v2.RandomVerticalFlip(p=p)]
     ps = p * s  # how often the photometric/geometric ops fire
     if preset == "he":
         ops.append(v2.RandomApply([_RandomRot90()], p=p))
@@ -279,7 +308,7 @@ def train_transform(
             v2.RandomErasing(p=ps, scale=(ERASE_SCALE[0] * s, ERASE_SCALE[1] * s), ratio=(0.3, 3.3), value=0.0),
         ]
     ops.append(v2.Lambda(_clamp01))
-    return v2.Compose(ops)
+    return ops
 
 
 def eval_transform(

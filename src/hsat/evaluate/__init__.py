@@ -23,6 +23,7 @@ from hsat.evaluate.metrics import (
     stratified_subset,
 )
 from hsat.evaluate.runs import (
+    attention_run,
     attacked_patch_count,
     attacked_positions,
     datasets,
@@ -30,6 +31,7 @@ from hsat.evaluate.runs import (
     embed_run,
     eval_image_size,
     load_for_eval,
+    mil_run,
     model_info,
     sanity_report_run,
     sanity_run,
@@ -58,11 +60,11 @@ from hsat.evaluate.worst_case import WORST_CASE, worst_case_correct, worst_case_
 __all__ = [
     "AUTOATTACK_OBJECTIVE", "AttackResults", "AttackSpec", "CLASSIFIERS", "Embeddings", "LABEL_FREE_OBJECTIVES",
     "LEVELS_EVAL", "LinearProbe", "OBJECTIVES", "ProbeClassifier", "SANITY_COLUMNS", "SoftKNN", "WHITEBOX_COLUMNS",
-    "WORST_CASE", "aggregate", "attack_name", "attack_subset", "attacked_patch_count", "attacked_positions",
+    "WORST_CASE", "aggregate", "attack_name", "attack_subset", "attention_run", "attacked_patch_count", "attacked_positions",
     "binomial_se", "classification_metrics", "classify", "craft_batch", "dataset_labels", "datasets",
     "default_device", "embed", "embed_run", "eval_frozen", "eval_image_size", "fit_linear_probe", "index_frame",
     "knn_predict", "level_metrics", "load_embeddings", "load_for_eval", "load_probe", "loader", "make_objective",
-    "model_info", "patch_accuracy", "run_attacks", "sanity_checks", "sanity_report_run", "sanity_run",
+    "mil_run", "model_info", "patch_accuracy", "run_attacks", "sanity_checks", "sanity_report_run", "sanity_run",
     "stratified_subset", "study_checks", "whitebox_run", "whitebox_specs", "whitebox_sweep", "worst_case_correct",
     "worst_case_rows",
 ]

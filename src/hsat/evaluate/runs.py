@@ -158,3 +158,35 @@ def sanity_report_run(per_model: Sequence[str | Path], whitebox: str | Path, tra
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SANITY_COLUMNS))
     write_csv(out, df[list(SANITY_COLUMNS)] if not df.empty else df)
     return df
+
+
+def attention_run(run_dir, manifest, study: Mapping[str, Any], out_dir, patches_per_class: int = 1,
+                  device=None) -> list[Path]:
+    """`hsat attention`: the last block's class-token attention of a ViT run on validation
+    patches (the first `patches_per_class` of each class), as attention_<run>.png/.pdf."""
+    from hsat.evaluate.attention import cls_attention_maps
+    from hsat.report.figures import attention_maps_figure, save_figure
+
+    device = torch.device(device) if device else default_device()
+    size = eval_image_size(study, run_dir)
+    (val_ds,), classes = datasets(manifest, size, ("val",), run_dir)
+    model = load_trained_model(run_dir, device=device)
+    labels = [int(val_ds[i]["label"]) for i in range(len(val_ds))]
+    chosen = [i for c in range(len(classes)) for i in [j for j, y in enumerate(labels) if y == c][:patches_per_class]]
+    if not chosen:
+        raise HSATError(f"{manifest}: no validation patches to draw attention maps of")
+    x = torch.stack([val_ds[i]["image"] for i in chosen]).to(device)
+    maps = cls_attention_maps(model, x).float().cpu().numpy()
+    images = x.permute(0, 2, 3, 1).float().cpu().numpy().clip(0, 1)
+    titles = [classes[labels[i]] for i in chosen]
+    return save_figure(attention_maps_figure(images, maps, titles), out_dir, f"attention_{Path(run_dir).name}")
+
+
+def mil_run(emb_dir, study: Mapping[str, Any], model_name: str, out, seed: int = 0) -> pd.DataFrame:
+    """`hsat mil`: gated attention MIL on one model's frozen clean features -> one slide-level row."""
+    from hsat.evaluate.mil import mil_rows
+
+    info = model_info(study, model_name)
+    df = mil_rows(load_embeddings(emb_dir), info, seed=seed)
+    write_csv(out, df)
+    return df

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from hsat import LEVELS
 from hsat.errors import HSATError
 from hsat.methods.base import MethodEntry, Objective
+from hsat.methods.dino import DINO
 from hsat.methods.hidisc import HiDisc
 from hsat.methods.robust import Robust
 from hsat.methods.supervised import Supervised
@@ -23,6 +24,11 @@ ALL = ["patient", "slide", "patch"]
 
 def _hierarchical(adversarial: bool, min_levels: list[str], max_levels: list[str]) -> dict[str, Any]:
     return {"family": "hidisc", "adversarial": adversarial, "min_levels": min_levels, "max_levels": max_levels}
+
+
+def _dino(adversarial: bool) -> dict[str, Any]:
+    # Self-distillation: no contrastive levels; `method.dino.positives` says where positives come from.
+    return {"family": "dino", "adversarial": adversarial, "min_levels": [], "max_levels": []}
 
 
 def _supervised(adversarial: bool) -> dict[str, Any]:
@@ -45,6 +51,10 @@ METHODS: dict[str, MethodEntry] = {e.name: e for e in (
     # References on labels, same backbone, crops and batches: the non-robust and the robust ceiling.
     MethodEntry("supervised", "Supervised", "reference", _supervised(False)),
     MethodEntry("supervised_at", "Supervised AT", "reference", _supervised(True)),
+    # DINO self-distillation (Caron et al. 2021; Chen & Krishnan 2021 on pathology) and HSAT's
+    # min-max around its loss.
+    MethodEntry("dino", "DINO", "dino", _dino(False)),
+    MethodEntry("robust_dino", "Robust DINO", "dino", _dino(True)),
 )}
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -53,7 +63,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 """Each named method's levels and adversarial flag (the view of `METHODS` older code reads)."""
 
-OBJECTIVES: dict[str, type[Objective]] = {"hidisc": HiDisc, "supervised": Supervised}
+OBJECTIVES: dict[str, type[Objective]] = {"hidisc": HiDisc, "supervised": Supervised, "dino": DINO}
 """Objective classes by family; `adversarial: true` wraps one in `Robust`."""
 
 
@@ -79,6 +89,9 @@ def resolve_method(method: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(VARIANTS.get(name, {}))
     out.update({k: v for k, v in method.items()})
     out["name"] = name
+    entry = METHODS.get(name)
+    if not entry or entry.defaults.get("family") != "dino":
+        out.pop("dino", None)  # DINO's settings mean nothing to the other families
     weights = {lvl: 1.0 for lvl in LEVELS}
     weights.update(out.get("level_weights") or {})
     out["level_weights"] = weights
@@ -98,5 +111,5 @@ def build_objective(method: Mapping[str, Any]) -> Objective:
     return Robust(objective) if method["adversarial"] else objective
 
 
-__all__ = ["ALL", "METHODS", "MethodEntry", "OBJECTIVES", "Objective", "Robust", "Supervised", "VARIANTS", "build_objective",
+__all__ = ["ALL", "DINO", "METHODS", "MethodEntry", "OBJECTIVES", "Objective", "Robust", "Supervised", "VARIANTS", "build_objective",
            "method_label", "methods_with_role", "resolve_method"]

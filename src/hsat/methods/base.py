@@ -21,7 +21,7 @@ class MethodEntry:
 
     `role` places it in the tables: `baseline` (the non-adversarial method the claims compare
     against), `method` (the paper's), `level` (Table 3: the hierarchy level), `lmax` (Table 4:
-    the levels the attack maximises), `reference` (supervised ceilings).
+    the levels the attack maximises), `reference` (supervised ceilings), `dino` (DINO and robust DINO).
     """
 
     name: str
@@ -47,6 +47,7 @@ class Objective:
     output = "embedding"
     needs_classifier = False
     uses_labels = False
+    uses_local = False  # loss(z, local): the student's outputs of the local crops (DINO)
 
     def __init__(self, method: Mapping[str, Any]):
         self.method = method
@@ -57,8 +58,11 @@ class Objective:
     def attack_loss(self, z: torch.Tensor) -> torch.Tensor:
         return self.loss(z)["total"]
 
-    def loss_of(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return self.loss(z, labels) if self.uses_labels else self.loss(z)
+    def loss_of(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+                local: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.uses_labels:
+            return self.loss(z, labels)
+        return self.loss(z, local) if self.uses_local else self.loss(z)
 
     def attack_loss_of(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.attack_loss(z, labels) if self.uses_labels else self.attack_loss(z)
@@ -67,6 +71,31 @@ class Objective:
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(clean views or None, adversarial views or None) the encoder is trained on: clean only."""
         return x, None
+
+    # ---- stateful methods (DINO's teacher and center); no-ops for the others
+    def setup(self, model: torch.nn.Module, total_steps: int) -> None:
+        """Once per run, after the model is built and before any step."""
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The method's own state for checkpoints (tensors and plain containers), or None."""
+        return None
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned (resume)."""
+
+    def export_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The network written to model.safetensors: the trained model (DINO: its teacher)."""
+        return model
+
+    def begin_step(self, model: torch.nn.Module, x: torch.Tensor, shape: tuple[int, ...], **kw: Any) -> None:
+        """Before the step's views are made (DINO: the teacher's targets)."""
+
+    def local_outputs(self, net: torch.nn.Module, embed: Any, autocast: Any) -> torch.Tensor | None:
+        """Outputs of extra student inputs (DINO's local crops), with gradients; None for most methods."""
+        return None
+
+    def before_optimizer_step(self, model: torch.nn.Module) -> None:
+        """After the backward, before the optimiser step (DINO: drop the prototype layer's gradients)."""
 
     def after_step(self, model: torch.nn.Module) -> None:
         """Called after each optimiser step (no-op unless the method keeps extra state)."""

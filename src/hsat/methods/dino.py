@@ -1,19 +1,36 @@
-"""DINO's building blocks (Caron et al. 2021), as its reference training loop defines them.
+"""DINO self-distillation (Caron et al. 2021) as a method of this study, and its building blocks.
 
-The projection head, the teacher's EMA of the student, the center of the teacher's outputs and
-the momentum schedule. The loss is `hsat.losses.dino_loss`. Not yet a registered method: the
-training integration (student/teacher pair, multi-crop, hierarchical positives) is issue 11's
-next step; these parts are tested on their own.
+As the reference training loop defines it: the student is the trained model (backbone + `DINOHead`);
+the teacher is a copy that never receives gradients and follows the student by an EMA whose
+momentum rises from 0.996 to 1 on a cosine schedule; the teacher's outputs are centred (EMA of
+their batch mean, momentum 0.9) and sharpened (temperature 0.04, optionally warmed up); the two
+global crops go to both networks and N local crops to the student only (`data.local_crops`);
+the prototype layer's gradients are dropped for the first steps. The loss is
+`hsat.losses.dino_loss`.
+
+`positives` makes it hierarchical: the teacher's target for a patch's student crops comes from
+the same patch (DINO), from another patch of the same slide, or from another slide of the same
+patient (the batch holds S slides x K patches per patient, so the partner is the next one).
+
+Robust DINO (`Robust(DINO)`) crafts PGD views that maximise the DINO loss of the student's
+global crops against the clean teacher targets and trains the student on them. The exported
+model (`model.safetensors`) is the teacher, which the reference evaluates.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from hsat.errors import HSATError
+from hsat.losses import dino_loss
+from hsat.methods.base import Objective
 
 
 class DINOHead(nn.Module):
@@ -84,3 +101,136 @@ def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: flo
         torch.distributed.all_reduce(total)
         torch.distributed.all_reduce(count)
     return center * momentum + (total / count) * (1.0 - momentum)
+
+
+def teacher_temperature_schedule(final: float, warmup: float, warmup_steps: int, total_steps: int) -> np.ndarray:
+    """Teacher temperature per step: linear from `warmup` to `final` over `warmup_steps`, then `final`."""
+    temps = np.full(total_steps, float(final))
+    n = min(int(warmup_steps), total_steps)
+    if n > 0:
+        temps[:n] = np.linspace(float(warmup), float(final), n)
+    return temps
+
+
+POSITIVES: tuple[str, ...] = ("patch", "slide", "patient")
+
+
+def partner_targets(t: torch.Tensor, positives: str) -> torch.Tensor:
+    """Teacher outputs (P, S, K, V, D) rearranged so that entry (p, s, k) holds the target of
+    patch (p, s, k)'s student crops: itself (patch), the next patch of its slide (slide) or the
+    same patch position of the patient's next slide (patient)."""
+    if positives == "patch":
+        return t
+    if positives == "slide":
+        if t.shape[2] < 2:
+            raise HSATError("method.dino.positives: slide needs data.num_patch_samples >= 2")
+        return t.roll(-1, dims=2)
+    if positives == "patient":
+        if t.shape[1] < 2:
+            raise HSATError("method.dino.positives: patient needs data.num_slide_samples >= 2")
+        return t.roll(-1, dims=1)
+    raise HSATError(f"method.dino.positives must be one of {', '.join(POSITIVES)}, not {positives!r}")
+
+
+def _crops_first(z: torch.Tensor) -> torch.Tensor:
+    """(P, S, K, V, D) -> (V, P*S*K, D): the layout `dino_loss` takes."""
+    return z.flatten(0, 2).transpose(0, 1)
+
+
+class DINO(Objective):
+    """DINO's loss on the student's crops against the centred, sharpened teacher.
+
+    Stateful (teacher, center, schedules): `setup` once per run, `state_dict`/`load_state_dict`
+    for checkpoints, `begin_step` before each step (teacher targets of the clean global crops),
+    `after_step` after it (EMA teacher, center).
+    """
+
+    output = "embedding"  # the DINO head's prototype scores (HSATModel.normalize_head is False)
+    uses_local = True
+
+    def __init__(self, method: Mapping[str, Any]):
+        super().__init__(method)
+        self.cfg = dict(method.get("dino") or {})
+        self.teacher: nn.Module | None = None
+        self.center: torch.Tensor | None = None
+        self.momentum = np.zeros(0)
+        self.teacher_temp = np.zeros(0)
+        self.step = 0
+        self._targets: torch.Tensor | None = None
+        self._teacher_raw: torch.Tensor | None = None
+        self.local: torch.Tensor | None = None
+        self.local_shape: tuple[int, ...] | None = None
+
+    # ---- the run's lifetime
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        c = self.cfg
+        self.teacher = copy.deepcopy(model)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        device = next(model.parameters()).device
+        self.center = torch.zeros(int(model.embed_dim), device=device)
+        self.momentum = momentum_schedule(float(c["momentum_teacher"]), total_steps)
+        self.teacher_temp = teacher_temperature_schedule(float(c["teacher_temp"]), float(c["warmup_teacher_temp"]),
+                                                         int(c["warmup_teacher_temp_steps"]), total_steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        assert self.teacher is not None and self.center is not None, "DINO.setup first"
+        return {"teacher": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()},
+                "center": self.center.detach().cpu()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        assert self.teacher is not None, "DINO.setup first"
+        self.teacher.load_state_dict(state["teacher"])
+        self.center = state["center"].to(self.center.device if self.center is not None else "cpu")
+
+    def export_model(self, model: nn.Module) -> nn.Module:
+        return self.teacher if self.teacher is not None else model
+
+    # ---- one step
+    def begin_step(self, model: nn.Module, x: torch.Tensor, shape: tuple[int, ...], *, step: int,
+                   embed: Callable[..., list[torch.Tensor]], autocast: Callable[[], Any],
+                   local: torch.Tensor | None = None, local_shape: tuple[int, ...] | None = None) -> None:
+        """Teacher outputs of the clean global crops (no gradient), kept for the losses and the center."""
+        if self.teacher is None:
+            raise HSATError("DINO: setup() was not called (the training loop builds the teacher)")
+        self.step = int(step)
+        self.local, self.local_shape = local, local_shape
+        with torch.no_grad():
+            (t,) = embed(self.teacher, x, shape, autocast)
+        self._teacher_raw = t.detach()
+        self._targets = partner_targets(self._teacher_raw, str(self.cfg["positives"]))
+
+    def local_outputs(self, net: nn.Module, embed: Callable[..., list[torch.Tensor]],
+                      autocast: Callable[[], Any]) -> torch.Tensor | None:
+        """Student outputs (P, S, K, L, D) of the local crops, with gradients (None without local crops)."""
+        if self.local is None or self.local_shape is None:
+            return None
+        (z_local,) = embed(net, self.local, self.local_shape, autocast)
+        return z_local
+
+    def _loss(self, z: torch.Tensor, z_local: torch.Tensor | None) -> torch.Tensor:
+        if self._targets is None or self.center is None:
+            raise HSATError("DINO: begin_step() was not called before the loss")
+        student = _crops_first(z)
+        if z_local is not None:
+            student = torch.cat([student, _crops_first(z_local)])
+        temp = float(self.teacher_temp[min(self.step, len(self.teacher_temp) - 1)])
+        return dino_loss(student, _crops_first(self._targets), self.center,
+                         student_temp=float(self.cfg["student_temp"]), teacher_temp=temp)
+
+    def loss(self, z: torch.Tensor, local: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        total = self._loss(z, local)
+        return {"total": total, "dino": total}
+
+    def attack_loss(self, z: torch.Tensor) -> torch.Tensor:
+        """What robust DINO's PGD maximises: the loss of the (perturbed) global crops alone."""
+        return self._loss(z, None)
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        cancel_last_layer_gradients(model.head, self.step, int(self.cfg["freeze_last_layer_steps"]))
+
+    def after_step(self, model: nn.Module) -> None:
+        assert self.teacher is not None and self._teacher_raw is not None and self.center is not None
+        ema_update(self.teacher, model, float(self.momentum[min(self.step, len(self.momentum) - 1)]))
+        self.center = update_center(self.center, _crops_first(self._teacher_raw), float(self.cfg["center_momentum"]))
+        self._targets = self._teacher_raw = self.local = None

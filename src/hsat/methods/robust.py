@@ -37,8 +37,34 @@ class Robust(Objective):
     def loss(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return self.inner.loss_of(z, labels)
 
+    def loss_of(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+                local: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.inner.loss_of(z, labels, local)
+
     def attack_loss(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.inner.attack_loss_of(z, labels)
+
+    # The inner method's state and hooks are the wrapper's.
+    def setup(self, model: torch.nn.Module, total_steps: int) -> None:
+        self.inner.setup(model, total_steps)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def export_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.inner.export_model(model)
+
+    def begin_step(self, model: torch.nn.Module, x: torch.Tensor, shape: tuple[int, ...], **kw: Any) -> None:
+        self.inner.begin_step(model, x, shape, **kw)
+
+    def local_outputs(self, net: torch.nn.Module, embed: Any, autocast: Any) -> torch.Tensor | None:
+        return self.inner.local_outputs(net, embed, autocast)
+
+    def before_optimizer_step(self, model: torch.nn.Module) -> None:
+        self.inner.before_optimizer_step(model)
 
     def after_step(self, model: torch.nn.Module) -> None:
         self.inner.after_step(model)
