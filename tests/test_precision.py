@@ -86,13 +86,11 @@ def test_no_precision_rows_when_crafting_in_fp32():
 
 def test_pretrain_records_the_precision_it_used(tiny_manifest, tmp_path):
     """A bf16 run on the CPU trains (finite, falling loss is test_train's job) and says so."""
-    from safetensors import safe_open
     from test_train import read_log, tiny_cfg
 
-    from hsat.train import pretrain
+    from hsat.train import load_checkpoint, pretrain
 
     for prec in ("bf16", "fp32"):
         out = pretrain(tiny_cfg(tiny_manifest, precision=prec, train={"steps": 2, "checkpoint_every": 2}), tmp_path / prec)
-        with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
-            assert fh.metadata()["precision"] == prec
+        assert load_checkpoint(out / "checkpoint.pt")["precision"] == prec
         assert all(torch.isfinite(torch.tensor(r["loss_total"])) for r in read_log(out))

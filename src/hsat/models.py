@@ -344,9 +344,8 @@ def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write the unwrapped model's state dict as safetensors, atomically (loading runs no code);
-    `metadata` (strings) goes into the file's header beside `format`."""
+def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the unwrapped model's state dict as safetensors, atomically (loading runs no code)."""
     from safetensors.torch import save_file
 
     from hsat.io import atomic_path
@@ -355,7 +354,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
     # Clone so that tied/shared tensors become independent (safetensors refuses shared storage).
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={**(metadata or {}), "format": "pt"})
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def fold_batch_norm(model: HSATModel) -> HSATModel:

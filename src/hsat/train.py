@@ -28,7 +28,7 @@ Choices worth knowing:
 - `precision: bf16` autocasts the forward passes (losses stay fp32); `auto` (the default) does so
   where the device runs bf16 natively (`hsat.precision`): a GPU, or a CPU with AVX512-BF16/AMX,
   so one study config runs fast on a laptop and on a GPU node alike. The precision used is
-  stored in model.safetensors' metadata.
+  stored in checkpoint.pt (`precision`).
 - Resuming is exact on CPU: data and attack noise are pure functions of (seed, step[, rank]),
   schedules are arrays indexed by the step, and the checkpoint holds model, optimiser and RNG
   states. Only rank 0's RNG state is saved (nothing in the loop draws from the global RNGs).
@@ -163,13 +163,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     step: int, cfg: Mapping[str, Any], objective_state: Mapping[str, Any] | None = None) -> None:
+                     step: int, cfg: Mapping[str, Any], objective_state: Mapping[str, Any] | None = None,
+                     precision: str = "fp32") -> None:
     state = {
         "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "step": int(step),
         "rng": _rng_state(),
         "config": json.loads(json.dumps(cfg)),
+        "precision": precision,  # what the steps ran in (config `auto` resolves per device)
     }
     if objective_state is not None:
         state["objective"] = objective_state  # the method's own state (DINO: teacher, center)
@@ -698,7 +700,7 @@ def pretrain(
                 if not interactive:  # a rule's log file gets one line per logged step instead of a bar
                     log.info(progress_line(record, total_steps, start_step, time.perf_counter() - started))
         if is_main and (done % ckpt_every == 0 or done == total_steps):
-            _save_checkpoint(ckpt_path, model, optimizer, done, cfg, objective.state_dict())
+            _save_checkpoint(ckpt_path, model, optimizer, done, cfg, objective.state_dict(), precision)
             last_ckpt = done
         if callback is not None:
             callback(done, record)
@@ -709,8 +711,8 @@ def pretrain(
     # ============ final weights ... ============
     if is_main:
         if start_step == total_steps and not ckpt_path.exists():  # pragma: no cover - defensive
-            _save_checkpoint(ckpt_path, model, optimizer, total_steps, cfg, objective.state_dict())
-        save_weights(objective.export_model(model), out_dir / WEIGHTS, metadata={"precision": precision})
+            _save_checkpoint(ckpt_path, model, optimizer, total_steps, cfg, objective.state_dict(), precision)
+        save_weights(objective.export_model(model), out_dir / WEIGHTS)
     if world > 1:
         torch.distributed.barrier()
     return out_dir
