@@ -125,6 +125,7 @@ _ENTRY_MODULES = {
     "synth": ["hsat.cli.data"],
     "prepare": ["hsat.cli.data"],
     "pretrain": ["hsat.cli.train"],
+    "text": ["hsat.cli.data"],
     "evaluate": ["hsat.cli.evaluate"],
     "transfer": ["hsat.cli.evaluate"],
     "report": ["hsat.cli.report"],
@@ -142,14 +143,15 @@ def run_settings(wildcards):
 
 def eval_settings(stage, wildcards=None):
     """The `evaluation` keys a stage reads (and the model's table group, which goes into the CSV)."""
-    extras = {"mil", "attention"}  # their own stages: changing them reruns nothing else
+    extras = {"mil", "attention", "language"}  # their own stages: changing them reruns nothing else
     drop = {
         "embed": {"whitebox", "transfer", "sanity"} | extras,
         "evaluate": {"transfer", "sanity"} | extras,
         "sanity": {"transfer"} | extras,
         "transfer": {"sanity"} | extras,
-        "mil": {"whitebox", "transfer", "sanity", "attention"},
-        "attention": {"whitebox", "transfer", "sanity", "mil"},
+        "mil": {"whitebox", "transfer", "sanity"} | extras - {"mil"},
+        "attention": {"whitebox", "transfer", "sanity"} | extras - {"attention"},
+        "language": {"whitebox", "transfer", "sanity"} | extras - {"language"},
     }[stage]
     out = {k: v for k, v in EVAL.items() if k not in drop}
     if wildcards is not None and "model" in wildcards.keys():
@@ -170,6 +172,12 @@ TRANSFER_MODELS = _subset(EVAL["transfer"]["models"]) if EVAL["transfer"]["enabl
 _subset(EVAL["whitebox"]["autoattack"]["models"])  # names checked; empty = every model
 MIL_MODELS = _subset(EVAL["mil"]["models"]) if EVAL["mil"]["enabled"] else []
 ATTENTION_MODELS = _subset(EVAL["attention"]["models"]) if EVAL["attention"]["enabled"] else []
+HLSS_MODELS = [m for m in MODELS if RUN_CONFIGS[m]["method"].get("hlss")]
+LANGUAGE_MODELS = ([m for m in _subset(EVAL["language"]["models"]) if m in HLSS_MODELS]
+                   if EVAL["language"]["enabled"] else [])
+if set(EVAL["language"]["models"]) - set(HLSS_MODELS):
+    config_error(f"{_CONFIG_SOURCE}: evaluation.language.models lists model(s) without an HLSS head: "
+                 f"{sorted(set(EVAL['language']['models']) - set(HLSS_MODELS))}")
 TRANSFER_PAIRS = [(s, t) for s in TRANSFER_MODELS for t in TRANSFER_MODELS if s != t]
 TRANSFER_TARGETS = [t for t in TRANSFER_MODELS if len(TRANSFER_MODELS) > 1]
 
@@ -177,6 +185,25 @@ TRANSFER_TARGETS = [t for t in TRANSFER_MODELS if len(TRANSFER_MODELS) > 1]
 def transfer_surrogates(target):
     """The surrogates whose stored examples a target scores: every other transfer model."""
     return [s for s in TRANSFER_MODELS if s != target]
+
+
+# ---------------------------------------------------------------- HLSS's attribute embeddings
+# One cached file per (descriptions, encoder), named by both (hsat.config.text_embeddings_file);
+# rule text_embeddings writes it, HLSS pretraining reads it.
+TEXT_SOURCES = {}
+for _name, _run in RUN_CONFIGS.items():
+    _hlss = _run["method"].get("hlss")
+    if _hlss:
+        TEXT_SOURCES.setdefault(_hlss["text_embeddings"], (_hlss["descriptions"], _hlss["encoder"]))
+
+
+def pretrain_inputs(wildcards):
+    """The manifest, and for an HLSS model its attribute embeddings."""
+    out = {"manifest": MANIFEST}
+    hlss = RUN_CONFIGS[wildcards.model]["method"].get("hlss")
+    if hlss:
+        out["text"] = hlss["text_embeddings"]
+    return out
 
 
 def run_dir(model):
@@ -188,6 +215,7 @@ def sweep_outputs():
     out += [f"{RESULTS}/sanity/{m}.csv" for m in SANITY_MODELS]
     out += [f"{RESULTS}/transfer/{t}.csv" for t in TRANSFER_TARGETS]
     out += [f"{RESULTS}/mil/{m}.csv" for m in MIL_MODELS]
+    out += [f"{RESULTS}/language/{m}.csv" for m in LANGUAGE_MODELS]
     return out
 
 
@@ -199,7 +227,7 @@ def model_outputs(model):
 
 
 FIGURES = ["robust_accuracy", "transfer_heatmap", "training_curves", "embedding_map", "attack_steps"]
-TABLES = [f"table{i}.{ext}" for i in range(1, 5) for ext in ("csv", "md", "tex")] + ["table2_summary.csv"]
+TABLES = [f"table{i}.{ext}" for i in range(1, 6) for ext in ("csv", "md", "tex")] + ["table2_summary.csv"]
 
 
 def report_outputs():
@@ -209,6 +237,8 @@ def report_outputs():
         + [f"{RESULTS}/metrics.json", f"{RESULTS}/claims.md"]
         + [f"{RESULTS}/figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")]
         + ([f"{RESULTS}/mil.csv"] if MIL_MODELS else [])
+        + ([f"{RESULTS}/language.csv"] + [f"{RESULTS}/figures/language_similarity.{e}" for e in ("png", "pdf")]
+           if LANGUAGE_MODELS else [])
         + [f"{RESULTS}/figures/attention/attention_{m}.{ext}" for m in ATTENTION_MODELS for ext in ("png", "pdf")]
     )
 

@@ -134,3 +134,29 @@ rule attention:
     shell:
         "OMP_NUM_THREADS={threads} hsat attention --run {params.run_dir} --manifest {input.manifest}"
         " --study {params.study} --out-dir {params.out_dir} --patches-per-class {params.per_class} > {log} 2>&1"
+
+
+rule language:
+    """An HLSS model's similarities to each class's markers, clean and under attack (evaluation.language)."""
+    input:
+        model=f"{RESULTS}/runs/{{model}}/model.safetensors",
+        manifest=MANIFEST,
+    output:
+        f"{RESULTS}/language/{{model}}.csv",
+    params:
+        run_dir=lambda wildcards: run_dir(wildcards.model),
+        study=STUDY,
+        settings=lambda wildcards: eval_settings("language", wildcards),
+        code=CODE_VERSION["evaluate"],
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/language/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/language/{{model}}.tsv",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} hsat language --run {params.run_dir} --manifest {input.manifest}"
+        " --study {params.study} --model {wildcards.model} --out {output} > {log} 2>&1"

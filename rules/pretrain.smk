@@ -9,9 +9,31 @@
 # them before a resumed job.
 
 
+rule text_embeddings:
+    """HLSS's attribute embeddings: the descriptions through the frozen text encoder, once."""
+    input:
+        descriptions=lambda wildcards: TEXT_SOURCES[f"{RESULTS}/text/{wildcards.name}.safetensors"][0],
+        manifest=MANIFEST,
+    output:
+        f"{RESULTS}/text/{{name}}.safetensors",
+    params:
+        encoder=lambda wildcards: shlex.quote(TEXT_SOURCES[f"{RESULTS}/text/{wildcards.name}.safetensors"][1]),
+        code=CODE_VERSION["text"],
+    wildcard_constraints:
+        name="|".join(re.escape(Path(p).stem) for p in TEXT_SOURCES) or "^$",
+    threads: 1
+    log:
+        f"{RESULTS}/logs/text/{{name}}.log",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} hsat text-embed --descriptions {input.descriptions} --encoder {params.encoder}"
+        " --manifest {input.manifest} --out {output} > {log} 2>&1"
+
+
 rule pretrain:
     input:
-        manifest=MANIFEST,
+        unpack(pretrain_inputs),
     output:
         model=f"{RESULTS}/runs/{{model}}/model.safetensors",
     params:

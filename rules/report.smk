@@ -7,11 +7,12 @@ rule collect:
             "whitebox": [f"{RESULTS}/whitebox/{m}.csv" for m in MODELS],
             "transfer": [f"{RESULTS}/transfer/{t}.csv" for t in TRANSFER_TARGETS],
             "mil": [f"{RESULTS}/mil/{m}.csv" for m in MIL_MODELS],
+            "language": [f"{RESULTS}/language/{m}.csv" for m in LANGUAGE_MODELS],
         }[wildcards.kind],
     output:
         f"{RESULTS}/{{kind}}.csv",
     wildcard_constraints:
-        kind="whitebox|transfer|mil",
+        kind="whitebox|transfer|mil|language",
     params:
         code=CODE_VERSION["report"],
     log:
@@ -54,6 +55,7 @@ rule tables:
         whitebox=f"{RESULTS}/whitebox.csv",
         transfer=f"{RESULTS}/transfer.csv",
         sanity=f"{RESULTS}/sanity.csv",
+        language=[f"{RESULTS}/language.csv"] if LANGUAGE_MODELS else [],
     output:
         tables=[
             report(f"{RESULTS}/tables/{t}", caption="../workflow/report/tables.rst", category="Tables")
@@ -65,6 +67,7 @@ rule tables:
         claims=f"{RESULTS}/claims.md",
     params:
         out_dir=lambda wildcards, output: str(Path(output.tables[0]).parent),
+        language=lambda wildcards, input: f" --language {input.language[0]}" if input.language else "",
         study=STUDY,
         settings=report_settings,
         code=CODE_VERSION["report"],
@@ -77,7 +80,7 @@ rule tables:
     shell:
         "hsat report tables --study {params.study} --whitebox {input.whitebox} --transfer {input.transfer}"
         " --sanity {input.sanity} --out-dir {params.out_dir} --metrics {output.metrics}"
-        " --claims {output.claims} > {log} 2>&1"
+        " --claims {output.claims}{params.language} > {log} 2>&1"
 
 
 rule figures:
@@ -111,3 +114,22 @@ rule figures:
         "OMP_NUM_THREADS={threads} hsat report figures --study {params.study} --whitebox {input.whitebox}"
         " --transfer {input.transfer} --sanity {input.sanity} --runs-dir {params.runs_dir}"
         " --embeddings-dir {params.emb_dir} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule language_figure:
+    """HLSS's interpretability heat maps, from the stored similarities (results/language.csv)."""
+    input:
+        f"{RESULTS}/language.csv",
+    output:
+        png=report(f"{RESULTS}/figures/language_similarity.png", caption="../workflow/report/language_similarity.rst",
+                   category="Figures"),
+        pdf=f"{RESULTS}/figures/language_similarity.pdf",
+    params:
+        out_dir=lambda wildcards, output: str(Path(output.png).parent),
+        code=CODE_VERSION["report"],
+    log:
+        f"{RESULTS}/logs/report/language_figure.log",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "hsat report language --language {input} --out-dir {params.out_dir} > {log} 2>&1"

@@ -429,3 +429,58 @@ def test_worst_cases_over_different_attacks_cannot_be_compared(study):
         assert f"{lacking} lack autoattack/linear_probe" in found[cid]["reason"]
     assert found["whitebox_worst_case"]["verdict"] == HOLDS
     assert found["level_order_clean"]["verdict"] != UNJUDGED or "different attacks" not in found["level_order_clean"]["reason"]
+
+
+# ----------------------------------------------------------------------------- HLSS
+
+HLSS_MODELS = {
+    **{f"hlss_s{i}": {"method": {"name": "hlss", "hlss": {"text_embeddings": "x.safetensors"}}, "seed": i} for i in range(3)},
+    **{f"hlssna_s{i}": {"method": {"name": "hlss_noalign", "hlss": {"text_embeddings": "x.safetensors"}}, "seed": i}
+       for i in range(3)},
+    **{f"rhlss_s{i}": {"method": {"name": "robust_hlss", "hlss": {"text_embeddings": "x.safetensors"}}, "seed": i} for i in range(3)},
+}
+HLSS_VALUES = {  # clean, worst, pgd
+    "hlss_s0": (88.0, 5.0, 9.0), "hlss_s1": (89.0, 6.0, 9.5), "hlss_s2": (90.0, 7.0, 10.0),
+    "hlssna_s0": (86.0, 5.0, 9.0), "hlssna_s1": (89.0, 6.0, 9.0), "hlssna_s2": (91.0, 7.0, 9.0),
+    "rhlss_s0": (70.0, 30.0, 40.0), "rhlss_s1": (71.0, 31.0, 41.0), "rhlss_s2": (72.0, 32.0, 42.0),
+}
+
+
+def test_hlss_claims_compare_with_hidisc_alignment_and_robust_hlss():
+    study = validate({"models": _models(HLSS_MODELS), "pretrain": {"model": {"backbone": "test_resnet"}}}, "study")
+    methods = {m: spec["method"]["name"] for m, spec in HLSS_MODELS.items()}
+    found = {c["id"]: c for c in claims(whitebox_frame({**BASE, **HLSS_VALUES}, methods=methods), None, None, study)}
+    # HLSS 89 +- 1 vs HiDisc 84 +- 1: higher beyond 2 SE
+    assert found["hlss_clean"]["verdict"] == HOLDS
+    assert found["hlss_clean"]["numbers"]["difference"] == pytest.approx(5.0)
+    # with vs without the alignment term: 89 vs 88.7, inside the spread
+    assert found["hlss_alignment"]["verdict"] == UNJUDGED
+    assert found["hlss_alignment"]["numbers"]["models"]["hlss_noalign"] == ["hlssna_s0", "hlssna_s1", "hlssna_s2"]
+    assert found["robust_hlss_worst_case"]["verdict"] == HOLDS  # 31 vs 6
+    # a study without HLSS models has no HLSS claims
+    plain = {c["id"] for c in claims(whitebox_frame(), None, None, validate(
+        {"models": _models(), "pretrain": {"model": {"backbone": "test_resnet"}}}, "study"))}
+    assert not plain & {"hlss_clean", "hlss_alignment", "robust_hlss_worst_case", "language_own_markers"}
+
+
+def _language_frame(clean_acc, pgd_acc):
+    rows = []
+    for model, method, seed in [(f"hlss_s{i}", "hlss", i) for i in range(3)] + [(f"rhlss_s{i}", "robust_hlss", i) for i in range(3)]:
+        for condition, accs in (("clean", clean_acc[method]), ("pgd", pgd_acc[method])):
+            for c, cls in enumerate(["a", "b", "c", "d"]):
+                for mc in ["a", "b", "c", "d"]:
+                    rows.append(dict(model=model, method=method, group=GROUP, seed=seed, condition=condition,
+                                     eps=0.0 if condition == "clean" else 8.0, true_class=cls, marker_class=mc, marker="m",
+                                     similarity=0.5 if mc == cls else 0.1, zero_shot_acc=accs[seed] if c == 0 else accs[seed] - 1, n=5))
+    return pd.DataFrame(rows)
+
+
+def test_language_claims_judge_chance_and_the_attack():
+    lang = _language_frame({"hlss": [60, 62, 64], "robust_hlss": [50, 51, 52]}, {"hlss": [10, 11, 12], "robust_hlss": [45, 46, 47]})
+    found = {c["id"]: c for c in claims(None, None, None, {"models": {}}, lang)}
+    assert found["language_own_markers"]["verdict"] == HOLDS  # ~61 % vs 25 % chance
+    assert found["language_own_markers"]["numbers"]["chance"] == pytest.approx(25.0)
+    assert found["language_attack"]["verdict"] == HOLDS  # HLSS drops 50 points, robust HLSS 5
+    near_chance = _language_frame({"hlss": [20, 26, 32], "robust_hlss": [50, 51, 52]}, {"hlss": [10, 11, 12], "robust_hlss": [45, 46, 47]})
+    found = {c["id"]: c for c in claims(None, None, None, {"models": {}}, near_chance)}
+    assert found["language_own_markers"]["verdict"] == UNJUDGED

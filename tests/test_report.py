@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from hsat.config import validate
-from hsat.report import collect, read_tidy
+from hsat.report import collect, method_label, read_tidy
 from hsat.report.figures import FIGURES, attack_steps, save_figure, transfer_heatmap, write_figures
 from hsat.report.tables import SUMMARY_COLUMNS, headline, table1, table2, table3, table4, transfer_summary, write_tables
 
@@ -243,10 +243,10 @@ def test_table3_and_table4_add_worst_case_at_largest_eps(whitebox, study):
 
 def test_write_tables_files_and_long_table1(whitebox, transfer, study_aa, tmp_path):
     paths = write_tables(whitebox, transfer, study_aa, tmp_path)
-    for i in range(1, 5):
+    for i in range(1, 6):
         for ext in ("csv", "md", "tex"):
             assert (tmp_path / f"table{i}.{ext}").stat().st_size > 0
-    assert len(paths) == 13 and (tmp_path / "table2_summary.csv") in paths
+    assert len(paths) == 16 and (tmp_path / "table2_summary.csv") in paths
     assert "\\begin{table}" in (tmp_path / "table1.tex").read_text()
     md = (tmp_path / "table1.md").read_text()
     assert "patch Worst case 8/255" in md and "patient BIM 4/255" in md and "MCA" not in md.split("\n\n")[1]
@@ -430,3 +430,14 @@ def test_cli_tables_and_figures(whitebox, transfer, sanity, study, tmp_path):
     for name in FIGURES:
         assert (figs / f"{name}.png").stat().st_size > 1000
         assert (figs / f"{name}.pdf").stat().st_size > 1000
+
+
+def test_table5_puts_every_method_side_by_side_per_classifier(whitebox, study_aa):
+    from hsat.report.tables import table5
+
+    t5, caption = table5(whitebox, study_aa)
+    assert set(t5.index.get_level_values("Classifier")) == set(whitebox["classifier"])
+    assert set(t5.index.get_level_values("Method")) == {method_label(m) for m in whitebox["method"].unique()}
+    conditions = set(t5.columns.get_level_values("Condition"))
+    assert "Clean" in conditions and any(c.startswith("PGD") for c in conditions)
+    assert "Table 5" in caption

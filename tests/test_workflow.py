@@ -117,7 +117,7 @@ def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(workdir):
     proc = run("repro")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     res = workdir / "results" / "tiny"
-    for i in range(1, 5):
+    for i in range(1, 6):
         for ext in ("csv", "md", "tex"):
             assert (res / "tables" / f"table{i}.{ext}").stat().st_size > 0
     for name in ("robust_accuracy", "transfer_heatmap", "training_curves", "embedding_map", "attack_steps"):

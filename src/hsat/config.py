@@ -280,4 +280,15 @@ def run_config_for_model(study: Mapping[str, Any], model: str, manifest: str | N
         cfg = deep_merge(cfg, {"data": {"manifest": str(manifest)}})
     cfg = validate(cfg, "run", source=f"models.{model}")
     cfg["method"] = resolve_method(cfg["method"])
+    hlss = cfg["method"].get("hlss")
+    if hlss is not None and not hlss.get("text_embeddings"):
+        hlss["text_embeddings"] = str(text_embeddings_file(study, hlss))
     return cfg
+
+
+def text_embeddings_file(study: Mapping[str, Any], hlss: Mapping[str, Any]) -> Path:
+    """Where the workflow caches the attribute embeddings of an HLSS model's descriptions and
+    encoder (`hsat text-embed` writes it; the name is keyed by both)."""
+    from hsat.text import text_embeddings_name
+
+    return Path(study.get("results_dir", "results")) / "text" / text_embeddings_name(hlss["descriptions"], hlss["encoder"])

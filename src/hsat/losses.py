@@ -114,3 +114,28 @@ def dino_loss(
     ce = -torch.einsum("tbk,sbk->ts", targets, log_probs) / student_out.shape[1]
     keep = ~torch.eye(n_t, n_s, dtype=torch.bool, device=ce.device)
     return ce[keep].mean()
+
+
+def symmetric_kl(a: torch.Tensor, b: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over rows of KL(p_a || p_b) + KL(p_b || p_a), p_x = softmax(x / temperature) over the
+    last dimension; gradients flow into both arguments (detach one to make it a target)."""
+    if a.shape != b.shape:
+        raise ValueError(f"symmetric_kl: shapes differ, {tuple(a.shape)} and {tuple(b.shape)}")
+    la = torch.log_softmax(a.float() / temperature, dim=-1)
+    lb = torch.log_softmax(b.float() / temperature, dim=-1)
+    kl_ab = (la.exp() * (la - lb)).sum(-1)
+    kl_ba = (lb.exp() * (lb - la)).sum(-1)
+    return (kl_ab + kl_ba).mean()
+
+
+def alignment_loss(v: torch.Tensor, scores: torch.Tensor, attributes: torch.Tensor,
+                   temperature: float = 0.1) -> torch.Tensor:
+    """HLSS's cross-modal term: each visual representation v (N, D) against the embedding of its
+    nearest attribute, attributes (A, D), nearest = argmax of its scores (N, A); symmetric KL
+    between the softmaxed vectors. The attribute embeddings are fixed targets; the gradient goes
+    into v (the reference code takes this term with `.item()`, so it never trains anything)."""
+    if v.ndim != 2 or scores.ndim != 2 or scores.shape[0] != v.shape[0] or attributes.shape != (scores.shape[1], v.shape[1]):
+        raise ValueError(f"alignment_loss: v (N, D), scores (N, A), attributes (A, D); got "
+                         f"{tuple(v.shape)}, {tuple(scores.shape)}, {tuple(attributes.shape)}")
+    nearest = attributes.to(v.device, torch.float32)[scores.detach().argmax(-1)]
+    return symmetric_kl(v, nearest.detach(), temperature)

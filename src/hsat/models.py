@@ -45,6 +45,7 @@ class HSATModel(nn.Module):
         std: Sequence[float] = IMAGENET_STD,
         num_classes: int | None = None,
         dino_head: Mapping[str, int] | None = None,
+        hlss_head: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -57,6 +58,14 @@ class HSATModel(nn.Module):
                                  int(dino_head["bottleneck_dim"]), int(dino_head["nlayers"]))
             self.embed_dim = int(dino_head["out_dim"])
             self.normalize_head = False
+        elif hlss_head:
+            # HLSS: a projection into the text space and per-level attribute scores (hsat.methods.hlss).
+            from hsat.methods.hlss import HLSSHead
+
+            self.head = HLSSHead(self.num_features, head_hidden, int(hlss_head["text_dim"]), hlss_head["attributes"],
+                                 bool(hlss_head.get("trainable_heads", True)))
+            self.embed_dim = int(hlss_head["text_dim"])
+            self.normalize_head = False  # its forward is already unit-norm
         else:
             self.head = projection_head(self.num_features, head_hidden, embed_dim)
             self.embed_dim = int(embed_dim)
@@ -84,9 +93,16 @@ class HSATModel(nn.Module):
         return self.classifier(f)
 
     def forward(self, x: torch.Tensor, output: str = "embedding") -> torch.Tensor:
-        """The contrastive embedding (`output="embedding"`) or the classification logits ("logits")."""
+        """The contrastive embedding (`output="embedding"`), the classification logits ("logits"),
+        or with an HLSS head its text-space representation and attribute scores ("hlss")."""
         f = self.forward_features(x)
-        return self.forward_logits(f) if output == "logits" else self.forward_head(f)
+        if output == "logits":
+            return self.forward_logits(f)
+        if output == "hlss":
+            if not hasattr(self.head, "forward_all"):
+                raise HSATError("this model has no HLSS head (output='hlss')")
+            return self.head.forward_all(f)
+        return self.forward_head(f)
 
 
 def projection_head(in_features: int, hidden: Sequence[int], out_features: int) -> nn.Sequential:
@@ -117,12 +133,13 @@ def build_model(
     num_classes: int | None = None,
     backbone_args: Mapping[str, Any] | None = None,
     dino_head: Mapping[str, int] | None = None,
+    hlss_head: Mapping[str, Any] | None = None,
 ) -> HSATModel:
     """Build the encoder around any timm backbone name (CNN or ViT).
 
     `backbone_args` go to `timm.create_model` (e.g. `{patch_size: 4}` for a ViT on 32 px crops);
     `dino_head` (out_dim, hidden_dim, bottleneck_dim, nlayers) replaces the projection head by
-    DINO's.
+    DINO's; `hlss_head` (text_dim, attributes per level, trainable_heads) by HLSS's.
 
     `pretrained_path` (a .safetensors or .pth state dict) implies ImageNet-style initialisation
     from that file; `pretrained=True` alone looks for the timm weights in the local Hugging Face
@@ -160,7 +177,7 @@ def build_model(
     mean = tuple(cfg.get("mean") or IMAGENET_MEAN)
     std = tuple(cfg.get("std") or IMAGENET_STD)
     return HSATModel(net, head_hidden=head_hidden, embed_dim=embed_dim, mean=mean, std=std, num_classes=num_classes,
-                     dino_head=dino_head)
+                     dino_head=dino_head, hlss_head=hlss_head)
 
 
 def load_backbone_weights(net: nn.Module, path: Path) -> None:
@@ -302,6 +319,13 @@ def model_from_config(cfg: Mapping[str, Any]) -> HSATModel:
     if method_family(method.get("name", "")) == "dino":
         d = {**DINO_HEAD_DEFAULTS, **(method.get("dino") or {})}
         dino = {k: d[k] for k in DINO_HEAD_DEFAULTS}
+    hlss = None
+    if method_family(method.get("name", "")) == "hlss":
+        h = method.get("hlss") or {}
+        if not h.get("text_dim") or not h.get("attributes"):
+            raise HSATError("method.hlss: text_dim and attributes are not set (hsat pretrain sets them "
+                            "from method.hlss.text_embeddings)")
+        hlss = {"text_dim": h["text_dim"], "attributes": h["attributes"], "trainable_heads": h.get("trainable_heads", True)}
     return build_model(
         backbone=m.get("backbone", "resnet10t"),
         pretrained=bool(m.get("pretrained", False)),
@@ -312,6 +336,7 @@ def model_from_config(cfg: Mapping[str, Any]) -> HSATModel:
         num_classes=m.get("num_classes"),
         backbone_args=backbone_args,
         dino_head=dino,
+        hlss_head=hlss,
     )
 
 

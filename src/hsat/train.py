@@ -539,6 +539,7 @@ def pretrain(
 
         # The classification head's size is part of the run's config (evaluation rebuilds it).
         cfg["model"]["num_classes"] = len(class_names(read_manifest(cfg["data"]["manifest"])))
+    build_objective(method).complete_config(cfg, out_dir)  # HLSS: the text embeddings' shape
 
     # ============ processes, device, precision ... ============
     rank, world, _local_rank, device = init_distributed(cfg["device"])
@@ -603,6 +604,8 @@ def pretrain(
     model = model_from_config(cfg)  # identical initialisation on every rank (seeded above)
     if state is not None:
         model.load_state_dict(state["model"])
+    else:
+        build_objective(method).init_model(model)  # HLSS: level heads from the attribute embeddings
     model = model.to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)

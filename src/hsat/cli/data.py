@@ -1,4 +1,5 @@
-"""`hsat synth` and `hsat prepare`: the embedded cohort and the manifest every later stage reads."""
+"""`hsat synth`, `hsat prepare` and `hsat text-embed`: the embedded cohort, the manifest every
+later stage reads, and HLSS's attribute embeddings."""
 
 from __future__ import annotations
 
@@ -56,6 +57,21 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text_embed(args: argparse.Namespace) -> int:
+    from hsat.text import compute_text_embeddings, read_descriptions, write_text_embeddings
+
+    classes = None
+    if args.manifest is not None:
+        from hsat.data.manifest import class_names, read_manifest
+
+        classes = class_names(read_manifest(args.manifest, check_files=False))
+    emb = compute_text_embeddings(read_descriptions(args.descriptions, classes), args.encoder)
+    write_text_embeddings(args.out, emb)
+    sizes = ", ".join(f"{lvl} {n}" for lvl, n in emb.sizes.items())
+    print(f"hsat text-embed: {sizes} attributes, {emb.markers.shape[0]} markers, dimension {emb.dim} -> {args.out}")
+    return 0
+
+
 def _synth_defaults() -> dict:
     """The embedded cohort of the default study (`dataset.synth` of the schema): one source of defaults."""
     from hsat.config import validate
@@ -81,6 +97,20 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a generation parameter (hsat.data.synthetic.SynthParams field; value as YAML), repeatable")
     p.set_defaults(func=_synth)
+
+    p = subparsers.add_parser(
+        "text-embed",
+        help="embed HLSS's attribute descriptions with a frozen, local text encoder",
+        description="Embed every sentence of an attribute-descriptions file (config/attributes/srh.yaml) "
+        "with a local text encoder (never downloaded) and write the per-attribute and per-marker "
+        "embeddings (renormalised means of their sentences') as safetensors, which HLSS training reads.",
+    )
+    p.add_argument("--descriptions", type=Path, required=True, help="attribute descriptions (YAML)")
+    p.add_argument("--encoder", default="all-MiniLM-L6-v2",
+                   help="a packaged text encoder name or a local model directory (default all-MiniLM-L6-v2)")
+    p.add_argument("--manifest", type=Path, help="check that every class of this manifest is described")
+    p.add_argument("--out", type=Path, required=True, help="output .safetensors file")
+    p.set_defaults(func=_text_embed)
 
     p = subparsers.add_parser(
         "prepare",

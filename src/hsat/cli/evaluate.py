@@ -70,6 +70,17 @@ def _attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _language(args: argparse.Namespace) -> int:
+    from hsat.evaluate import language_run
+    from hsat.evaluate.language import language_summary
+
+    df = language_run(args.run, args.manifest, _study(args), args.model, args.out)
+    for r in language_summary(df).itertuples():
+        log.info("%s %s: zero-shot marker MCA %.1f, own-marker margin %.3f", args.model, r.condition, r.zero_shot_mca,
+                 r.own_margin)
+    return 0
+
+
 def _mil(args: argparse.Namespace) -> int:
     from hsat.evaluate import mil_run
 
@@ -113,6 +124,11 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--out-dir", required=True, metavar="DIR", help="writes attention_<run>.png and .pdf here")
     p.add_argument("--patches-per-class", type=int, default=1, metavar="N")
     p.set_defaults(func=_attention)
+
+    p = subparsers.add_parser("language", help="an HLSS run's similarity to each class's markers, clean and under attack -> CSV")
+    _common(p, embeddings=False)
+    p.add_argument("--out", required=True, metavar="CSV")
+    p.set_defaults(func=_language)
 
     p = subparsers.add_parser("mil", help="slide-level gated attention MIL on a model's frozen clean features -> CSV")
     p.add_argument("--embeddings", required=True, metavar="EMB_DIR", help="folder written by `hsat embed`")

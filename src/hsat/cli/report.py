@@ -24,7 +24,8 @@ def _tables(args: argparse.Namespace) -> int:
     whitebox, transfer = read_tidy(args.whitebox), read_tidy(args.transfer)
     write_tables(whitebox, transfer, cfg, args.out_dir)
     sanity = read_tidy(args.sanity) if args.sanity else None
-    found = claims(whitebox, transfer, sanity, cfg) if args.metrics or args.claims else []
+    language = read_tidy(args.language) if args.language else None
+    found = claims(whitebox, transfer, sanity, cfg, language) if args.metrics or args.claims else []
     if args.claims:
         write_claims(found, args.claims)
     if args.metrics:
@@ -58,6 +59,14 @@ def _figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _language(args: argparse.Namespace) -> int:
+    from hsat.report import read_tidy
+    from hsat.report.figures import language_similarity, save_figure
+
+    save_figure(language_similarity(read_tidy(args.language)), args.out_dir, "language_similarity")
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="tables and figures from the tidy result CSVs")
     verbs = p.add_subparsers(dest="report_verb", metavar="STEP", required=True)
@@ -67,6 +76,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("inputs", nargs="*", help="input CSVs (same columns; empty files are skipped; none -> an empty CSV)")
     c.set_defaults(func=_collect)
 
+    lg = verbs.add_parser("language", help="HLSS's marker-similarity heat maps from results/language.csv")
+    lg.add_argument("--language", required=True, help="results/language.csv (hsat language, collected)")
+    lg.add_argument("--out-dir", required=True, help="writes language_similarity.png and .pdf here")
+    lg.set_defaults(func=_language)
+
     t = verbs.add_parser("tables", help="Tables 1-4 as CSV, Markdown and LaTeX")
     t.add_argument("--study", "--config", dest="study", required=True, help="study config (YAML; --config: the old name)")
     t.add_argument("--whitebox", required=True, help="results/whitebox.csv")
@@ -74,6 +88,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out-dir", required=True, help="folder for table1..table4")
     t.add_argument("--metrics", default=None, help="also write the headline claims as JSON here (e.g. results/metrics.json)")
     t.add_argument("--sanity", default=None, help="results/sanity.csv: counts failed checks in --metrics and --claims")
+    t.add_argument("--language", default=None, help="results/language.csv (HLSS models): the marker-similarity claims")
     t.add_argument(
         "--claims", default=None,
         help="also write each claim with its numbers, seeds, spread and verdict as Markdown here (e.g. results/claims.md)",

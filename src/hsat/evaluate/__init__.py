@@ -6,6 +6,7 @@
 - `sweep`: the white-box attack grid and the sweep that crafts each batch once;
 - `worst_case`: the per-example worst case over every attack and objective;
 - `sanity`: the attack sanity checks, one small function each;
+- `language`: HLSS's similarities to each class's markers, clean and under attack;
 - `runs`: the entry points of the CLI.
 
 Everything a user or another module needs is importable from `hsat.evaluate`.
@@ -30,6 +31,7 @@ from hsat.evaluate.runs import (
     default_device,
     embed_run,
     eval_image_size,
+    language_run,
     load_for_eval,
     mil_run,
     model_info,

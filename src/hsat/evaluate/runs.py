@@ -182,6 +182,35 @@ def attention_run(run_dir, manifest, study: Mapping[str, Any], out_dir, patches_
     return save_figure(attention_maps_figure(images, maps, titles), out_dir, f"attention_{Path(run_dir).name}")
 
 
+def language_run(run_dir, manifest, study: Mapping[str, Any], model_name: str, out, device=None,
+                 seed: int = 0) -> pd.DataFrame:
+    """`hsat language`: an HLSS run's similarities to every class's markers, clean and under
+    attack (evaluation.language), on validation patches spread over each class -> tidy CSV."""
+    from hsat.evaluate.language import language_rows, pick_per_class
+    from hsat.text import load_text_embeddings
+
+    cfg_path = Path(run_dir) / "config.yaml"
+    run_cfg = read_yaml(cfg_path)
+    hlss = (run_cfg.get("method") or {}).get("hlss")
+    if not hlss or not hlss.get("text_embeddings"):
+        raise HSATError(f"{cfg_path}: not an HLSS run (method.hlss.text_embeddings is not set)")
+    emb = load_text_embeddings(hlss["text_embeddings"])
+    lcfg = resolve_evaluation(study["evaluation"])["language"]
+    device = torch.device(device) if device else default_device()
+    (val_ds,), classes = datasets(manifest, eval_image_size(study, run_dir), ("val",), run_dir)
+    labels = [int(val_ds[i]["label"]) for i in range(len(val_ds))]
+    chosen = pick_per_class(labels, len(classes), int(lcfg["patches_per_class"]))
+    if not chosen:
+        raise HSATError(f"{manifest}: no validation patches")
+    x = torch.stack([val_ds[i]["image"] for i in chosen]).to(device)
+    y = torch.tensor([labels[i] for i in chosen], device=device)
+    model = load_trained_model(run_dir, device=device)
+    df = language_rows(model, x, y, emb.markers, emb.marker_classes, emb.marker_names, classes, lcfg,
+                       model_info(study, model_name), generator=torch.Generator(device=device).manual_seed(seed))
+    write_csv(out, df)
+    return df
+
+
 def mil_run(emb_dir, study: Mapping[str, Any], model_name: str, out, seed: int = 0) -> pd.DataFrame:
     """`hsat mil`: gated attention MIL on one model's frozen clean features -> one slide-level row."""
     from hsat.evaluate.mil import mil_rows

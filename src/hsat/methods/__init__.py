@@ -16,6 +16,7 @@ from hsat.errors import HSATError
 from hsat.methods.base import MethodEntry, Objective
 from hsat.methods.dino import DINO
 from hsat.methods.hidisc import HiDisc
+from hsat.methods.hlss import HLSS
 from hsat.methods.robust import Robust
 from hsat.methods.supervised import Supervised
 
@@ -29,6 +30,12 @@ def _hierarchical(adversarial: bool, min_levels: list[str], max_levels: list[str
 def _dino(adversarial: bool) -> dict[str, Any]:
     # Self-distillation: no contrastive levels; `method.dino.positives` says where positives come from.
     return {"family": "dino", "adversarial": adversarial, "min_levels": [], "max_levels": []}
+
+
+def _hlss(adversarial: bool, alignment: bool = True) -> dict[str, Any]:
+    # HiDisc's levels, on attribute scores tied to language (hsat.methods.hlss); `alignment`
+    # False drops the cross-modal term whatever method.hlss.alignment_weight says.
+    return {**_hierarchical(adversarial, ALL, ALL), "family": "hlss", "alignment": alignment}
 
 
 def _supervised(adversarial: bool) -> dict[str, Any]:
@@ -55,6 +62,12 @@ METHODS: dict[str, MethodEntry] = {e.name: e for e in (
     # min-max around its loss.
     MethodEntry("dino", "DINO", "dino", _dino(False)),
     MethodEntry("robust_dino", "Robust DINO", "dino", _dino(True)),
+    # HLSS (Watawana et al. MICCAI 2024): the hierarchy aligned with attribute descriptions, and
+    # HSAT's min-max around its loss.
+    MethodEntry("hlss", "HLSS", "hlss", _hlss(False)),
+    MethodEntry("robust_hlss", "Robust HLSS", "hlss", _hlss(True)),
+    # The reference code's effective objective: its alignment term is taken with .item().
+    MethodEntry("hlss_noalign", "HLSS (no alignment)", "hlss", _hlss(False, alignment=False)),
 )}
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -63,7 +76,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 """Each named method's levels and adversarial flag (the view of `METHODS` older code reads)."""
 
-OBJECTIVES: dict[str, type[Objective]] = {"hidisc": HiDisc, "supervised": Supervised, "dino": DINO}
+OBJECTIVES: dict[str, type[Objective]] = {"hidisc": HiDisc, "supervised": Supervised, "dino": DINO, "hlss": HLSS}
 """Objective classes by family; `adversarial: true` wraps one in `Robust`."""
 
 
@@ -90,8 +103,14 @@ def resolve_method(method: Mapping[str, Any]) -> dict[str, Any]:
     out.update({k: v for k, v in method.items()})
     out["name"] = name
     entry = METHODS.get(name)
-    if not entry or entry.defaults.get("family") != "dino":
-        out.pop("dino", None)  # DINO's settings mean nothing to the other families
+    family = entry.defaults.get("family") if entry else None
+    for own in ("dino", "hlss"):  # a family's own settings mean nothing to the others
+        if family != own:
+            out.pop(own, None)
+    if family == "hlss":
+        out.setdefault("alignment", bool(entry.defaults.get("alignment", True)))
+    else:
+        out.pop("alignment", None)
     weights = {lvl: 1.0 for lvl in LEVELS}
     weights.update(out.get("level_weights") or {})
     out["level_weights"] = weights
@@ -111,5 +130,5 @@ def build_objective(method: Mapping[str, Any]) -> Objective:
     return Robust(objective) if method["adversarial"] else objective
 
 
-__all__ = ["ALL", "DINO", "METHODS", "MethodEntry", "OBJECTIVES", "Objective", "Robust", "Supervised", "VARIANTS", "build_objective",
+__all__ = ["ALL", "DINO", "HLSS", "METHODS", "MethodEntry", "OBJECTIVES", "Objective", "Robust", "Supervised", "VARIANTS", "build_objective",
            "method_label", "methods_with_role", "resolve_method"]

@@ -76,6 +76,14 @@ class Objective:
     def setup(self, model: torch.nn.Module, total_steps: int) -> None:
         """Once per run, after the model is built and before any step."""
 
+    def complete_config(self, cfg: dict[str, Any], out_dir: Any) -> None:
+        """Fill in the run settings this method derives from its inputs, before the run starts and
+        before its config is compared with a run to resume (HLSS: the text embeddings' shape)."""
+
+    def init_model(self, model: torch.nn.Module) -> None:
+        """A fresh run's initialisation of the method's modules, before the first step and never on
+        resume (HLSS: the level heads from the attribute embeddings)."""
+
     def state_dict(self) -> dict[str, Any] | None:
         """The method's own state for checkpoints (tensors and plain containers), or None."""
         return None

@@ -48,6 +48,12 @@ class Robust(Objective):
     def setup(self, model: torch.nn.Module, total_steps: int) -> None:
         self.inner.setup(model, total_steps)
 
+    def complete_config(self, cfg: dict[str, Any], out_dir: Any) -> None:
+        self.inner.complete_config(cfg, out_dir)
+
+    def init_model(self, model: torch.nn.Module) -> None:
+        self.inner.init_model(model)
+
     def state_dict(self) -> dict[str, Any] | None:
         return self.inner.state_dict()
 

@@ -56,9 +56,11 @@ LEVEL = "patch"
 EPS = 8.0
 REFERENCES = methods_with_role("reference")
 """The non-robust and the robust reference (registry role `reference`)."""
+HLSS_METHODS = methods_with_role("hlss")
+"""HLSS and robust HLSS (registry role `hlss`): their claims appear when the study has them."""
 ROBUSTNESS_CLAIMS = (
     "whitebox_worst_case", "whitebox_pgd", "blackbox_contrast", "level_order_worst_case",
-    "lmax_ablation", "reference_learnable", "reference_ceiling",
+    "lmax_ablation", "reference_learnable", "reference_ceiling", "robust_hlss_worst_case", "language_attack",
 )
 """Claims about robust accuracy: a failed sanity check of the attacks puts a caveat on each."""
 RULES = (
@@ -342,11 +344,109 @@ def _same_attacks(c: dict[str, Any], arms: Sequence[Mapping[str, Any]], sets: Ma
     return c
 
 
+def _above(arm: Mapping[str, Any], value: float) -> tuple[str, str, float | None]:
+    """Verdict on "the arm's mean exceeds `value`": beyond SE_FACTOR SE with >= MIN_SEEDS units."""
+    if not arm["n"]:
+        return UNJUDGED, "no rows", None
+    if arm["n"] < MIN_SEEDS or arm["sd"] is None:
+        return UNJUDGED, f"fewer than {MIN_SEEDS} seeds ({arm['label']}: {arm['n']})", None
+    threshold = SE_FACTOR * arm["sd"] / math.sqrt(arm["n"])
+    d = arm["mean"] - value
+    text = f"{arm['label']} - {value:.1f} = {d:+.1f} (threshold {threshold:.1f}: {SE_FACTOR:g} x SE)"
+    if d > threshold:
+        return HOLDS, f"above beyond the noise: {text}", threshold
+    if d < -threshold:
+        return FAILS, f"below beyond the noise: {text}", threshold
+    return UNJUDGED, f"inside the seed spread: {text}", threshold
+
+
+def hlss_claims(g: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[str, Any], baseline: str,
+                worst_eps: float | None, setting: Mapping[str, Any], group, backbone) -> list[dict[str, Any]]:
+    """HLSS vs HiDisc clean (the HLSS paper's claim), the alignment term's effect, and robust HLSS
+    under attack; empty when the group has no HLSS models."""
+    if g.empty or not g["method"].isin(HLSS_METHODS).any():
+        return []
+    clean = dict(setting, attack="none", eps=0.0)
+    at_worst = dict(setting, attack=WORST_CASE, eps=worst_eps)
+    eps_text = f"eps {worst_eps:g}/255" if worst_eps is not None else "eps –"
+    hlss_clean = _whitebox_arm(g, "hlss", "none", 0.0, seeds)
+    out = [_comparison(
+        "hlss_clean", f"HLSS's clean accuracy is higher than {method_label(baseline)}'s",
+        "HLSS 84.1 / 89.5 / 91.7 vs HiDisc 82.0 / 87.6 / 88.3 kNN accuracy (patch / slide / patient) on OpenSRH "
+        "(Watawana et al. 2024)",
+        hlss_clean, _whitebox_arm(g, baseline, "none", 0.0, seeds), group, backbone, **clean,
+    )]
+    # Fewer seeds without the alignment term: judged against HLSS's own seed spread.
+    out.append(_comparison(
+        "hlss_alignment", "the cross-modal alignment term raises HLSS's clean accuracy (HLSS vs HLSS without it)",
+        "HLSS's alignment term; the reference code takes it with .item(), so it never trains anything",
+        hlss_clean, _whitebox_arm(g, "hlss_noalign", "none", 0.0, seeds), group, backbone,
+        reference=_reference_sd(hlss_clean), spread_rule=True, **clean,
+    ))
+    c = _comparison(
+        "robust_hlss_worst_case",
+        f"Robust HLSS's worst-case accuracy (every attack and objective, {eps_text}) is higher than HLSS's",
+        "not reported: HSAT's min-max around HLSS's loss is this study's",
+        _whitebox_arm(g, "robust_hlss", WORST_CASE, worst_eps, seeds),
+        _whitebox_arm(g, "hlss", WORST_CASE, worst_eps, seeds), group, backbone, **at_worst,
+    )
+    if worst_eps is None:
+        c["verdict"], c["reason"] = UNJUDGED, "no worst_case rows"
+    out.append(c)
+    return out
+
+
+def language_claims(language: pd.DataFrame | None, seeds: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What the marker-similarity figure shows, as claims: a sample lies nearest its own class's
+    markers (zero-shot marker MCA above chance), and an attack moves HLSS's samples to other
+    classes' markers more than robust HLSS's."""
+    if language is None or language.empty:
+        return []
+    from hsat.evaluate.language import language_summary
+
+    summ = language_summary(language)
+    chance = 100.0 / max(language["true_class"].nunique(), 1)
+    out = []
+    per_model = summ.pivot_table(index=["model", "method"], columns="condition", values="zero_shot_mca").reset_index()
+
+    def arm(method: str, values: pd.Series, models: pd.Series) -> dict[str, Any]:
+        a = _arm(method, values.reset_index(drop=True), [seeds.get(str(m)) for m in models])
+        a["models"] = [str(m) for m in models]
+        return a
+
+    hl = per_model[per_model["method"] == "hlss"]
+    rb = per_model[per_model["method"] == "robust_hlss"]
+    a = arm("hlss", hl.get("clean", pd.Series(dtype=float)), hl["model"])
+    verdict, reason, threshold = _above(a, chance)
+    out.append(_claim(
+        "language_own_markers",
+        f"HLSS's language-aligned representation lies nearest its own class's markers: zero-shot marker MCA "
+        f"above chance ({chance:.1f} %)",
+        "a sample is most similar to its own class's markers (Watawana et al. 2024, Figs. 3-5)",
+        f"{_describe(a)} vs chance {chance:.1f}", _numbers([a], chance=chance, threshold=threshold),
+        verdict, reason, f">= {MIN_SEEDS} seeds and above chance by more than {SE_FACTOR:g} x SE", None, None,
+    ))
+    if "pgd" in per_model:
+        drop_h = arm("hlss", hl["clean"] - hl["pgd"], hl["model"])
+        drop_r = arm("robust_hlss", rb["clean"] - rb["pgd"], rb["model"])
+        eps = float(language.loc[language["condition"] == "pgd", "eps"].iloc[0])
+        c = _comparison(
+            "language_attack",
+            f"a PGD perturbation ({eps:g}/255, on the marker classifier) moves HLSS's samples to other classes' "
+            "markers more than Robust HLSS's (drop in zero-shot marker MCA, points)",
+            "not reported: HLSS's language space under attack is this study's question",
+            drop_h, drop_r, None, None, metric="zero_shot_mca_drop", eps=eps,
+        )
+        out.append(c)
+    return out
+
+
 def claims(
     whitebox: pd.DataFrame | None,
     transfer: pd.DataFrame | None,
     sanity: pd.DataFrame | None,
     study_cfg: Mapping[str, Any],
+    language: pd.DataFrame | None = None,
 ) -> list[dict[str, Any]]:
     """Every claim of the paper per (group, backbone), then the attack-quality precondition.
 
@@ -446,6 +546,9 @@ def claims(
             elif cid == "reference_ceiling" and a["mean"]:
                 c["measured"] += f"; HSAT reaches {100 * b['mean'] / a['mean']:.0f} % of the ceiling" if b["n"] else ""
             out.append(c if missing else _same_attacks(c, [a, b], sets))
+        out += hlss_claims(g, study_cfg, seeds, baseline, worst_eps, setting, group, backbone)
+
+    out += language_claims(language, seeds)
 
     quality = attack_quality(sanity)
     if quality["verdict"] == FAILS:

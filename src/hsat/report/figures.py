@@ -406,3 +406,46 @@ def attention_maps_figure(images: np.ndarray, maps: np.ndarray, titles: list[str
     fig.suptitle("Last-block attention from the class token", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def language_similarity(language: pd.DataFrame) -> plt.Figure:
+    """HLSS's interpretability heat maps (after Watawana et al., Figs. 3-5): per model and
+    condition (clean, under attack), the mean cosine similarity of each class's validation
+    samples (rows) to every class's markers (columns, grouped by class), minus that marker's mean
+    over the rows (a marker every sample is close to says nothing about the class); the true
+    class's markers are boxed, and each row's most similar marker is dotted."""
+    if language is None or language.empty:
+        return _no_data("HLSS marker similarity", "no HLSS models in the study (results/language.csv is empty)")
+    panels = list(language.groupby(["model", "condition"], sort=False))
+    models = list(dict.fromkeys(language["model"]))
+    conditions = list(dict.fromkeys(language["condition"]))
+    classes = list(dict.fromkeys(language["true_class"]))
+    first = language[language["model"] == models[0]]
+    columns = list(dict.fromkeys(zip(first["marker_class"], first["marker"])))
+    fig, axes = plt.subplots(len(models), len(conditions), figsize=(0.32 * len(columns) * len(conditions) + 2.5,
+                                                                    0.42 * len(classes) * len(models) + 1.8),
+                             squeeze=False)
+    for (model, condition), g in panels:
+        ax = axes[models.index(model), conditions.index(condition)]
+        mat = g.pivot_table(index="true_class", columns=["marker_class", "marker"], values="similarity", sort=False)
+        mat = mat.reindex(index=[c for c in classes if c in mat.index], columns=pd.MultiIndex.from_tuples(columns))
+        mat = mat - mat.mean(axis=0)
+        sns.heatmap(mat.to_numpy(), ax=ax, cmap="RdBu_r", center=0.0, cbar=True,
+                    cbar_kws={"shrink": 0.7, "label": "cosine − marker mean"},
+                    xticklabels=[f"{c}: {m}" for c, m in columns], yticklabels=list(mat.index))
+        for r, cls in enumerate(mat.index):
+            cols = [j for j, (c, _) in enumerate(columns) if c == cls]
+            if cols:
+                ax.add_patch(plt.Rectangle((min(cols), r), len(cols), 1, fill=False, edgecolor="black", lw=1.4))
+            best = int(np.nanargmax(mat.to_numpy()[r]))
+            ax.plot(best + 0.5, r + 0.5, "o", color="gold", mec="black", ms=3.5)
+        acc = g.groupby("true_class")["zero_shot_acc"].first().mean()
+        eps = float(g["eps"].iloc[0])
+        title = "clean" if condition == "clean" else f"{condition.upper()} {eps:g}/255 on the marker classifier"
+        ax.set_title(f"{model} ({method_label(g['method'].iloc[0])}), {title}\nzero-shot marker MCA {acc:.1f} %", fontsize=8)
+        ax.tick_params(axis="x", labelsize=5, rotation=90)
+        ax.tick_params(axis="y", labelsize=7, rotation=0)
+        ax.set_xlabel("markers (class: marker); boxed = the row's true class")
+        ax.set_ylabel("true class")
+    fig.tight_layout()
+    return fig

@@ -118,7 +118,8 @@ def _with_model_info(df: pd.DataFrame, study_cfg: Mapping[str, Any]) -> pd.DataF
     return df
 
 
-def _prepare_whitebox(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[pd.DataFrame, str, str]:
+def _prepare_whitebox(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any],
+                      classifier: str | None = None) -> tuple[pd.DataFrame, str, str]:
     """Rows of the primary classifier: clean, the primary objective's attacks and the worst case.
 
     Under a label-free objective BIM and MI-FGSM ran from a random start (`bim_r`, `mifgsm_r`);
@@ -129,7 +130,8 @@ def _prepare_whitebox(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> t
     df = whitebox.copy()
     if "objective" not in df:
         df["objective"] = "none"
-    classifier, objective = primary_setting(df, study_cfg)
+    primary, objective = primary_setting(df, study_cfg)
+    classifier = primary if classifier is None else classifier
     clean, worst = df["attack"] == "none", df["attack"] == WORST_CASE
     df = df[(df["classifier"] == classifier) & (clean | worst | (df["objective"] == objective))].copy()
     df["attack_raw"] = df["attack"]
@@ -406,6 +408,40 @@ def table4(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[pd.Dat
     return _split_index(table, ["Group", "Backbone", "L_max levels", "L_min levels", "n"]), caption
 
 
+def classifiers_present(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> list[str]:
+    """The classifiers with rows, in the configured order (others after)."""
+    present = list(dict.fromkeys(whitebox["classifier"].astype(str)))
+    configured = [c for c in _whitebox_cfg(study_cfg).get("classifiers", []) if c in present]
+    return configured + [c for c in present if c not in configured]
+
+
+def table5(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
+    """Every method side by side, per classifier: clean, PGD and the worst case at the largest eps,
+    at patch, slide and patient level."""
+    blocks = []
+    eps = worst = objective = None
+    for classifier in classifiers_present(whitebox, study_cfg):
+        df, _, objective = _prepare_whitebox(whitebox, study_cfg, classifier)
+        if df.empty:
+            continue
+        conditions, eps, worst = _ablation_conditions(df)
+        block = _wide_table(
+            df, conditions, ["group", "method", "backbone"],
+            lambda k, c=classifier: {"Classifier": c, "Group": k["group"], "Method": method_label(k["method"]),
+                                     "Backbone": k["backbone"]},
+            metrics=("acc",), level_outer=True,
+        )
+        blocks.append(block)
+    caption = (
+        f"Table 5: every method of the study, per classifier: accuracy (Acc, %) clean, under PGD at eps "
+        f"{eps or 0:g}/255 ({objective} objective){_worst_text(worst)}, per level; mean ± std over n models."
+    )
+    if not blocks:
+        return pd.DataFrame(), caption
+    table = pd.concat(blocks, ignore_index=True).fillna("–")
+    return _split_index(table, ["Classifier", "Group", "Method", "Backbone", "n"], ["Level", "Condition"]), caption
+
+
 def _transfer_cfg(study_cfg: Mapping[str, Any]) -> Mapping[str, Any]:
     return (study_cfg.get("evaluation") or {}).get("transfer") or {}
 
@@ -525,7 +561,7 @@ def table2_summary(transfer: pd.DataFrame | None, study_cfg: Mapping[str, Any]) 
 def write_tables(
     whitebox: pd.DataFrame, transfer: pd.DataFrame, study_cfg: Mapping[str, Any], out_dir: str | Path
 ) -> list[Path]:
-    """Write results/tables/table{1..4}.{csv,md,tex} and table2_summary.csv; return every path written.
+    """Write results/tables/table{1..5}.{csv,md,tex} and table2_summary.csv; return every path written.
 
     table1.csv is the long form (every classifier, objective and attack); table2.md/.tex carry
     the same-method vs other-method summary under the matrix.
@@ -543,6 +579,7 @@ def write_tables(
         ("table2", table2(transfer, study_cfg)),
         ("table3", table3(whitebox, study_cfg)),
         ("table4", table4(whitebox, study_cfg)),
+        ("table5", table5(whitebox, study_cfg)),
     ):
         if table.empty:
             log.warning("%s: no matching results; writing an empty table", name)
