@@ -94,3 +94,20 @@ def test_pretrain_records_the_precision_it_used(tiny_manifest, tmp_path):
         out = pretrain(tiny_cfg(tiny_manifest, precision=prec, train={"steps": 2, "checkpoint_every": 2}), tmp_path / prec)
         assert load_checkpoint(out / "checkpoint.pt")["precision"] == prec
         assert all(torch.isfinite(torch.tensor(r["loss_total"])) for r in read_log(out))
+
+
+def test_strided_convolutions_on_one_pixel_make_bf16_unsafe_on_the_cpu():
+    """resnet10t at 16 px (DINO's local crops) feeds layer4's stride-2 convolution a 1 x 1 input,
+    whose oneDNN bf16 weight gradient is garbage; at 32 px it sees 2 x 2 and bf16 stays."""
+    from hsat.models import build_model
+    from hsat.precision import safe_precision, strided_convs_on_single_pixels
+
+    model = build_model("resnet10t", head_hidden=(16,), embed_dim=8, image_size=32)
+    assert strided_convs_on_single_pixels(model, (32,)) == []
+    bad = strided_convs_on_single_pixels(model, (32, 16))
+    assert "backbone.layer4.0.conv1" in bad
+    assert safe_precision("bf16", "auto", "cpu", model, (32, 16)) == ("fp32", bad)
+    assert safe_precision("bf16", "bf16", "cpu", model, (32, 16)) == ("bf16", bad)  # asked for: kept, warned
+    assert safe_precision("bf16", "auto", "cpu", model, (32,)) == ("bf16", [])
+    assert safe_precision("fp32", "auto", "cpu", model, (16,)) == ("fp32", [])
+    assert model.training  # the dry forward leaves the mode as it was

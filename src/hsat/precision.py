@@ -47,3 +47,50 @@ def autocast_factory(precision: str, device: torch.device | str) -> Callable[[],
     if effective_precision(precision, device) == "bf16":
         return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
+
+
+def strided_convs_on_single_pixels(model: torch.nn.Module, image_sizes: tuple[int, ...],
+                                   channels: int = 3) -> list[str]:
+    """Convolutions with stride > 1 whose input is 1 x 1 pixel at one of `image_sizes` (a dry
+    forward per size, on the CPU, hooks only).
+
+    oneDNN's bf16 weight gradient of such a convolution is garbage on this project's CPUs
+    (NaN or ~1e36 at random: uninitialised memory; fp32 is right), which is what made DINO on
+    resnet10t diverge with 16 px local crops (its layer4 sees 1 x 1 there). Larger inputs are
+    fine, so only these shapes make bf16 unsafe.
+    """
+    found: list[str] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and max(module.stride) > 1:
+            def hook(mod, args, name=name):
+                x = args[0]
+                if x.dim() == 4 and x.shape[-1] == 1 and x.shape[-2] == 1 and name not in found:
+                    found.append(name)
+            hooks.append(module.register_forward_pre_hook(hook))
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        model.eval()
+        with torch.no_grad():
+            for size in sorted(set(int(s) for s in image_sizes)):
+                model(torch.zeros(1, channels, size, size, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return found
+
+
+def safe_precision(precision: str, requested: str, device: torch.device | str, model: torch.nn.Module,
+                   image_sizes: tuple[int, ...]) -> tuple[str, list[str]]:
+    """The precision to train in: `precision` (already resolved), unless it is bf16 on the CPU and a
+    strided convolution sees a 1 x 1 input (`strided_convs_on_single_pixels`); then fp32 when the
+    config asked for `auto`. An explicit `bf16` is kept (the caller warns). Returns (precision,
+    the offending layers)."""
+    if precision != "bf16" or torch.device(device).type != "cpu":
+        return precision, []
+    bad = strided_convs_on_single_pixels(model, image_sizes)
+    if bad and requested == "auto":
+        return "fp32", bad
+    return precision, bad

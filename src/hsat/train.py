@@ -57,7 +57,7 @@ from hsat.distributed import convert_sync_batchnorm, gather_with_grad, init_dist
 from hsat.errors import HSATError
 from hsat.io import atomic_path, write_text, write_yaml
 from hsat.models import model_from_config, save_weights, unwrap
-from hsat.precision import autocast_factory, effective_precision
+from hsat.precision import autocast_factory, effective_precision, safe_precision
 from hsat.methods import Objective, Robust, build_objective
 from hsat.progress import TrainingLive, progress_line
 
@@ -547,7 +547,6 @@ def pretrain(
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     precision = effective_precision(cfg["precision"], device)
-    autocast = autocast_factory(precision, device)
 
     # ============ resume or start ... ============
     if on_config_change not in ("error", "restart"):
@@ -609,6 +608,14 @@ def pretrain(
     model = model.to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    sizes = (int(cfg["data"]["image_size"]),) + ((int(cfg["data"]["local_crops"]["size"]),)
+                                                 if cfg["data"]["local_crops"]["number"] else ())
+    precision, unsafe = safe_precision(precision, cfg["precision"], device, model, sizes)
+    if unsafe and is_main:
+        log.warning("bf16 on the CPU gives wrong weight gradients for strided convolutions on 1 x 1 inputs "
+                    "(%s at %s px); %s", ", ".join(unsafe[:3]), "/".join(map(str, sizes)),
+                    "training in fp32 (precision: auto)" if precision == "fp32" else "precision: bf16 was asked for, kept")
+    autocast = autocast_factory(precision, device)
     if world > 1 and cfg["model"]["sync_bn"]:
         model = convert_sync_batchnorm(model, device)
     fast = torch.compile(model) if cfg["compile"] else model  # what the attack calls
