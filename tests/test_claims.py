@@ -457,10 +457,33 @@ def test_hlss_claims_compare_with_hidisc_alignment_and_robust_hlss():
     assert found["hlss_alignment"]["verdict"] == UNJUDGED
     assert found["hlss_alignment"]["numbers"]["models"]["hlss_noalign"] == ["hlssna_s0", "hlssna_s1", "hlssna_s2"]
     assert found["robust_hlss_worst_case"]["verdict"] == HOLDS  # 31 vs 6
+    assert found["robust_hlss_transfer"]["verdict"] == UNJUDGED and "no rows" in found["robust_hlss_transfer"]["reason"]
     # a study without HLSS models has no HLSS claims
     plain = {c["id"] for c in claims(whitebox_frame(), None, None, validate(
         {"models": _models(), "pretrain": {"model": {"backbone": "test_resnet"}}}, "study"))}
     assert not plain & {"hlss_clean", "hlss_alignment", "robust_hlss_worst_case", "language_own_markers"}
+
+
+def test_robust_hlss_transfer_claim_reads_same_method_pairs():
+    """Robust HLSS's same-method transfer drop vs HLSS's, over the seed pairs of each method; a
+    cross-method pair (HLSS surrogate, robust-HLSS target) is not one of them."""
+    study = validate({"models": _models(HLSS_MODELS), "pretrain": {"model": {"backbone": "test_resnet"}}}, "study")
+    methods = {m: spec["method"]["name"] for m, spec in HLSS_MODELS.items()}
+    wb = whitebox_frame({**BASE, **HLSS_VALUES}, methods=methods)
+
+    def drops(hlss, robust):
+        out = {}
+        for names, values in (([f"hlss_s{i}" for i in range(3)], hlss), ([f"rhlss_s{i}" for i in range(3)], robust)):
+            out.update(zip([(s, t) for s in names for t in names if s != t], values))
+        out[("hlss_s0", "rhlss_s0")] = 40.0
+        return out
+
+    c = by_id(claims(wb, transfer_frame(drops([20.0, 22.0, 21.0, 23.0, 19.0, 24.0], [2.0, 3.0, 2.0, 3.0, 1.0, 4.0])), None, study))
+    c = c["robust_hlss_transfer"]
+    assert c["verdict"] == HOLDS and c["numbers"]["ns"] == {"hlss": 6, "robust_hlss": 6}
+    assert c["numbers"]["means"]["robust_hlss"] == pytest.approx(2.5)
+    reversed_ = by_id(claims(wb, transfer_frame(drops([2.0, 3.0, 2.0, 3.0, 1.0, 4.0], [20.0, 22.0, 21.0, 23.0, 19.0, 24.0])), None, study))
+    assert reversed_["robust_hlss_transfer"]["verdict"] == FAILS
 
 
 def _language_frame(clean_acc, pgd_acc):

@@ -60,7 +60,8 @@ HLSS_METHODS = methods_with_role("hlss")
 """HLSS and robust HLSS (registry role `hlss`): their claims appear when the study has them."""
 ROBUSTNESS_CLAIMS = (
     "whitebox_worst_case", "whitebox_pgd", "blackbox_contrast", "level_order_worst_case",
-    "lmax_ablation", "reference_learnable", "reference_ceiling", "robust_hlss_worst_case", "language_attack",
+    "lmax_ablation", "reference_learnable", "reference_ceiling", "robust_hlss_worst_case", "robust_hlss_transfer",
+    "language_attack",
 )
 """Claims about robust accuracy: a failed sanity check of the attacks puts a caveat on each."""
 RULES = (
@@ -361,9 +362,10 @@ def _above(arm: Mapping[str, Any], value: float) -> tuple[str, str, float | None
 
 
 def hlss_claims(g: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[str, Any], baseline: str,
-                worst_eps: float | None, setting: Mapping[str, Any], group, backbone) -> list[dict[str, Any]]:
+                worst_eps: float | None, setting: Mapping[str, Any], group, backbone,
+                transfer: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """HLSS vs HiDisc clean (the HLSS paper's claim), the alignment term's effect, and robust HLSS
-    under attack; empty when the group has no HLSS models."""
+    under white-box and transferred attacks; empty when the group has no HLSS models."""
     if g.empty or not g["method"].isin(HLSS_METHODS).any():
         return []
     clean = dict(setting, attack="none", eps=0.0)
@@ -393,6 +395,17 @@ def hlss_claims(g: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[st
     if worst_eps is None:
         c["verdict"], c["reason"] = UNJUDGED, "no worst_case rows"
     out.append(c)
+    tcfg = _transfer_cfg(study_cfg)
+    models = sorted(set(g["model"]))
+    hlss_tr, robust_tr = _transfer_arms(transfer, models, study_cfg, ["hlss", "robust_hlss"], seeds)
+    out.append(_comparison(
+        "robust_hlss_transfer",
+        f"a same-method surrogate (another seed) costs HLSS more accuracy than robust HLSS "
+        f"({str(tcfg.get('attack', 'pgd')).upper()} transfer, drop in points)",
+        "not reported: the HSAT paper's black-box contrast (25-30 % vs 3-4 %) asked of HLSS",
+        hlss_tr, robust_tr, group, backbone, unit="seed pairs",
+        level=LEVEL, attack=tcfg.get("attack"), eps=tcfg.get("eps"), metric="acc_drop",
+    ))
     return out
 
 
@@ -546,7 +559,7 @@ def claims(
             elif cid == "reference_ceiling" and a["mean"]:
                 c["measured"] += f"; HSAT reaches {100 * b['mean'] / a['mean']:.0f} % of the ceiling" if b["n"] else ""
             out.append(c if missing else _same_attacks(c, [a, b], sets))
-        out += hlss_claims(g, study_cfg, seeds, baseline, worst_eps, setting, group, backbone)
+        out += hlss_claims(g, study_cfg, seeds, baseline, worst_eps, setting, group, backbone, transfer)
 
     out += language_claims(language, seeds)
 
