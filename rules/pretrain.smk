@@ -24,6 +24,8 @@ rule text_embeddings:
     threads: 1
     log:
         f"{RESULTS}/logs/text/{{name}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/text/{{name}}.tsv",
     conda:
         "../envs/hsat.yaml"
     shell:
