@@ -149,7 +149,7 @@ def eval_settings(stage, wildcards=None):
         "evaluate": {"transfer", "sanity"} | extras,
         "sanity": {"transfer"} | extras,
         "transfer": {"sanity"} | extras,
-        "mil": {"whitebox", "transfer", "sanity"} | extras - {"mil"},
+        "mil": {"transfer", "sanity"} | extras - {"mil"},  # the bag attacks use whitebox eps, steps, alpha
         "attention": {"whitebox", "transfer", "sanity"} | extras - {"attention"},
         "language": {"whitebox", "transfer", "sanity"} | extras - {"language"},
     }[stage]
@@ -171,6 +171,7 @@ SANITY_MODELS = _subset(EVAL["sanity"]["models"]) if EVAL["sanity"]["enabled"] e
 TRANSFER_MODELS = _subset(EVAL["transfer"]["models"]) if EVAL["transfer"]["enabled"] else []
 _subset(EVAL["whitebox"]["autoattack"]["models"])  # names checked; empty = every model
 MIL_MODELS = _subset(EVAL["mil"]["models"]) if EVAL["mil"]["enabled"] else []
+MIL_ATTACK = bool(MIL_MODELS) and EVAL["mil"]["attack"]
 ATTENTION_MODELS = _subset(EVAL["attention"]["models"]) if EVAL["attention"]["enabled"] else []
 HLSS_MODELS = [m for m in MODELS if RUN_CONFIGS[m]["method"].get("hlss")]
 LANGUAGE_MODELS = ([m for m in _subset(EVAL["language"]["models"]) if m in HLSS_MODELS]

@@ -87,17 +87,27 @@ rule sanity:
 
 
 rule mil:
-    """Slide-level gated attention MIL on the model's frozen clean features (evaluation.mil)."""
+    """Slide-level gated attention MIL on the model's frozen clean features (evaluation.mil); with
+    evaluation.mil.attack, every validation slide attacked end to end through backbone and head."""
     input:
         features=f"{RESULTS}/embeddings/{{model}}/features.safetensors",
+        **({"model": f"{RESULTS}/runs/{{model}}/model.safetensors", "manifest": MANIFEST} if MIL_ATTACK else {}),
     output:
-        f"{RESULTS}/mil/{{model}}.csv",
+        csv=f"{RESULTS}/mil/{{model}}.csv",
+        head=f"{RESULTS}/mil/{{model}}.safetensors",
+        **({"whitebox": f"{RESULTS}/whitebox_abmil/{{model}}.csv"} if MIL_ATTACK else {}),
     params:
         emb_dir=lambda wildcards, input: str(Path(input.features).parent),
         study=STUDY,
         settings=lambda wildcards: eval_settings("mil", wildcards),
         code=CODE_VERSION["evaluate"],
+        attack=lambda wildcards, input, output: (
+            f" --run {run_dir(wildcards.model)} --manifest {input.manifest} --whitebox {output.whitebox}"
+            if MIL_ATTACK else ""
+        ),
     threads: 1
+    resources:
+        gpu=1 if MIL_ATTACK else 0,
     log:
         f"{RESULTS}/logs/mil/{{model}}.log",
     benchmark:
@@ -106,7 +116,7 @@ rule mil:
         "../envs/hsat.yaml"
     shell:
         "OMP_NUM_THREADS={threads} hsat mil --embeddings {params.emb_dir} --study {params.study}"
-        " --model {wildcards.model} --out {output} > {log} 2>&1"
+        " --model {wildcards.model} --out {output.csv} --head {output.head}{params.attack} > {log} 2>&1"
 
 
 rule attention:

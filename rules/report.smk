@@ -4,7 +4,8 @@
 rule collect:
     input:
         lambda wildcards: {
-            "whitebox": [f"{RESULTS}/whitebox/{m}.csv" for m in MODELS],
+            "whitebox": [f"{RESULTS}/whitebox/{m}.csv" for m in MODELS]
+            + ([f"{RESULTS}/whitebox_abmil/{m}.csv" for m in MIL_MODELS] if MIL_ATTACK else []),
             "transfer": [f"{RESULTS}/transfer/{t}.csv" for t in TRANSFER_TARGETS],
             "mil": [f"{RESULTS}/mil/{m}.csv" for m in MIL_MODELS],
             "language": [f"{RESULTS}/language/{m}.csv" for m in LANGUAGE_MODELS],

@@ -507,3 +507,28 @@ def test_language_claims_judge_chance_and_the_attack():
     near_chance = _language_frame({"hlss": [20, 26, 32], "robust_hlss": [50, 51, 52]}, {"hlss": [10, 11, 12], "robust_hlss": [45, 46, 47]})
     found = {c["id"]: c for c in claims(None, None, None, {"models": {}}, near_chance)}
     assert found["language_own_markers"]["verdict"] == UNJUDGED
+
+
+def _vit_study(extra_seeds=False):
+    vit = {"backbone": "vit_tiny_patch16_224"}
+    models = {"dino_vit_s0": {"method": {"name": "dino"}, "seed": 0, "model": vit},
+              "dino_r_s0": {"method": {"name": "dino"}, "seed": 0}}
+    return validate({"models": _models(models), "pretrain": {"model": {"backbone": "test_resnet"}}}, "study")
+
+
+@pytest.mark.parametrize("vit_worst, verdict", [(70.0, HOLDS), (41.0, UNJUDGED), (5.0, FAILS)])
+def test_vit_vs_cnn_claims_compare_across_backbones(vit_worst, verdict):
+    values = {**BASE, "dino_vit_s0": (60.0, vit_worst, 50.0), "dino_r_s0": (55.0, 40.0, 45.0)}
+    found = {c["id"]: c for c in claims(whitebox_frame(values, methods={"dino_vit_s0": "dino", "dino_r_s0": "dino"}),
+                                        None, None, _vit_study())}
+    vs_base, vs_dino = found["vit_vs_cnn_baseline"], found["vit_vs_cnn_dino"]
+    assert vs_base["backbone"] == "ViT vs CNN" and "vit_tiny_patch16_224" in vs_base["measured"]
+    assert vs_base["numbers"]["means"] == {"dino_vit": vit_worst, "hidisc_cnn": 11.0}
+    assert vs_dino["numbers"]["means"] == {"dino_vit": vit_worst, "dino_cnn": 40.0}
+    # one seed each: judged against 3 x the sd of HSAT's three seeds (1.0), so 41 vs 40 is inside the noise
+    assert vs_dino["verdict"] == verdict
+    assert "vit_vs_cnn_dino" in ROBUSTNESS_CLAIMS
+
+
+def test_no_vit_claims_without_a_dino_vit(study):
+    assert not [c for c in claims(whitebox_frame(), None, None, study) if c["id"].startswith("vit_vs_cnn")]

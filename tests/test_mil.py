@@ -70,3 +70,138 @@ def test_cli_mil_writes_one_slide_level_row(cli_study):
     assert main(["mil", "--embeddings", str(emb), "--study", str(root / "study.yaml"), "--model", "nope",
                  "--out", str(root / "mil" / "x.csv")]) == 2
     assert not (root / "mil" / "x.csv").exists()
+
+
+class _PixelFeatures(torch.nn.Module):
+    """A fixed 'backbone': a patch's mean intensity per channel, scaled (differentiable, no BN)."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return 20.0 * (x.mean(dim=(2, 3)) - 0.5)
+
+
+def _image_bags(n_slides: int, seed: int, per_slide: int = 6):
+    """Slides whose class shows as +-4/255 of mean intensity in channel 0 of every patch."""
+    g = torch.Generator().manual_seed(seed)
+    xs, sizes, ys = [], [], []
+    for s in range(n_slides):
+        y = s % 2
+        x = 0.5 + 0.01 * torch.randn(per_slide, 3, 8, 8, generator=g)
+        x[:, 0] += (4 / 255) * (1 if y else -1)
+        xs.append(x.clamp(0, 1))
+        sizes.append(per_slide)
+        ys.append(y)
+    return torch.cat(xs), sizes, torch.tensor(ys)
+
+
+def _trained_head(backbone, x, sizes, ys):
+    feats = backbone.forward_features(x)
+    bags = [(str(i), f, int(y)) for i, (f, y) in enumerate(zip(torch.split(feats, sizes), ys))]
+    return train_mil(bags, 2, epochs=20, lr=3e-3, seed=0)
+
+
+def test_bag_attack_on_the_mil_head_flips_slides_within_the_ball():
+    from hsat.evaluate.mil import craft_bags
+    from hsat.evaluate.sweep import AttackSpec
+
+    backbone = _PixelFeatures()
+    x, sizes, ys = _image_bags(16, 0)
+    head = _trained_head(backbone, x, sizes, ys)
+    for p in head.parameters():
+        p.requires_grad_(False)
+
+    def slide_acc(images):
+        with torch.no_grad():
+            feats = torch.split(backbone.forward_features(images), sizes)
+            pred = torch.stack([head(f)[0].argmax() for f in feats])
+        return float((pred == ys).float().mean())
+
+    assert slide_acc(x) >= 0.9
+    clean = backbone.forward_features(x)
+    weak = craft_bags(backbone, head, x, sizes, ys, AttackSpec("pgd", 1.0, 5, "abmil_ce", 0.5), clean,
+                      torch.Generator().manual_seed(0))
+    strong = craft_bags(backbone, head, x, sizes, ys, AttackSpec("pgd", 12.0, 10, "abmil_ce", 2.0), clean,
+                        torch.Generator().manual_seed(0))
+    assert float((strong - x).abs().max()) <= 12 / 255 + 1e-6 and 0 <= float(strong.min()) and float(strong.max()) <= 1
+    # 12/255 exceeds the 4/255 class signal, so every slide can be pushed across; 1/255 cannot.
+    assert slide_acc(strong) <= 0.1 < slide_acc(weak)
+
+
+def test_a_bags_perturbation_does_not_depend_on_its_chunk():
+    from hsat.evaluate.mil import craft_bags
+    from hsat.evaluate.sweep import AttackSpec
+
+    backbone = _PixelFeatures()
+    x, sizes, ys = _image_bags(4, 1)
+    head = _trained_head(backbone, x, sizes, ys)
+    spec = AttackSpec("bim", 4.0, 3, "abmil_ce", 1.0)  # no random start: deterministic
+    clean = backbone.forward_features(x)
+    together = craft_bags(backbone, head, x, sizes, ys, spec, clean)
+    alone = craft_bags(backbone, head, x[:6], sizes[:1], ys[:1], spec, clean[:6])
+    assert torch.allclose(together[:6], alone)
+
+
+def test_bag_chunks_keep_slides_whole():
+    from hsat.evaluate.mil import bag_chunks
+
+    slides = ["b"] * 3 + ["a"] * 4 + ["c"] * 5
+    chunks = bag_chunks(slides, 8)
+    assert [[len(i) for i in c] for c in chunks] == [[4, 3], [5]]
+    assert sorted(np.concatenate([np.concatenate(c) for c in chunks]).tolist()) == list(range(12))
+
+
+def test_mil_head_round_trips_and_a_foreign_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from hsat.evaluate.mil import load_mil, save_mil
+
+    model = train_mil(_bags(10, 0), 2, epochs=2, seed=0)
+    save_mil(tmp_path / "head.safetensors", model, {"model": "m"})
+    again = load_mil(tmp_path / "head.safetensors")
+    bag = _bags(1, 3)[0][1]
+    assert torch.equal(model(bag)[0], again(bag)[0])
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(HSATError, match="other.safetensors"):
+        load_mil(tmp_path / "other.safetensors")
+
+
+def test_cli_mil_attacks_the_bags_into_whitebox_rows(cli_study):
+    import pandas as pd
+
+    from hsat.cli import main
+    from hsat.evaluate import WHITEBOX_COLUMNS
+
+    root, run, manifest = cli_study
+    emb = root / "emb" / "m1"
+    assert main(["embed", "--run", str(run), "--manifest", str(manifest), "--config", str(root / "study.yaml"),
+                 "--out", str(emb)]) == 0
+    wb = root / "whitebox_abmil" / "m1.csv"
+    assert main(["mil", "--embeddings", str(emb), "--study", str(root / "study.yaml"), "--model", "m1",
+                 "--out", str(root / "mil" / "m1.csv"), "--head", str(root / "mil" / "m1.safetensors"),
+                 "--run", str(run), "--manifest", str(manifest), "--whitebox", str(wb)]) == 0
+    df = pd.read_csv(wb)
+    assert list(df.columns) == list(WHITEBOX_COLUMNS)
+    assert set(df["classifier"]) == {"abmil"} and set(df["level"]) == {"slide", "patient"}
+    assert {"none", "pgd", "worst_case"} <= set(df["attack"])
+    for (eps, level), g in df[df["attack"] != "none"].groupby(["eps", "level"]):
+        worst = g.loc[g["attack"] == "worst_case", "acc"].iloc[0]
+        assert worst <= g.loc[g["attack"] != "worst_case", "acc"].min() + 1e-9
+    assert (root / "mil" / "m1.safetensors").exists()
+    # --whitebox without the run to attack is a usage error, and nothing is written
+    assert main(["mil", "--embeddings", str(emb), "--study", str(root / "study.yaml"), "--model", "m1",
+                 "--out", str(root / "mil" / "y.csv"), "--whitebox", str(root / "y_wb.csv")]) == 2
+    assert not (root / "mil" / "y.csv").exists() and not (root / "y_wb.csv").exists()
+
+
+def test_study_check_flags_an_abmil_attack_above_clean_at_slide_level():
+    import pandas as pd
+
+    from hsat.evaluate import study_checks
+
+    base = {"model": "m", "method": "hidisc", "group": "", "seed": 0, "steps": 5, "classifier": "abmil",
+            "level": "slide", "mca": 0.0, "top2": 0.0, "top3": 0.0, "map": 0.0}
+    wb = pd.DataFrame([{**base, "attack": "none", "eps": 0.0, "objective": "none", "acc": 50.0},
+                       {**base, "attack": "pgd", "eps": 8.0, "objective": "abmil_ce", "acc": 90.0}])
+    out = study_checks(wb, pd.DataFrame(), 400, {}, n_slides=28)
+    assert len(out) == 1 and not bool(out["passed"].iloc[0])
+    wb.loc[1, "acc"] = 40.0
+    assert bool(study_checks(wb, pd.DataFrame(), 400, {}, n_slides=28)["passed"].iloc[0])

@@ -348,3 +348,34 @@ def test_he_preset_in_the_training_dataset_is_keyed(he_manifest):
     assert torch.equal(a, ds[(1, 3)]["images"])  # the key alone decides the draw
     assert not torch.equal(a, ds[(1, 4)]["images"])
     assert not torch.equal(a[0, 0, 0], a[0, 0, 1])
+
+
+def test_decoded_image_cache_is_lru_within_its_byte_budget_and_hands_out_copies():
+    from hsat.data.cache import DecodedImageCache
+
+    reads = []
+
+    def read(path):
+        reads.append(path)
+        return torch.full((1, 4, 4), float(len(reads)))  # 64 bytes
+
+    cache = DecodedImageCache(read, max_bytes=128)
+    a = cache("a")
+    cache("b")
+    a[:] = -1  # a caller writing into what it got must not change the next read
+    assert float(cache("a")[0, 0, 0]) == 1.0 and reads == ["a", "b"]
+    cache("c")  # over budget: "b" is the least recently used
+    assert len(cache) == 2 and cache.nbytes == 128
+    cache("b")
+    assert reads == ["a", "b", "c", "b"] and cache.hits == 1
+    assert len(DecodedImageCache(read, max_bytes=10)) == 0 and DecodedImageCache(read, 10)("x").shape == (1, 4, 4)
+
+
+def test_cached_reads_give_the_same_items_and_workers_start_empty(manifest):
+    import pickle
+
+    plain, cached = _dataset(manifest), _dataset(manifest, cache_mb=16)
+    for key in [(0, 0), (1, 3), (0, 0), (1, 3)]:
+        assert torch.equal(plain[key]["images"], cached[key]["images"])
+    assert cached._cache is not None and cached._cache.hits > 0
+    assert pickle.loads(pickle.dumps(cached))._cache is None

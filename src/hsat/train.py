@@ -86,7 +86,8 @@ CODE_STAMP, LIVE_DIR = "code.version", "dvclive"
 """The training code's version (`hsat.provenance.code_version`) and dvclive's folder, in the run directory."""
 
 BOOKKEEPING_KEYS = frozenset(
-    {"train.steps", "train.checkpoint_every", "train.log_every", "data.num_workers", "threads", "device", "compile"}
+    {"train.steps", "train.checkpoint_every", "train.log_every", "data.num_workers", "data.cache_mb", "threads", "device",
+     "compile"}
 )
 """Config keys that may change between a run and its resumption (they do not change the method).
 
@@ -457,6 +458,7 @@ def training_loader(
         resize=data["resize"],
         allow_upscale=data["allow_upscale"],
         local_crops=data["local_crops"],
+        cache_mb=data["cache_mb"],
     )
     sampler = HierarchicalBatchSampler(
         dataset,

@@ -84,7 +84,8 @@ def _language(args: argparse.Namespace) -> int:
 def _mil(args: argparse.Namespace) -> int:
     from hsat.evaluate import mil_run
 
-    df = mil_run(args.embeddings, _study(args), args.model, args.out)
+    df = mil_run(args.embeddings, _study(args), args.model, args.out, run_dir=args.run, manifest=args.manifest,
+                 whitebox_out=args.whitebox, head_out=args.head)
     r = df.iloc[0]
     log.info("%s: slide-level MIL acc %.1f, MCA %.1f, AUC %.1f on %d slides -> %s", args.model, r.acc, r.mca, r.auc,
              r.n_slides, args.out)
@@ -135,6 +136,10 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--study", "--config", dest="study", required=True, metavar="STUDY.yaml")
     p.add_argument("--model", required=True, metavar="NAME")
     p.add_argument("--out", required=True, metavar="CSV")
+    p.add_argument("--run", metavar="RUN_DIR", help="with --manifest and --whitebox: attack every validation slide end to end")
+    p.add_argument("--manifest", metavar="CSV")
+    p.add_argument("--whitebox", metavar="CSV", help="whitebox.csv rows of the ABMIL classifier, clean and under attack")
+    p.add_argument("--head", metavar="FILE.safetensors", help="keep the trained MIL head")
     p.set_defaults(func=_mil)
 
     p = subparsers.add_parser("transfer", help="black-box transfer: craft once per surrogate, evaluate on each target")

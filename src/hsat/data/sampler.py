@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from hsat.data.cache import DecodedImageCache
 from hsat.data.transforms import PatchTooSmall, eval_transform, local_transform, train_transform
 from hsat.errors import HSATError
 
@@ -99,6 +100,7 @@ class HierarchicalDataset(Dataset):
     Each patch is read once with `hsat.data.srh.read_image` and augmented `num_transforms` times
     by `train_transform` (`preset`, and `resize` / `allow_upscale` as `data.resize` /
     `data.allow_upscale` say; a patch too small for the crop raises HSATError naming its file).
+    `cache_mb` > 0 keeps decoded patches in memory (`hsat.data.cache.DecodedImageCache`).
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class HierarchicalDataset(Dataset):
         resize: dict[str, Any] | None = None,
         allow_upscale: bool = False,
         local_crops: Mapping[str, Any] | None = None,
+        cache_mb: float = 0,
     ):
         for name, value in (
             ("num_slide_samples", num_slide_samples),
@@ -159,6 +162,8 @@ class HierarchicalDataset(Dataset):
         self.num_local = int(local.get("number", 0))
         self.local_size = int(local.get("size", 16))
         self.local_scale = tuple(local.get("scale", (0.05, 0.4)))
+        self.cache_bytes = int(float(cache_mb) * 2**20)
+        self._cache: DecodedImageCache | None = None
         train_transform(self.image_size, 1.0, self.prob, self.preset, self.resize, self.allow_upscale)  # fail early
         if self.num_local:
             self._local_transform(1.0)
@@ -173,9 +178,19 @@ class HierarchicalDataset(Dataset):
         return local_transform(self.image_size, self.local_size, self.local_scale, strength, self.prob, self.preset,
                                self.resize, self.allow_upscale)
 
-    def __getitem__(self, key: Key | int) -> dict[str, Any]:
+    def _read(self, path: str) -> Tensor:
         from hsat.data.srh import read_image
 
+        if not self.cache_bytes:
+            return read_image(path)
+        if self._cache is None:  # built lazily: each DataLoader worker gets its own
+            self._cache = DecodedImageCache(read_image, self.cache_bytes)
+        return self._cache(path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": None}  # workers start empty rather than pickle the parent's
+
+    def __getitem__(self, key: Key | int) -> dict[str, Any]:
         index, step = _key(key)
         if not 0 <= index < len(self.patients):
             raise IndexError(f"patient index {index} out of range (0..{len(self.patients) - 1})")
@@ -193,7 +208,7 @@ class HierarchicalDataset(Dataset):
                 patches = slides[s]
                 per_patch, local_patch = [], []
                 for k in _draw(len(patches), self.num_patch_samples).tolist():
-                    image = read_image(patches[k])
+                    image = self._read(patches[k])
                     views = [_apply(transform, image, patches[k]) for _ in range(self.num_transforms)]
                     per_patch.append(torch.stack(views))
                     if local is not None:

@@ -5,11 +5,18 @@ The slide-level protocol of Chen & Krishnan 2021 (CLAM-SB on frozen DINO feature
 (`hsat embed`), labelled by its patient's class; a small attention network learns which patches
 to weigh and classifies the pooled feature. Trained on the training slides, scored on the
 validation slides (accuracy, mean class accuracy, macro one-vs-rest AUC).
+
+Under attack (`mil_whitebox_rows`), every patch of a validation slide is perturbed within eps at
+once and the bag goes end to end through the frozen backbone and the MIL head: the objective
+`abmil_ce` is the cross-entropy of the slide's MIL prediction (the adaptive attack on the
+classifier scored), `feature` the label-free cosine distance of every patch's features (from a
+random start). The rows go into `whitebox.csv` as `classifier=abmil` at slide and patient level,
+with the per-slide worst case over every attack at each eps.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,6 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hsat.errors import HSATError
+
+MIL_OBJECTIVES: tuple[str, ...] = ("abmil_ce", "feature")
+"""Objectives of the attack on a bag: the MIL head's cross-entropy, or backbone-feature distance."""
+MIL_CLASSIFIER = "abmil"
 
 MIL_COLUMNS: tuple[str, ...] = ("model", "method", "group", "seed", "classifier", "level", "n_slides",
                                 "acc", "mca", "auc")
@@ -39,6 +50,35 @@ class GatedAttentionMIL(nn.Module):
         h = self.fc(bag)
         weights = torch.softmax(self.att_c(self.att_a(h) * self.att_b(h)).squeeze(-1), dim=0)
         return self.classifier(weights @ h), weights
+
+
+def save_mil(path, model: GatedAttentionMIL, meta: dict[str, Any]) -> None:
+    """The trained head as safetensors (weights only; sizes in the metadata), written atomically."""
+    from hsat.io import atomic_path
+    from safetensors.torch import save_file
+
+    sizes = {"in_dim": model.fc[0].in_features, "hidden": model.fc[0].out_features,
+             "attention": model.att_c.in_features, "num_classes": model.classifier.out_features}
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={k: str(v) for k, v in {**sizes, **meta}.items()})
+
+
+def load_mil(path) -> GatedAttentionMIL:
+    """A head written by `save_mil` (no code runs on load), in eval mode."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        sizes = {k: int(meta[k]) for k in ("in_dim", "hidden", "attention", "num_classes")}
+    except (OSError, KeyError, ValueError) as e:
+        raise HSATError(f"{path}: not a MIL head written by hsat mil ({e})") from e
+    model = GatedAttentionMIL(sizes["in_dim"], sizes["num_classes"], hidden=sizes["hidden"],
+                              attention=sizes["attention"])
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
 
 
 def slide_bags(features: torch.Tensor, labels: torch.Tensor, slides: Sequence[str]) -> list[tuple[str, torch.Tensor, int]]:
@@ -95,15 +135,165 @@ def mil_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict
     return {"acc": acc, "mca": mca, "auc": 100.0 * float(np.mean(aucs)) if aucs else float("nan")}
 
 
-def mil_rows(emb: Any, info: dict[str, Any], *, epochs: int = 30, lr: float = 2e-4, weight_decay: float = 1e-5,
-             seed: int = 0) -> pd.DataFrame:
-    """`MIL_COLUMNS` row of one model's embeddings (`hsat.evaluate.Embeddings`)."""
-    idx = emb.index
-    train_idx, val_idx = idx[idx["split"] == "train"], idx[idx["split"] == "val"]
-    num_classes = len(emb.classes) or int(max(emb.train_labels.max(), emb.val_labels.max())) + 1
-    train = slide_bags(emb.train_features, emb.train_labels, train_idx["slide"].tolist())
-    val = slide_bags(emb.val_features, emb.val_labels, val_idx["slide"].tolist())
-    model = train_mil(train, num_classes, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
-    m = mil_metrics(predict_mil(model, val), np.array([y for _, _, y in val]), num_classes)
-    row = {**info, "classifier": "abmil", "level": "slide", "n_slides": len(val), **m}
+def _split_bags(emb: Any, split: str) -> list[tuple[str, torch.Tensor, int]]:
+    idx = emb.index[emb.index["split"] == split]
+    feats, labels = (emb.train_features, emb.train_labels) if split == "train" else (emb.val_features, emb.val_labels)
+    return slide_bags(feats, labels, idx["slide"].tolist())
+
+
+def num_classes_of(emb: Any) -> int:
+    return len(emb.classes) or int(max(emb.train_labels.max(), emb.val_labels.max())) + 1
+
+
+def fit_mil(emb: Any, *, epochs: int = 30, lr: float = 2e-4, weight_decay: float = 1e-5,
+            seed: int = 0) -> GatedAttentionMIL:
+    """The MIL head trained on one model's training-slide bags (`hsat.evaluate.Embeddings`)."""
+    return train_mil(_split_bags(emb, "train"), num_classes_of(emb), epochs=epochs, lr=lr,
+                     weight_decay=weight_decay, seed=seed)
+
+
+def mil_rows(emb: Any, info: dict[str, Any], *, model: GatedAttentionMIL | None = None, epochs: int = 30,
+             lr: float = 2e-4, weight_decay: float = 1e-5, seed: int = 0) -> pd.DataFrame:
+    """`MIL_COLUMNS` row of one model's embeddings, scored by `model` (trained here when None)."""
+    if model is None:
+        model = fit_mil(emb, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
+    val = _split_bags(emb, "val")
+    m = mil_metrics(predict_mil(model, val), np.array([y for _, _, y in val]), num_classes_of(emb))
+    row = {**info, "classifier": MIL_CLASSIFIER, "level": "slide", "n_slides": len(val), **m}
     return pd.DataFrame([row], columns=list(MIL_COLUMNS))
+
+
+def bag_chunks(slides: Sequence[str], max_patches: int) -> list[list[np.ndarray]]:
+    """Each slide's dataset positions (sorted slide order), grouped into chunks of whole slides
+    with at most `max_patches` patches (a larger slide is a chunk of its own)."""
+    slides = np.asarray([str(s) for s in slides])
+    chunks: list[list[np.ndarray]] = [[]]
+    size = 0
+    for slide in sorted(set(slides.tolist())):
+        idx = np.flatnonzero(slides == slide)
+        if chunks[-1] and size + len(idx) > max_patches:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(idx)
+        size += len(idx)
+    return [c for c in chunks if c]
+
+
+def _bag_probs(mil: GatedAttentionMIL, features: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    return torch.stack([torch.softmax(mil(f.float())[0], -1) for f in torch.split(features, list(sizes))])
+
+
+def craft_bags(model: nn.Module, mil: GatedAttentionMIL, x: torch.Tensor, sizes: Sequence[int],
+               bag_labels: torch.Tensor, spec: Any, clean_features: torch.Tensor,
+               generator: torch.Generator | None = None, autocast: Any = None) -> torch.Tensor:
+    """Adversarial patches of the bags in `x` (concatenated, `sizes` patches each) under `spec`
+    (`hsat.evaluate.sweep.AttackSpec`, objective in `MIL_OBJECTIVES`). The objective is summed
+    over bags, so a bag's perturbation does not depend on which bags share its chunk."""
+    import contextlib
+
+    from hsat import attacks
+
+    autocast = autocast or contextlib.nullcontext
+    if spec.objective == "abmil_ce":
+        def objective(xa: torch.Tensor) -> torch.Tensor:
+            feats = torch.split(model.forward_features(xa).float(), list(sizes))
+            return sum(F.cross_entropy(mil(f)[0][None], y[None], reduction="sum") for f, y in zip(feats, bag_labels))
+    elif spec.objective == "feature":
+        ref = F.normalize(clean_features.detach().float(), dim=1)
+
+        def objective(xa: torch.Tensor) -> torch.Tensor:
+            return (1.0 - (F.normalize(model.forward_features(xa).float(), dim=1) * ref).sum(1)).sum()
+    else:
+        raise HSATError(f"MIL attack objective {spec.objective!r}: expected one of {', '.join(MIL_OBJECTIVES)}")
+
+    def obj(xa: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            return objective(xa).float()
+
+    fn = attacks.ATTACKS[spec.attack.removesuffix("_r")]
+    kw = {"decay": 1.0} if spec.attack.startswith("mifgsm") else {}
+    return fn(x, obj, spec.eps / 255.0, spec.alpha / 255.0, spec.steps, random_start=spec.random_start,
+              generator=generator, **kw).detach()
+
+
+def mil_specs(cfg_eval: Mapping[str, Any], seed: int = 0) -> list[Any]:
+    """The bag attacks of `evaluation.mil` at the white-box sweep's eps, steps and alpha."""
+    from hsat.evaluate.sweep import AttackSpec, attack_name
+
+    wb, mcfg = cfg_eval["whitebox"], cfg_eval["mil"]
+    specs = [AttackSpec(attack_name(a, o) if o == "feature" else a, float(eps), int(wb["steps"]), o, float(wb["alpha"]), seed)
+             for a in mcfg["attacks"] for eps in wb["eps"] for o in mcfg["objectives"]]
+    return list(dict.fromkeys(specs))
+
+
+def _level_rows(probs: np.ndarray, labels: np.ndarray, patients: Sequence[str], num_classes: int,
+                fields: Mapping[str, Any]) -> list[dict[str, Any]]:
+    from hsat.evaluate.metrics import aggregate, classification_metrics
+
+    rows = []
+    for level, (scores, ys) in {"slide": (probs, labels),
+                                "patient": aggregate(probs, patients, labels)[:2]}.items():
+        m = classification_metrics(scores, ys, num_classes)
+        rows.append({**fields, "classifier": MIL_CLASSIFIER, "level": level,
+                     **{k: m[k] for k in ("acc", "mca", "top2", "top3", "map")}})
+    return rows
+
+
+def mil_whitebox_rows(model: nn.Module, mil: GatedAttentionMIL, val_dataset: Any, info: Mapping[str, Any],
+                      cfg_eval: Mapping[str, Any], device: str | torch.device = "cpu",
+                      seed: int = 0) -> pd.DataFrame:
+    """`whitebox.csv` rows (`WHITEBOX_COLUMNS`) of the ABMIL classifier: clean, every bag attack
+    of `mil_specs`, and the worst case per eps (a slide / patient counts only if correct under
+    every attack at that eps), at slide and patient level, on every validation slide."""
+    from hsat.evaluate.sweep import WHITEBOX_COLUMNS, eval_frozen
+    from hsat.evaluate.worst_case import WORST_CASE, WORST_CASE_OBJECTIVE, mean_class_accuracy, worst_case_correct
+    from hsat.precision import autocast_factory
+
+    device = torch.device(device)
+    autocast = autocast_factory(cfg_eval["attack_precision"], device)
+    specs = mil_specs(cfg_eval, seed)
+    gens = [torch.Generator(device=device).manual_seed(s.generator_seed) for s in specs]
+    mil = mil.to(device).eval()
+    num_classes = int(mil.classifier.out_features)
+    slides = val_dataset.rows["slide"].astype(str).tolist()
+    patients_of = dict(zip(slides, val_dataset.rows["patient"].astype(str).tolist()))
+    label_of = dict(zip(slides, np.asarray(val_dataset.labels).tolist()))
+    clean, adv = [], [[] for _ in specs]
+    order: list[str] = []
+    with eval_frozen(model, mil):
+        for chunk in bag_chunks(slides, int(cfg_eval["batch_size"])):
+            idx = np.concatenate(chunk)
+            x = torch.stack([val_dataset[int(i)]["image"] for i in idx]).to(device)
+            sizes = [len(c) for c in chunk]
+            names = [slides[int(c[0])] for c in chunk]
+            order += names
+            y = torch.tensor([label_of[n] for n in names], device=device)
+            with torch.no_grad():
+                f_clean = model.forward_features(x).float()
+                clean.append(_bag_probs(mil, f_clean, sizes).cpu())
+            for i, spec in enumerate(specs):
+                x_adv = craft_bags(model, mil, x, sizes, y, spec, f_clean, gens[i], autocast)
+                with torch.no_grad():
+                    adv[i].append(_bag_probs(mil, model.forward_features(x_adv).float(), sizes).cpu())
+    if not order:
+        raise HSATError("MIL: no validation slides to attack")
+    labels = np.array([label_of[n] for n in order])
+    patients = [patients_of[n] for n in order]
+    clean_p = torch.cat(clean).numpy()
+    adv_p = [torch.cat(a).numpy() for a in adv]
+    rows = _level_rows(clean_p, labels, patients, num_classes,
+                       {**info, "attack": "none", "eps": 0.0, "steps": 0, "objective": "none"})
+    for spec, probs in zip(specs, adv_p):
+        rows += _level_rows(probs, labels, patients, num_classes,
+                            {**info, "attack": spec.attack, "eps": spec.eps, "steps": spec.steps, "objective": spec.objective})
+    for eps in sorted({s.eps for s in specs}):
+        at_eps = [(s, p) for s, p in zip(specs, adv_p) if s.eps == eps]
+        score_list = [clean_p] + [p for _, p in at_eps]
+        for level, groups in (("slide", None), ("patient", patients)):
+            correct, ys = worst_case_correct(score_list, labels, groups, k=1)
+            top = {k: worst_case_correct(score_list, labels, groups, k=k)[0] for k in (2, 3)}
+            rows.append({**info, "attack": WORST_CASE, "eps": float(eps), "steps": max(s.steps for s, _ in at_eps),
+                         "objective": WORST_CASE_OBJECTIVE, "classifier": MIL_CLASSIFIER, "level": level,
+                         "acc": 100.0 * float(correct.mean()), "mca": mean_class_accuracy(correct, ys),
+                         "top2": 100.0 * float(top[2].mean()), "top3": 100.0 * float(top[3].mean()), "map": float("nan")})
+    return pd.DataFrame(rows, columns=list(WHITEBOX_COLUMNS))

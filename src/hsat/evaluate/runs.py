@@ -153,7 +153,10 @@ def sanity_report_run(per_model: Sequence[str | Path], whitebox: str | Path, tra
     """`hsat report sanity`: every model's checks plus the study-level ones -> results/sanity.csv."""
     cfg_eval = resolve_evaluation(study["evaluation"])
     frames = [read_tidy(p) for p in per_model]
-    frames.append(study_checks(read_tidy(whitebox), read_tidy(transfer), attacked_patch_count(manifest, cfg_eval), cfg_eval))
+    df_manifest = read_manifest(manifest)
+    n_slides = int(df_manifest.loc[df_manifest["split"] == "val", "slide"].nunique())
+    frames.append(study_checks(read_tidy(whitebox), read_tidy(transfer), attacked_patch_count(manifest, cfg_eval), cfg_eval,
+                               n_slides=n_slides))
     frames = [f for f in frames if not f.empty]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SANITY_COLUMNS))
     write_csv(out, df[list(SANITY_COLUMNS)] if not df.empty else df)
@@ -211,11 +214,27 @@ def language_run(run_dir, manifest, study: Mapping[str, Any], model_name: str, o
     return df
 
 
-def mil_run(emb_dir, study: Mapping[str, Any], model_name: str, out, seed: int = 0) -> pd.DataFrame:
-    """`hsat mil`: gated attention MIL on one model's frozen clean features -> one slide-level row."""
-    from hsat.evaluate.mil import mil_rows
+def mil_run(emb_dir, study: Mapping[str, Any], model_name: str, out, seed: int = 0, *, run_dir=None,
+            manifest=None, whitebox_out=None, head_out=None, device=None) -> pd.DataFrame:
+    """`hsat mil`: gated attention MIL on one model's frozen clean features -> one slide-level row
+    (`out`); with `run_dir`, `manifest` and `whitebox_out`, also the bag attacks through the
+    backbone and the head -> `whitebox.csv` rows (classifier abmil). `head_out` keeps the head."""
+    from hsat.evaluate.mil import fit_mil, mil_rows, mil_whitebox_rows, save_mil
 
     info = model_info(study, model_name)
-    df = mil_rows(load_embeddings(emb_dir), info, seed=seed)
+    cfg_eval = resolve_evaluation(study["evaluation"])
+    mcfg = cfg_eval["mil"]
+    emb = load_embeddings(emb_dir)
+    head = fit_mil(emb, epochs=mcfg["epochs"], lr=mcfg["lr"], weight_decay=mcfg["weight_decay"], seed=seed)
+    df = mil_rows(emb, info, model=head)
+    if whitebox_out is not None:
+        if run_dir is None or manifest is None:
+            raise HSATError("hsat mil: --whitebox needs --run and --manifest (the bags are attacked end to end)")
+        device = torch.device(device) if device else default_device()
+        model, emb, val_ds = load_for_eval(run_dir, manifest, emb_dir, study, device)
+        wb = mil_whitebox_rows(model, head, val_ds, info, cfg_eval, device=device, seed=seed)
+        write_csv(whitebox_out, wb)
+    if head_out is not None:
+        save_mil(head_out, head, {"model": model_name})
     write_csv(out, df)
     return df

@@ -21,7 +21,8 @@ Per model (`sanity_checks`, patch level):
   `linear_ce` and `knn_soft` crafted in bf16 must be as strong as the same PGD crafted in fp32
   (accuracy <= fp32 accuracy + noise), so low-precision gradients do not weaken the sweep.
 Per study (`study_checks`, from the result CSVs):
-- `above_clean`: no attack row of any model may exceed its clean accuracy by more than the noise;
+- `above_clean`: no attack row of any model may exceed its clean accuracy by more than the noise
+  (patch level; the ABMIL classifier's bag attacks at slide level, n = validation slides);
 - `whitebox_vs_transfer`: white-box accuracy <= transferred accuracy for the same target and eps.
 """
 
@@ -121,13 +122,14 @@ def check_precision(model: str, spec: AttackSpec, low_acc: float, fp32_acc: floa
                 f"acc crafted in {precision} <= acc crafted in fp32 ({fp32_acc:.2f}) + {z:g} SE ({tol:.2f})")
 
 
-def check_above_clean(whitebox: pd.DataFrame, n_patches: int, z: float) -> pd.DataFrame:
-    """Every model's patch accuracy under every attack row <= its clean accuracy + z SE.
+def check_above_clean(whitebox: pd.DataFrame, n_patches: int, z: float, level: str = "patch") -> pd.DataFrame:
+    """Every model's accuracy at `level` under every attack row <= its clean accuracy + z SE
+    (n_patches: how many examples each accuracy counts at that level).
 
     Above-clean accuracy under attack means the attack failed to find the worst case.
     """
     rows = []
-    wb = whitebox[whitebox["level"] == "patch"]
+    wb = whitebox[whitebox["level"] == level]
     for (model, clf), g in wb.groupby(["model", "classifier"], sort=True):
         clean = g.loc[g["attack"] == "none", "acc"]
         if clean.empty:
@@ -250,12 +252,18 @@ def sanity_checks(
     return df
 
 
-def study_checks(whitebox: pd.DataFrame, transfer: pd.DataFrame, n_patches: int, cfg_eval: Mapping[str, Any]) -> pd.DataFrame:
-    """The checks that need every model's results: `above_clean` and `whitebox_vs_transfer`."""
+def study_checks(whitebox: pd.DataFrame, transfer: pd.DataFrame, n_patches: int, cfg_eval: Mapping[str, Any],
+                 n_slides: int | None = None) -> pd.DataFrame:
+    """The checks that need every model's results: `above_clean` and `whitebox_vs_transfer`;
+    with `n_slides` (validation slides), `above_clean` also for the slide-level ABMIL rows."""
+    from hsat.evaluate.mil import MIL_CLASSIFIER
+
     z = float(resolve_evaluation(cfg_eval)["sanity"]["z"])
     parts = []
     if not whitebox.empty:
         parts.append(check_above_clean(whitebox, n_patches, z))
+        if n_slides:
+            parts.append(check_above_clean(whitebox[whitebox["classifier"] == MIL_CLASSIFIER], n_slides, z, level="slide"))
         if not transfer.empty:
             parts.append(check_whitebox_vs_transfer(whitebox, transfer, n_patches, z))
     parts = [p for p in parts if not p.empty]

@@ -61,7 +61,7 @@ HLSS_METHODS = methods_with_role("hlss")
 ROBUSTNESS_CLAIMS = (
     "whitebox_worst_case", "whitebox_pgd", "blackbox_contrast", "level_order_worst_case",
     "lmax_ablation", "reference_learnable", "reference_ceiling", "robust_hlss_worst_case", "robust_hlss_transfer",
-    "language_attack",
+    "language_attack", "vit_vs_cnn_baseline", "vit_vs_cnn_dino",
 )
 """Claims about robust accuracy: a failed sanity check of the attacks puts a caveat on each."""
 RULES = (
@@ -409,6 +409,54 @@ def hlss_claims(g: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[st
     return out
 
 
+VIT_PREFIXES = ("vit", "deit", "beit", "eva")
+
+
+def is_vit(backbone: Any) -> bool:
+    """A timm Vision Transformer name (vit_*, deit_*, beit_*, eva_*)."""
+    return str(backbone).lower().startswith(VIT_PREFIXES)
+
+
+def _backbone_arm(g: pd.DataFrame, method: str, key: str, attack: str, eps: float | None,
+                  seeds: Mapping[str, Any]) -> dict[str, Any]:
+    """A method's arm on some backbones, keyed `key` so two arms of one method can be compared."""
+    arm = _whitebox_arm(g, method, attack, eps, seeds)
+    backbones = sorted(set(g.loc[g["method"] == method, "backbone"].astype(str))) if not g.empty else []
+    arm["method"], arm["label"] = key, f"{method_label(method)} ({', '.join(backbones) or '–'})"
+    return arm
+
+
+def vit_cnn_claims(df: pd.DataFrame, seeds: Mapping[str, Any], baseline: str, worst_eps: float | None,
+                   setting: Mapping[str, Any], sets: Mapping[str, frozenset]) -> list[dict[str, Any]]:
+    """ViTs vs CNNs under the same attacks (Ghaffari Laleh et al. 2022), per group across
+    backbones: DINO on a ViT vs the baseline on a CNN, and vs DINO on a CNN (the architecture
+    alone). Empty when no DINO model has a ViT backbone. Models with fewer than 3 seeds are
+    judged against the 3-seed HSAT spread of the same group, as every ablation."""
+    if df.empty or "backbone" not in df:
+        return []
+    out = []
+    at_worst = dict(setting, attack=WORST_CASE, eps=worst_eps)
+    eps_text = f"eps {worst_eps:g}/255" if worst_eps is not None else "eps –"
+    for group, g in df.groupby("group", sort=True):
+        vit, cnn = g[g["backbone"].map(is_vit)], g[~g["backbone"].map(is_vit)]
+        dino_vit = _backbone_arm(vit, "dino", "dino_vit", WORST_CASE, worst_eps, seeds)
+        if not dino_vit["n"]:
+            continue
+        reference = _reference_sd(_whitebox_arm(cnn, "hsat", WORST_CASE, worst_eps, seeds))
+        for cid, other in (("vit_vs_cnn_baseline", _backbone_arm(cnn, baseline, f"{baseline}_cnn", WORST_CASE, worst_eps, seeds)),
+                           ("vit_vs_cnn_dino", _backbone_arm(cnn, "dino", "dino_cnn", WORST_CASE, worst_eps, seeds))):
+            c = _comparison(
+                cid, f"{dino_vit['label']}'s worst-case accuracy ({eps_text}) is higher than {other['label']}'s",
+                "ViTs far more robust than CNNs to white- and black-box attacks in computational pathology "
+                "(Ghaffari Laleh et al., Nat. Commun. 2022)",
+                dino_vit, other, group, "ViT vs CNN", reference=reference, spread_rule=True, **at_worst,
+            )
+            if worst_eps is None:
+                c["verdict"], c["reason"] = UNJUDGED, "no worst_case rows"
+            out.append(_same_attacks(c, [dino_vit, other], sets))
+    return out
+
+
 def language_claims(language: pd.DataFrame | None, seeds: Mapping[str, Any]) -> list[dict[str, Any]]:
     """What the marker-similarity figure shows, as claims: a sample lies nearest its own class's
     markers (zero-shot marker MCA above chance), and an attack moves HLSS's samples to other
@@ -561,6 +609,8 @@ def claims(
             out.append(c if missing else _same_attacks(c, [a, b], sets))
         out += hlss_claims(g, study_cfg, seeds, baseline, worst_eps, setting, group, backbone, transfer)
 
+    if whitebox is not None and not whitebox.empty:
+        out += vit_cnn_claims(df, seeds, baseline, worst_eps, setting, sets)
     out += language_claims(language, seeds)
 
     quality = attack_quality(sanity)

@@ -133,6 +133,9 @@ def _prepare_whitebox(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any],
     primary, objective = primary_setting(df, study_cfg)
     classifier = primary if classifier is None else classifier
     clean, worst = df["attack"] == "none", df["attack"] == WORST_CASE
+    own = df[(df["classifier"] == classifier) & ~clean & ~worst]["objective"]
+    if len(own) and not (own == objective).any():
+        objective = str(own.iloc[0])  # a classifier attacked under its own objectives only (abmil: abmil_ce)
     df = df[(df["classifier"] == classifier) & (clean | worst | (df["objective"] == objective))].copy()
     df["attack_raw"] = df["attack"]
     if objective in LABEL_FREE_OBJECTIVES:
