@@ -240,7 +240,7 @@ def report_outputs():
         + ([f"{RESULTS}/mil.csv"] if MIL_MODELS else [])
         + ([f"{RESULTS}/language.csv"] + [f"{RESULTS}/figures/language_similarity.{e}" for e in ("png", "pdf")]
            if LANGUAGE_MODELS else [])
-        + [f"{RESULTS}/figures/attention/attention_{m}.{ext}" for m in ATTENTION_MODELS for ext in ("png", "pdf")]
+        + ([f"{RESULTS}/figures/attention.{ext}" for ext in ("png", "pdf")] if ATTENTION_MODELS else [])
     )
 
 

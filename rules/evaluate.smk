@@ -120,16 +120,15 @@ rule mil:
 
 
 rule attention:
-    """A ViT model's last-block attention maps on validation patches (evaluation.attention)."""
+    """A ViT model's last-block attention maps on validation patches, clean and under attack
+    (evaluation.attention), stored for the figure rule."""
     input:
         model=f"{RESULTS}/runs/{{model}}/model.safetensors",
         manifest=MANIFEST,
     output:
-        png=f"{RESULTS}/figures/attention/attention_{{model}}.png",
-        pdf=f"{RESULTS}/figures/attention/attention_{{model}}.pdf",
+        f"{RESULTS}/attention/{{model}}.safetensors",
     params:
         run_dir=lambda wildcards: run_dir(wildcards.model),
-        out_dir=lambda wildcards, output: str(Path(output.png).parent),
         study=STUDY,
         per_class=EVAL["attention"]["patches_per_class"],
         settings=lambda wildcards: eval_settings("attention", wildcards),
@@ -143,7 +142,8 @@ rule attention:
         "../envs/hsat.yaml"
     shell:
         "OMP_NUM_THREADS={threads} hsat attention --run {params.run_dir} --manifest {input.manifest}"
-        " --study {params.study} --out-dir {params.out_dir} --patches-per-class {params.per_class} > {log} 2>&1"
+        " --study {params.study} --model {wildcards.model} --out {output}"
+        " --patches-per-class {params.per_class} > {log} 2>&1"
 
 
 rule language:

@@ -134,3 +134,23 @@ rule language_figure:
         "../envs/hsat.yaml"
     shell:
         "hsat report language --language {input} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule attention_figure:
+    """The ViT models' attention maps, clean and under attack, from the stored maps."""
+    input:
+        [f"{RESULTS}/attention/{m}.safetensors" for m in ATTENTION_MODELS],
+    output:
+        png=report(f"{RESULTS}/figures/attention.png", caption="../workflow/report/attention.rst", category="Figures"),
+        pdf=f"{RESULTS}/figures/attention.pdf",
+    params:
+        out_dir=lambda wildcards, output: str(Path(output.png).parent),
+        code=CODE_VERSION["report"],
+    log:
+        f"{RESULTS}/logs/report/attention_figure.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/attention_figure.tsv",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "hsat report attention --maps {input} --out-dir {params.out_dir} > {log} 2>&1"

@@ -146,3 +146,16 @@ def test_bench_config_reads_study_configs_and_refuses_bad_input(tmp_path):
         bench_mod._entry_config(bench_config(None), "resnet18@big")
     with pytest.raises(HSATError, match="repeats"):
         run_benchmark(TINY, repeats=0)
+
+
+def test_bench_times_robust_dino_through_its_objective():
+    """Any robust method is timed by the same step pretrain runs, with its own floor and naive
+    loop (DINO: teacher forward, local crops, EMA update in both)."""
+    cfg = bench_config(copy.deepcopy({**TINY, "method": {"name": "robust_dino", "dino": {"out_dim": 32, "hidden_dim": 16,
+                                                                                         "bottleneck_dim": 8}},
+                                      "data": {**TINY["data"], "local_crops": {"number": 2, "size": 8}}}))
+    out = bench_mod.bench_step(cfg, torch.device("cpu"), warmup=0, repeats=1)
+    for key in ("step_s", "floor_s", "naive_step_s", "ratio_to_floor", "ratio_to_naive"):
+        assert _positive_finite(out[key]), (key, out[key])
+    assert out["floor_s"] == pytest.approx(out["input_grad_passes_s"] + out["train_pass_s"])
+    assert out["images_per_step"] == 2 * 2 * 2 * 2 + 2 * 2 * 2 * 2  # global views + local crops

@@ -176,3 +176,32 @@ def test_cli_attention_draws_a_vit_runs_heads(tiny_manifest, tmp_path):
     cnn = pretrain(dino_cfg(tiny_manifest), tmp_path / "cnn")
     assert main(["attention", "--run", str(cnn), "--manifest", str(tiny_manifest), "--study", str(study),
                  "--out-dir", str(out)]) == 2
+
+
+def test_attention_maps_are_stored_clean_and_attacked_and_drawn_by_the_report(tiny_manifest, tmp_path):
+    from safetensors.torch import save_file
+
+    from hsat.cli import main
+    from hsat.evaluate.attention import read_attention_maps
+
+    cfg = dino_cfg(tiny_manifest)
+    cfg["model"] = {"backbone": "test_vit", "backbone_args": {"patch_size": 4}}
+    cfg["train"] = {"steps": 1, "log_every": 1, "checkpoint_every": 1}
+    run = pretrain(cfg, tmp_path / "vit")
+    study = tmp_path / "study.yaml"
+    study.write_text("models: {vit: {method: {name: dino}}}\nevaluation: {attention: {eps: 8}}\n")
+    maps = tmp_path / "attention" / "vit.safetensors"
+    assert main(["attention", "--run", str(run), "--manifest", str(tiny_manifest), "--study", str(study),
+                 "--model", "vit", "--out", str(maps)]) == 0
+    tensors, meta = read_attention_maps(maps)
+    assert meta["model"] == "vit" and meta["eps"] == 8 and meta["objective"] == "feature"
+    delta = (tensors["adv_images"] - tensors["images"]).abs()
+    assert float(delta.max()) <= 8 / 255 + 1e-6 and float(delta.mean()) > 1 / 255  # moved, within the ball
+    assert tensors["clean"].shape == tensors["adv"].shape and tensors["clean"].shape[0] == len(tensors["labels"])
+    assert float(tensors["clean"].flatten(2).sum(2).max()) <= 1 + 1e-5  # per head: attention mass on the patch tokens
+    figs = tmp_path / "figures"
+    assert main(["report", "attention", "--maps", str(maps), "--out-dir", str(figs)]) == 0
+    assert (figs / "attention.png").stat().st_size > 0 and (figs / "attention.pdf").is_file()
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    assert main(["report", "attention", "--maps", str(tmp_path / "other.safetensors"), "--out-dir", str(figs / "x")]) == 2
+    assert not (figs / "x").exists() or not any((figs / "x").iterdir())

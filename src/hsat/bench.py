@@ -282,8 +282,7 @@ def bench_step(cfg: Mapping[str, Any], device: torch.device, *, warmup: int = 2,
     from hsat.models import method_family
 
     if method_family(cfg["method"]["name"]) != "hidisc":
-        raise HSATError(f"hsat bench times the hierarchical-loss methods (HiDisc, HSAT and its variants); "
-                        f"method.name {cfg['method']['name']!r} is not one of them")
+        return bench_objective_step(cfg, device, warmup=warmup, repeats=repeats, seed=seed)
     torch.manual_seed(seed)
     model, fast, optimizer, autocast, _ = _setup(cfg, device)
     d, method, attack = cfg["data"], cfg["method"], cfg["attack"]
@@ -323,6 +322,105 @@ def bench_step(cfg: Mapping[str, Any], device: torch.device, *, warmup: int = 2,
         "ratio_to_floor": statistics.median(s / f for s, f in zip(times["step"], floors)),
         "ratio_to_naive": statistics.median(s / n for s, n in zip(times["step"], times["naive"])),
         "images_per_step": math.prod(shape),
+        "times_s": times,
+    }
+
+
+def bench_objective_step(cfg: Mapping[str, Any], device: torch.device, *, warmup: int = 2, repeats: int = 5,
+                         seed: int = 0) -> dict[str, Any]:
+    """`bench_step` for any robust method through its objective (robust DINO, robust HLSS): the
+    same step `pretrain` runs, against the same kind of floor and naive loop.
+
+    floor = the method's per-step work that no attack implementation can avoid (its `begin_step`,
+    DINO: the teacher's forward of the clean global crops; the encoder update on the adversarial
+    views, local crops included; its `after_step`, DINO: the EMA teacher and center) plus
+    `attack.steps` bare input-gradient passes of its attack loss; naive = the same step with an
+    attack that calls `loss.backward()` into every parameter at each attack step.
+    """
+    from hsat.methods import build_objective
+
+    torch.manual_seed(seed)
+    model, fast, optimizer, autocast, _ = _setup(cfg, device)
+    d, method, attack = cfg["data"], cfg["method"], cfg["attack"]
+    objective = build_objective(method)
+    objective.setup(model, int(cfg["train"]["steps"]))
+    objective.init_model(model)
+    shape = (d["patients_per_batch"], d["num_slide_samples"], d["num_patch_samples"], d["num_transforms"])
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(*shape, 3, d["image_size"], d["image_size"], generator=g).to(device)
+    n_local, local_size = int(d["local_crops"]["number"]), int(d["local_crops"]["size"])
+    local = (torch.rand(*shape[:3], n_local, 3, local_size, local_size, generator=g).to(device) if n_local else None)
+    labels = torch.arange(shape[0], device=device) % max(int(cfg["model"]["num_classes"] or 1), 1)
+    x = images.flatten(0, 3)
+    local_x = local.flatten(0, 3) if local is not None else None
+    local_shape = tuple(local.shape[:4]) if local is not None else None
+    eps = float(attack["eps"])
+    x_adv = (x + (2 * torch.rand_like(x) - 1) * eps / 255).clamp(0, 1)
+    grad_clip = cfg["optim"]["grad_clip"]
+    begin_kw = dict(step=0, embed=embed_views, autocast=autocast, local=local_x, local_shape=local_shape)
+    update_kw = dict(method=method, clean_weight=float(attack["clean_weight"]), adv_weight=1.0,
+                     separate_forward=attack["forward"] == "separate", net=fast, autocast=autocast,
+                     grad_clip=grad_clip, objective=objective)
+    x_clean = None if attack["only_adversarial"] else x
+    attack_labels = labels if objective.uses_labels else None
+
+    def gen() -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def step() -> None:
+        hsat_step(model, optimizer, images, method=method, attack=attack, eps=eps,
+                  clean_weight=float(attack["clean_weight"]), generator=gen(), fast=fast, autocast=autocast,
+                  channels_last=cfg["channels_last"], grad_clip=grad_clip, labels=labels, objective=objective,
+                  local=local, step=0)
+
+    def input_grads() -> None:
+        # The step's targets as the first begin_step left them (the other variants' after_step
+        # clears them): restored without recomputing, so this part times input gradients only.
+        for part, state in ready:
+            part.__dict__.update(state)
+        with frozen(model), attack_mode(model, attack["bn_mode"]):
+            for _ in range(int(attack["steps"])):
+                xg = x.detach().requires_grad_(True)
+                (z,) = embed_views(fast, xg, shape, autocast, objective.output)
+                torch.autograd.grad(objective.attack_loss_of(z, attack_labels), xg)
+
+    def train_pass() -> None:
+        objective.begin_step(model, x, shape, **begin_kw)
+        encoder_update(model, optimizer, x_clean, x_adv, shape, labels=labels, **update_kw)
+        objective.after_step(model)
+
+    def naive() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        objective.begin_step(model, x, shape, **begin_kw)
+        xa = x.detach()
+        if attack["random_start"]:
+            xa = (xa + (2 * torch.rand(x.shape, generator=gen(), device=device) - 1) * eps / 255).clamp(0, 1)
+        with attack_mode(model, attack["bn_mode"]):
+            for _ in range(int(attack["steps"])):
+                xa = xa.detach().requires_grad_(True)
+                (z,) = embed_views(fast, xa, shape, autocast, objective.output)
+                objective.attack_loss_of(z, attack_labels).backward()
+                xa = xa.detach() + attack["alpha"] / 255 * xa.grad.sign()
+                xa = (x + (xa - x).clamp(-eps / 255, eps / 255)).clamp(0, 1)
+                optimizer.zero_grad(set_to_none=True)
+        encoder_update(model, optimizer, x_clean, xa.detach(), shape, labels=labels, **update_kw)
+        objective.after_step(model)
+
+    objective.begin_step(model, x, shape, **begin_kw)  # the attack loss needs the step's targets
+    ready = [(part, dict(part.__dict__)) for part in (objective, getattr(objective, "inner", None)) if part is not None]
+    times = time_interleaved({"step": step, "input_grads": input_grads, "train_pass": train_pass, "naive": naive},
+                             warmup=warmup, repeats=repeats, device=device)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    floors = [a + b for a, b in zip(times["input_grads"], times["train_pass"])]
+    return {
+        "step_s": med["step"],
+        "floor_s": statistics.median(floors),
+        "input_grad_passes_s": med["input_grads"],
+        "train_pass_s": med["train_pass"],
+        "naive_step_s": med["naive"],
+        "ratio_to_floor": statistics.median(s / f for s, f in zip(times["step"], floors)),
+        "ratio_to_naive": statistics.median(s / n for s, n in zip(times["step"], times["naive"])),
+        "images_per_step": math.prod(shape) + (math.prod(local.shape[:4]) if local is not None else 0),
         "times_s": times,
     }
 

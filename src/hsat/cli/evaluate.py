@@ -65,7 +65,8 @@ def _transfer_evaluate(args: argparse.Namespace) -> int:
 def _attention(args: argparse.Namespace) -> int:
     from hsat.evaluate import attention_run
 
-    paths = attention_run(args.run, args.manifest, _study(args), args.out_dir, args.patches_per_class)
+    paths = attention_run(args.run, args.manifest, _study(args), args.out_dir, args.patches_per_class, out=args.out,
+                          model_name=args.model)
     log.info("attention maps written to %s", ", ".join(str(p) for p in paths))
     return 0
 
@@ -122,7 +123,9 @@ def add_parsers(subparsers) -> None:
 
     p = subparsers.add_parser("attention", help="a ViT run's last-block class-token attention, per head, on validation patches (figure)")
     _common(p, embeddings=False, model=False)
-    p.add_argument("--out-dir", required=True, metavar="DIR", help="writes attention_<run>.png and .pdf here")
+    p.add_argument("--out", metavar="MAPS.safetensors", help="the maps, clean and under attack, for `hsat report attention`")
+    p.add_argument("--out-dir", metavar="DIR", help="draws attention_<run>.png and .pdf (clean) here now")
+    p.add_argument("--model", metavar="NAME", help="the model's name in the study (default: the run folder's)")
     p.add_argument("--patches-per-class", type=int, default=1, metavar="N")
     p.set_defaults(func=_attention)
 

@@ -42,6 +42,15 @@ def _sanity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attention(args: argparse.Namespace) -> int:
+    from hsat.evaluate.attention import read_attention_maps
+    from hsat.report.figures import attention_figure, save_figure
+
+    paths = save_figure(attention_figure([read_attention_maps(p) for p in args.maps]), args.out_dir, "attention")
+    print("attention maps ->", ", ".join(str(p) for p in paths))
+    return 0
+
+
 def _figures(args: argparse.Namespace) -> int:
     from hsat.report import read_tidy
     from hsat.report.figures import write_figures
@@ -80,6 +89,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     lg.add_argument("--language", required=True, help="results/language.csv (hsat language, collected)")
     lg.add_argument("--out-dir", required=True, help="writes language_similarity.png and .pdf here")
     lg.set_defaults(func=_language)
+
+    a = verbs.add_parser("attention", help="the ViT models' attention maps, clean and under attack, from stored maps")
+    a.add_argument("--maps", nargs="*", default=[], help="files of `hsat attention --out` (one per model)")
+    a.add_argument("--out-dir", required=True, help="writes attention.png and .pdf here")
+    a.set_defaults(func=_attention)
 
     t = verbs.add_parser("tables", help="Tables 1-4 as CSV, Markdown and LaTeX")
     t.add_argument("--study", "--config", dest="study", required=True, help="study config (YAML; --config: the old name)")

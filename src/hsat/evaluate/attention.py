@@ -56,3 +56,51 @@ def cls_attention_maps(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if maps.shape[-1] != gh * gw:
         raise HSATError(f"attention over {maps.shape[-1]} patch tokens does not match a {gh} x {gw} grid")
     return maps.reshape(*maps.shape[:2], gh, gw)
+
+
+def attention_under_attack(model: nn.Module, x: torch.Tensor, eps: float, alpha: float, steps: int,
+                           seed: int = 0) -> dict[str, torch.Tensor]:
+    """Class-token maps of `x` clean and under PGD on the feature objective (from a random start,
+    eps/alpha in 1/255): {"images", "adv_images", "clean", "adv"} (maps (N, heads, gh, gw))."""
+    from hsat.evaluate.sweep import AttackSpec, craft_batch, eval_frozen
+
+    spec = AttackSpec("pgd", float(eps), int(steps), "feature", float(alpha), seed)
+    with eval_frozen(model):
+        with torch.no_grad():
+            f_clean = model.forward_features(x)
+        x_adv = craft_batch(model, None, x, torch.zeros(len(x), dtype=torch.long, device=x.device), spec, f_clean,
+                            torch.Generator(device=x.device).manual_seed(spec.generator_seed))
+    return {"images": x.float().cpu(), "adv_images": x_adv.float().cpu(),
+            "clean": cls_attention_maps(model, x).float().cpu(), "adv": cls_attention_maps(model, x_adv).float().cpu()}
+
+
+def write_attention_maps(path, maps: dict[str, torch.Tensor], labels: torch.Tensor, meta: dict) -> None:
+    """Maps, images and labels as one safetensors file (metadata: JSON of `meta`), atomically."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from hsat.io import atomic_path
+
+    tensors = {**{k: v.contiguous() for k, v in maps.items()}, "labels": labels.long().cpu().contiguous()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta, sort_keys=True)})
+
+
+def read_attention_maps(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of `write_attention_maps`; a file of another kind is an error naming it."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})["meta"])
+        tensors = load_file(str(path))
+    except (OSError, KeyError, ValueError) as e:
+        raise HSATError(f"{path}: not an attention-map file of hsat attention ({e})") from e
+    missing = {"images", "adv_images", "clean", "adv", "labels"} - set(tensors)
+    if missing:
+        raise HSATError(f"{path}: attention-map file lacks {sorted(missing)}")
+    return tensors, meta

@@ -163,14 +163,19 @@ def sanity_report_run(per_model: Sequence[str | Path], whitebox: str | Path, tra
     return df
 
 
-def attention_run(run_dir, manifest, study: Mapping[str, Any], out_dir, patches_per_class: int = 1,
-                  device=None) -> list[Path]:
+def attention_run(run_dir, manifest, study: Mapping[str, Any], out_dir=None, patches_per_class: int = 1,
+                  device=None, out=None, model_name: str | None = None) -> list[Path]:
     """`hsat attention`: the last block's class-token attention of a ViT run on validation
-    patches (the first `patches_per_class` of each class), as attention_<run>.png/.pdf."""
-    from hsat.evaluate.attention import cls_attention_maps
+    patches (the first `patches_per_class` of each class), clean and under PGD on the feature
+    objective (`evaluation.attention.eps`, the white-box steps and alpha). `out`: the maps as
+    safetensors (what the report rule draws); `out_dir`: attention_<run>.png/.pdf drawn now."""
+    from hsat.evaluate.attention import attention_under_attack, write_attention_maps
     from hsat.report.figures import attention_maps_figure, save_figure
 
+    if out is None and out_dir is None:
+        raise HSATError("hsat attention: give --out MAPS.safetensors and/or --out-dir DIR")
     device = torch.device(device) if device else default_device()
+    cfg_eval = resolve_evaluation(study["evaluation"])
     size = eval_image_size(study, run_dir)
     (val_ds,), classes = datasets(manifest, size, ("val",), run_dir)
     model = load_trained_model(run_dir, device=device)
@@ -179,10 +184,21 @@ def attention_run(run_dir, manifest, study: Mapping[str, Any], out_dir, patches_
     if not chosen:
         raise HSATError(f"{manifest}: no validation patches to draw attention maps of")
     x = torch.stack([val_ds[i]["image"] for i in chosen]).to(device)
-    maps = cls_attention_maps(model, x).float().cpu().numpy()
-    images = x.permute(0, 2, 3, 1).float().cpu().numpy().clip(0, 1)
-    titles = [classes[labels[i]] for i in chosen]
-    return save_figure(attention_maps_figure(images, maps, titles), out_dir, f"attention_{Path(run_dir).name}")
+    wb = cfg_eval["whitebox"]
+    maps = attention_under_attack(model, x, cfg_eval["attention"]["eps"], wb["alpha"], wb["steps"])
+    paths = []
+    name = model_name or Path(run_dir).name
+    if out is not None:
+        meta = {"model": name, "classes": list(classes), "eps": float(cfg_eval["attention"]["eps"]),
+                "steps": int(wb["steps"]), "attack": "pgd", "objective": "feature"}
+        write_attention_maps(out, maps, torch.tensor([labels[i] for i in chosen]), meta)
+        paths.append(Path(out))
+    if out_dir is not None:
+        images = maps["images"].permute(0, 2, 3, 1).numpy().clip(0, 1)
+        titles = [classes[labels[i]] for i in chosen]
+        paths += save_figure(attention_maps_figure(images, maps["clean"].numpy(), titles), out_dir,
+                             f"attention_{Path(run_dir).name}")
+    return paths
 
 
 def language_run(run_dir, manifest, study: Mapping[str, Any], model_name: str, out, device=None,

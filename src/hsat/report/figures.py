@@ -11,7 +11,7 @@ import logging
 import math
 import textwrap
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -404,6 +404,52 @@ def attention_maps_figure(images: np.ndarray, maps: np.ndarray, titles: list[str
     for ax in axes.flat:
         ax.set_axis_off()
     fig.suptitle("Last-block attention from the class token", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def attention_figure(entries: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> plt.Figure:
+    """Every model's last-block class-token attention, clean and under attack, from stored maps
+    (`hsat.evaluate.attention.read_attention_maps`: (tensors, meta) per model). Columns are the
+    validation patches (one per class); per model and condition, a row of the images, then one
+    row per head with its map upsampled over the patch."""
+    if not entries:
+        return _no_data("Attention maps", "no ViT models with stored attention maps")
+    blocks = []
+    for tensors, meta in entries:
+        eps = meta.get("eps", 0)
+        for key, image_key, label in (("clean", "images", "clean"),
+                                      ("adv", "adv_images", f"{str(meta.get('attack', 'pgd')).upper()} {eps:g}/255")):
+            blocks.append((str(meta.get("model", "?")), label, np.asarray(tensors[image_key]).transpose(0, 2, 3, 1).clip(0, 1),
+                           np.asarray(tensors[key])))
+    n = max(b[2].shape[0] for b in blocks)
+    rows = sum(1 + b[3].shape[1] for b in blocks)
+    fig, axes = plt.subplots(rows, n, figsize=(1.05 * n + 1.6, 1.05 * rows), squeeze=False)
+    classes = entries[0][1].get("classes", [])
+    labels = np.asarray(entries[0][0]["labels"]).tolist()
+    r = 0
+    for model, label, images, maps in blocks:
+        for i in range(n):
+            ax = axes[r, i]
+            if i < len(images):
+                ax.imshow(images[i])
+                if r == 0 and i < len(labels) and labels[i] < len(classes):
+                    ax.set_title(_short(classes[labels[i]], 12, 1), fontsize=7)
+        axes[r, 0].text(-0.15, 0.5, f"{model}\n{label}", transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=7)
+        for h in range(maps.shape[1]):
+            for i in range(min(n, len(images))):
+                m = maps[i, h]
+                ax = axes[r + 1 + h, i]
+                ax.imshow(images[i], alpha=0.35)
+                ax.imshow(m / max(float(m.max()), 1e-12), cmap="inferno", alpha=0.75, interpolation="nearest",
+                          extent=(-0.5, images.shape[2] - 0.5, images.shape[1] - 0.5, -0.5))
+            axes[r + 1 + h, 0].text(-0.15, 0.5, f"head {h + 1}", transform=axes[r + 1 + h, 0].transAxes, ha="right",
+                                    va="center", fontsize=7)
+        r += 1 + maps.shape[1]
+    for ax in axes.flat:
+        ax.set_axis_off()
+    fig.suptitle("Last-block attention from the class token, clean and under attack (each map scaled to its maximum)",
+                 fontsize=8)
     fig.tight_layout()
     return fig
 
