@@ -429,16 +429,20 @@ def bench_data(cfg: Mapping[str, Any], manifest: Path, device: torch.device, *, 
                steps: int = 6, warmup: int = 2) -> dict[str, Any]:
     """Fraction of step time blocked in next(loader) in a pretrain-like loop on the real loader."""
     from hsat.config import deep_merge
+    from hsat.methods import build_objective
     from hsat.train import training_loader
 
     run = deep_merge(cfg, {"data": {"manifest": str(manifest), "num_workers": int(num_workers)},
                            "train": {"steps": warmup + steps}})
     torch.manual_seed(int(run["seed"]))
     model, fast, optimizer, autocast, _ = _setup(run, device)
+    objective = build_objective(run["method"])  # one per run, as pretrain keeps it (DINO's teacher)
+    objective.setup(model, warmup + steps)
+    objective.init_model(model)
     loader = training_loader(run, pin_memory=device.type == "cuda")
     kw = dict(method=run["method"], attack=run["attack"], eps=float(run["attack"]["eps"]),
               clean_weight=float(run["attack"]["clean_weight"]), fast=fast, autocast=autocast,
-              channels_last=run["channels_last"], grad_clip=run["optim"]["grad_clip"])
+              channels_last=run["channels_last"], grad_clip=run["optim"]["grad_clip"], objective=objective)
     waits, totals = [], []
     it = iter(loader)
     try:
@@ -447,7 +451,9 @@ def bench_data(cfg: Mapping[str, Any], manifest: Path, device: torch.device, *, 
             batch = next(it)
             t1 = time.perf_counter()
             images = batch["images"].to(device, non_blocking=True)
-            hsat_step(model, optimizer, images, generator=torch.Generator(device=device).manual_seed(i), **kw)
+            local = batch["local_images"].to(device, non_blocking=True) if "local_images" in batch else None
+            hsat_step(model, optimizer, images, generator=torch.Generator(device=device).manual_seed(i),
+                      labels=batch["label"].to(device), local=local, step=i, **kw)
             _sync(device)
             t2 = time.perf_counter()
             if i >= warmup:
