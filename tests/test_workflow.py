@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -120,11 +121,14 @@ def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(workdir):
     for i in range(1, 6):
         for ext in ("csv", "md", "tex"):
             assert (res / "tables" / f"table{i}.{ext}").stat().st_size > 0
-    for name in ("robust_accuracy", "transfer_heatmap", "training_curves", "embedding_map", "attack_steps"):
+    for name in ("robust_accuracy", "transfer_heatmap", "training_curves", "embedding_map", "attack_steps", "attention"):
         assert (res / "figures" / f"{name}.png").is_file() and (res / "figures" / f"{name}.pdf").is_file()
     t1 = (res / "tables" / "table1.csv").read_text()
     assert "HiDisc" in t1 and "HSAT" in t1
     assert "groups" in (res / "metrics.json").read_text()
+    wb = pd.read_csv(res / "whitebox.csv")
+    assert {"dino", "robust_dino"} <= set(wb["model"]) and set(wb.loc[wb["classifier"] == "abmil", "model"]) == {"hsat", "dino"}
+    assert "vit_vs_cnn_baseline" in (res / "claims.md").read_text()
 
     status = run("status")
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout

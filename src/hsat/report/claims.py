@@ -409,12 +409,13 @@ def hlss_claims(g: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[st
     return out
 
 
-VIT_PREFIXES = ("vit", "deit", "beit", "eva")
+VIT_TOKENS = frozenset({"vit", "deit", "deit3", "beit", "eva", "eva02"})
 
 
 def is_vit(backbone: Any) -> bool:
-    """A timm Vision Transformer name (vit_*, deit_*, beit_*, eva_*)."""
-    return str(backbone).lower().startswith(VIT_PREFIXES)
+    """A timm Vision Transformer name: one of its `_`-separated parts is vit, deit, beit or eva
+    (vit_small_patch16_224, deit3_base_patch16_224, test_vit; not the hybrid maxvit)."""
+    return any(part in VIT_TOKENS for part in str(backbone).lower().split("_"))
 
 
 def _backbone_arm(g: pd.DataFrame, method: str, key: str, attack: str, eps: float | None,
