@@ -252,3 +252,25 @@ def test_folded_batch_norm_is_the_same_function_and_gradient():
     # A model still training is left alone (folding freezes the statistics).
     training = build_model("test_resnet", head_hidden=(16,), embed_dim=8)
     assert fold_batch_norm(training).backbone is training.backbone
+
+
+def test_attention_kernel_choice_is_the_same_function_and_gradient():
+    """The unfused attention picked for CPU bf16 computes what the fused kernel does."""
+    import copy
+
+    from hsat.models import choose_attention_kernel
+
+    torch.manual_seed(0)
+    fused = build_model("test_vit", head_hidden=(16,), embed_dim=8, image_size=32).eval()
+    explicit = copy.deepcopy(fused)
+    assert choose_attention_kernel(fused, "cpu", "fp32") > 0
+    n = choose_attention_kernel(explicit, "cpu", "bf16")
+    attn = [m for m in explicit.modules() if hasattr(m, "fused_attn")]
+    assert n == len(attn) > 0 and not any(m.fused_attn for m in attn)
+    assert all(m.fused_attn for m in fused.modules() if hasattr(m, "fused_attn"))
+    x = torch.rand(4, 3, 32, 32, requires_grad=True)
+    g1, = torch.autograd.grad(fused.forward_features(x).sum(), x)
+    g2, = torch.autograd.grad(explicit.forward_features(x).sum(), x)
+    assert torch.allclose(fused.forward_features(x), explicit.forward_features(x), atol=1e-5)
+    assert torch.allclose(g1, g2, atol=1e-5)
+    assert choose_attention_kernel(build_model("test_resnet", head_hidden=(16,), embed_dim=8), "cpu", "bf16") == 0

@@ -260,11 +260,12 @@ def _entry_config(cfg: Mapping[str, Any], extra: str) -> dict[str, Any]:
 
 def _setup(cfg: Mapping[str, Any], device: torch.device):
     """Model (on device, channels_last, compiled as configured), optimiser, autocast factory."""
-    from hsat.models import model_from_config
+    from hsat.models import choose_attention_kernel, model_from_config
 
     model = model_from_config(cfg).to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    choose_attention_kernel(model, device, cfg["precision"])
     fast = torch.compile(model) if cfg["compile"] else model
     use_bf16 = effective_precision(cfg["precision"], device) == "bf16"
     autocast = autocast_factory(cfg["precision"], device)

@@ -397,11 +397,31 @@ def fold_batch_norm(model: HSATModel) -> HSATModel:
     return model
 
 
+def choose_attention_kernel(model: nn.Module, device: str | torch.device, precision: str) -> int:
+    """Set every timm attention module's kernel for where and how the model will run.
+
+    On the CPU under bf16 autocast the explicit softmax(QK^T)V is 1.3-2x faster forward+backward
+    than PyTorch's fused CPU flash kernel (ViT-Tiny/Small, 17-197 tokens; docs/performance.md);
+    in fp32 and on GPUs the fused kernel is kept. Both compute the same function. Returns how many
+    modules were set (0 for CNNs)."""
+    from hsat.precision import effective_precision
+
+    device = torch.device(device)
+    fused = not (device.type == "cpu" and effective_precision(precision, device) == "bf16")
+    n = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "fused_attn", None), bool):
+            module.fused_attn = fused
+            n += 1
+    return n
+
+
 def load_trained_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
-                       fold_bn: bool = False) -> HSATModel:
+                       fold_bn: bool = False, precision: str = "fp32") -> HSATModel:
     """Rebuild a trained encoder from RUN_DIR/config.yaml and RUN_DIR/model.safetensors (eval mode).
 
-    `fold_bn`: fold batch norms into the convolutions (`fold_batch_norm`), for evaluation only."""
+    `fold_bn`: fold batch norms into the convolutions (`fold_batch_norm`), for evaluation only;
+    `precision`: the precision its attacks run in (picks the attention kernel)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -431,5 +451,6 @@ def load_trained_model(run_dir: str | os.PathLike, device: str | torch.device = 
     model = model.to(device).eval()
     if fold_bn:
         model = fold_batch_norm(model)
+    choose_attention_kernel(model, device, precision)
     # Evaluation runs the model in the memory format it was trained in (faster convolutions).
     return model.to(memory_format=torch.channels_last) if cfg.get("channels_last") else model

@@ -56,7 +56,7 @@ import yaml
 from hsat.distributed import convert_sync_batchnorm, gather_with_grad, init_distributed, wrap_ddp
 from hsat.errors import HSATError
 from hsat.io import atomic_path, write_text, write_yaml
-from hsat.models import model_from_config, save_weights, unwrap
+from hsat.models import choose_attention_kernel, model_from_config, save_weights, unwrap
 from hsat.precision import autocast_factory, effective_precision, safe_precision
 from hsat.methods import Objective, Robust, build_objective
 from hsat.progress import TrainingLive, progress_line
@@ -618,6 +618,7 @@ def pretrain(
                     "(%s at %s px); %s", ", ".join(unsafe[:3]), "/".join(map(str, sizes)),
                     "training in fp32 (precision: auto)" if precision == "fp32" else "precision: bf16 was asked for, kept")
     autocast = autocast_factory(precision, device)
+    choose_attention_kernel(model, device, precision)  # before DINO's teacher is copied from it
     if world > 1 and cfg["model"]["sync_bn"]:
         model = convert_sync_batchnorm(model, device)
     fast = torch.compile(model) if cfg["compile"] else model  # what the attack calls

@@ -107,7 +107,8 @@ def load_for_eval(run_dir, manifest, emb_dir, study: Mapping[str, Any], device):
     if emb.classes and emb.classes != classes:
         raise HSATError(f"{emb_dir}: classes {emb.classes} differ from {manifest}'s {classes}")
     check_val_matches(emb, val_ds, emb_dir, manifest)
-    model = load_trained_model(run_dir, device=device, fold_bn=True)
+    model = load_trained_model(run_dir, device=device, fold_bn=True,
+                               precision=resolve_evaluation(study["evaluation"])["attack_precision"])
     return model, emb, val_ds
 
 
@@ -178,7 +179,7 @@ def attention_run(run_dir, manifest, study: Mapping[str, Any], out_dir=None, pat
     cfg_eval = resolve_evaluation(study["evaluation"])
     size = eval_image_size(study, run_dir)
     (val_ds,), classes = datasets(manifest, size, ("val",), run_dir)
-    model = load_trained_model(run_dir, device=device)
+    model = load_trained_model(run_dir, device=device, precision=cfg_eval["attack_precision"])
     labels = [int(val_ds[i]["label"]) for i in range(len(val_ds))]
     chosen = [i for c in range(len(classes)) for i in [j for j, y in enumerate(labels) if y == c][:patches_per_class]]
     if not chosen:
@@ -223,7 +224,7 @@ def language_run(run_dir, manifest, study: Mapping[str, Any], model_name: str, o
         raise HSATError(f"{manifest}: no validation patches")
     x = torch.stack([val_ds[i]["image"] for i in chosen]).to(device)
     y = torch.tensor([labels[i] for i in chosen], device=device)
-    model = load_trained_model(run_dir, device=device)
+    model = load_trained_model(run_dir, device=device, precision=resolve_evaluation(study["evaluation"])["attack_precision"])
     df = language_rows(model, x, y, emb.markers, emb.marker_classes, emb.marker_names, classes, lcfg,
                        model_info(study, model_name), generator=torch.Generator(device=device).manual_seed(seed))
     write_csv(out, df)
