@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import hsat
+from hsat.backbones import is_vit
 from hsat.config import resolve_study, run_config_for_model
 from hsat.errors import HSATError
 from hsat.io import write_yaml
@@ -150,6 +151,7 @@ def eval_settings(stage, wildcards=None):
         "sanity": {"transfer"} | extras,
         "transfer": {"sanity"} | extras,
         "mil": {"transfer", "sanity"} | extras - {"mil"},  # the bag attacks use whitebox eps, steps, alpha
+        "evaluate+mil": {"transfer", "sanity"} | extras - {"mil"},
         "attention": {"whitebox", "transfer", "sanity"} | extras - {"attention"},
         "language": {"whitebox", "transfer", "sanity"} | extras - {"language"},
     }[stage]
@@ -172,7 +174,12 @@ TRANSFER_MODELS = _subset(EVAL["transfer"]["models"]) if EVAL["transfer"]["enabl
 _subset(EVAL["whitebox"]["autoattack"]["models"])  # names checked; empty = every model
 MIL_MODELS = _subset(EVAL["mil"]["models"]) if EVAL["mil"]["enabled"] else []
 MIL_ATTACK = bool(MIL_MODELS) and EVAL["mil"]["attack"]
-ATTENTION_MODELS = _subset(EVAL["attention"]["models"]) if EVAL["attention"]["enabled"] else []
+VIT_MODELS = [m for m in MODELS if is_vit(RUN_CONFIGS[m]["model"]["backbone"])]
+_ATTENTION = _subset(EVAL["attention"]["models"]) if EVAL["attention"]["models"] else VIT_MODELS
+if set(_ATTENTION) - set(VIT_MODELS):
+    config_error(f"{_CONFIG_SOURCE}: evaluation.attention.models lists model(s) without a ViT backbone: "
+                 f"{sorted(set(_ATTENTION) - set(VIT_MODELS))}")
+ATTENTION_MODELS = _ATTENTION if EVAL["attention"]["enabled"] else []
 HLSS_MODELS = [m for m in MODELS if RUN_CONFIGS[m]["method"].get("hlss")]
 LANGUAGE_MODELS = ([m for m in _subset(EVAL["language"]["models"]) if m in HLSS_MODELS]
                    if EVAL["language"]["enabled"] else [])
@@ -182,6 +189,28 @@ if set(EVAL["language"]["models"]) - set(HLSS_MODELS):
 TRANSFER_PAIRS = [(s, t) for s in TRANSFER_MODELS for t in TRANSFER_MODELS if s != t]
 TRANSFER_TARGETS = [t for t in TRANSFER_MODELS if len(TRANSFER_MODELS) > 1]
 
+
+# Rule evaluate chains embed, the sweep and (when it covers every model) MIL in one process per
+# model: the verbs stay separate, but the 5-7 s of imports are paid once per model.
+EMBED_OUT = {
+    "features": f"{RESULTS}/embeddings/{{model}}/features.safetensors",
+    "index": f"{RESULTS}/embeddings/{{model}}/index.csv",
+    "probe": f"{RESULTS}/embeddings/{{model}}/probe.safetensors",
+    "meta": f"{RESULTS}/embeddings/{{model}}/meta.json",
+}
+MIL_OUT = {
+    "mil_csv": f"{RESULTS}/mil/{{model}}.csv",
+    "mil_head": f"{RESULTS}/mil/{{model}}.safetensors",
+    **({"mil_whitebox": f"{RESULTS}/whitebox_abmil/{{model}}.csv"} if MIL_ATTACK else {}),
+}
+MIL_IN_EVALUATE = bool(MIL_MODELS) and set(MIL_MODELS) == set(MODELS)
+
+
+def mil_command(wildcards, output, emb_dir, run, manifest):
+    """The `hsat mil` arguments of one model (its outputs named as in the rule)."""
+    attack = f" --run {run} --manifest {manifest} --whitebox {output.mil_whitebox}" if MIL_ATTACK else ""
+    return (f"mil --embeddings {emb_dir} --study {STUDY} --model {wildcards.model}"
+            f" --out {output.mil_csv} --head {output.mil_head}{attack}")
 
 def transfer_surrogates(target):
     """The surrogates whose stored examples a target scores: every other transfer model."""

@@ -1,48 +1,26 @@
-# Per model: clean embeddings + linear probe (once), the white-box sweep, the attack sanity checks.
+# Per model: clean embeddings + linear probe (once), the white-box sweep, MIL, the attack sanity checks.
 
 
-rule embed:
+rule evaluate:
+    """One job per model: its clean embeddings + linear probe, the white-box sweep and (when every
+    model has it) slide-level MIL, chained in one process (`hsat embed ... --then evaluate ...`)."""
     input:
         model=f"{RESULTS}/runs/{{model}}/model.safetensors",
         manifest=MANIFEST,
     output:
-        features=f"{RESULTS}/embeddings/{{model}}/features.safetensors",
-        index=f"{RESULTS}/embeddings/{{model}}/index.csv",
-        probe=f"{RESULTS}/embeddings/{{model}}/probe.safetensors",
-        meta=f"{RESULTS}/embeddings/{{model}}/meta.json",
+        whitebox=f"{RESULTS}/whitebox/{{model}}.csv",
+        **EMBED_OUT,
+        **(MIL_OUT if MIL_IN_EVALUATE else {}),
     params:
         run_dir=lambda wildcards: run_dir(wildcards.model),
         emb_dir=lambda wildcards, output: str(Path(output.features).parent),
         study=STUDY,
-        settings=lambda wildcards: eval_settings("embed"),
+        settings=lambda wildcards: eval_settings("evaluate+mil" if MIL_IN_EVALUATE else "evaluate", wildcards),
         code=CODE_VERSION["evaluate"],
-    threads: 1
-    resources:
-        gpu=1,
-    log:
-        f"{RESULTS}/logs/embed/{{model}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/embed/{{model}}.tsv",
-    conda:
-        "../envs/hsat.yaml"
-    shell:
-        "OMP_NUM_THREADS={threads} hsat embed --run {params.run_dir} --manifest {input.manifest}"
-        " --study {params.study} --out {params.emb_dir} > {log} 2>&1"
-
-
-rule evaluate:
-    input:
-        model=f"{RESULTS}/runs/{{model}}/model.safetensors",
-        manifest=MANIFEST,
-        features=f"{RESULTS}/embeddings/{{model}}/features.safetensors",
-    output:
-        f"{RESULTS}/whitebox/{{model}}.csv",
-    params:
-        run_dir=lambda wildcards: run_dir(wildcards.model),
-        emb_dir=lambda wildcards, input: str(Path(input.features).parent),
-        study=STUDY,
-        settings=lambda wildcards: eval_settings("evaluate", wildcards),
-        code=CODE_VERSION["evaluate"],
+        mil=lambda wildcards, input, output: (
+            f" --then {mil_command(wildcards, output, str(Path(output.features).parent), run_dir(wildcards.model), input.manifest)}"
+            if MIL_IN_EVALUATE else ""
+        ),
     threads: 1
     resources:
         gpu=1,
@@ -53,9 +31,11 @@ rule evaluate:
     conda:
         "../envs/hsat.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} hsat evaluate --run {params.run_dir} --manifest {input.manifest}"
-        " --embeddings {params.emb_dir} --study {params.study} --model {wildcards.model} --out {output}"
-        " > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} hsat embed --run {params.run_dir} --manifest {input.manifest}"
+        " --study {params.study} --out {params.emb_dir}"
+        " --then evaluate --run {params.run_dir} --manifest {input.manifest}"
+        " --embeddings {params.emb_dir} --study {params.study} --model {wildcards.model} --out {output.whitebox}"
+        "{params.mil} > {log} 2>&1"
 
 
 rule sanity:
@@ -86,37 +66,33 @@ rule sanity:
         " > {log} 2>&1"
 
 
-rule mil:
-    """Slide-level gated attention MIL on the model's frozen clean features (evaluation.mil); with
-    evaluation.mil.attack, every validation slide attacked end to end through backbone and head."""
-    input:
-        features=f"{RESULTS}/embeddings/{{model}}/features.safetensors",
-        **({"model": f"{RESULTS}/runs/{{model}}/model.safetensors", "manifest": MANIFEST} if MIL_ATTACK else {}),
-    output:
-        csv=f"{RESULTS}/mil/{{model}}.csv",
-        head=f"{RESULTS}/mil/{{model}}.safetensors",
-        **({"whitebox": f"{RESULTS}/whitebox_abmil/{{model}}.csv"} if MIL_ATTACK else {}),
-    params:
-        emb_dir=lambda wildcards, input: str(Path(input.features).parent),
-        study=STUDY,
-        settings=lambda wildcards: eval_settings("mil", wildcards),
-        code=CODE_VERSION["evaluate"],
-        attack=lambda wildcards, input, output: (
-            f" --run {run_dir(wildcards.model)} --manifest {input.manifest} --whitebox {output.whitebox}"
-            if MIL_ATTACK else ""
-        ),
-    threads: 1
-    resources:
-        gpu=1 if MIL_ATTACK else 0,
-    log:
-        f"{RESULTS}/logs/mil/{{model}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/mil/{{model}}.tsv",
-    conda:
-        "../envs/hsat.yaml"
-    shell:
-        "OMP_NUM_THREADS={threads} hsat mil --embeddings {params.emb_dir} --study {params.study}"
-        " --model {wildcards.model} --out {output.csv} --head {output.head}{params.attack} > {log} 2>&1"
+if not MIL_IN_EVALUATE:
+
+    rule mil:
+        """Slide-level gated attention MIL on the model's frozen clean features (evaluation.mil) for a
+        subset of the models; with evaluation.mil.attack, every validation slide attacked end to end."""
+        input:
+            features=f"{RESULTS}/embeddings/{{model}}/features.safetensors",
+            model=f"{RESULTS}/runs/{{model}}/model.safetensors",
+            manifest=MANIFEST,
+        output:
+            **MIL_OUT,
+        params:
+            settings=lambda wildcards: eval_settings("mil", wildcards),
+            code=CODE_VERSION["evaluate"],
+            command=lambda wildcards, input, output: mil_command(
+                wildcards, output, str(Path(input.features).parent), run_dir(wildcards.model), input.manifest),
+        threads: 1
+        resources:
+            gpu=1 if MIL_ATTACK else 0,
+        log:
+            f"{RESULTS}/logs/mil/{{model}}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/mil/{{model}}.tsv",
+        conda:
+            "../envs/hsat.yaml"
+        shell:
+            "OMP_NUM_THREADS={threads} hsat {params.command} > {log} 2>&1"
 
 
 rule attention:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from hsat.config import validate
-from hsat.report.claims import FAILS, HOLDS, ROBUSTNESS_CLAIMS, UNJUDGED, claims, write_claims
+from hsat.report.claims import FAILS, HOLDS, ROBUSTNESS_CLAIMS, UNJUDGED, claims, is_vit, write_claims
 
 SEEDED = {"hidisc": ["hidisc_s0", "hidisc_s1", "hidisc_s2"], "hsat": ["hsat_s0", "hsat_s1", "hsat_s2"]}
 SINGLE = {"hsat_patch": "hsat_patch", "hsat_slide": "hsat_slide", "lmax_p": "hsat_lmax_patch", "lmax_ps": "hsat_lmax_patch_slide"}
@@ -532,3 +532,12 @@ def test_vit_vs_cnn_claims_compare_across_backbones(vit_worst, verdict):
 
 def test_no_vit_claims_without_a_dino_vit(study):
     assert not [c for c in claims(whitebox_frame(), None, None, study) if c["id"].startswith("vit_vs_cnn")]
+
+
+def test_a_backbone_with_none_of_the_papers_methods_gets_no_paper_claims():
+    """DINO's ViT alone on its backbone: the HiDisc/HSAT claims are judged on the CNN only."""
+    values = {**BASE, "dino_vit_s0": (60.0, 20.0, 50.0)}
+    found = claims(whitebox_frame(values, methods={"dino_vit_s0": "dino"}), None, None, _vit_study())
+    worst = [c for c in found if c["id"] == "whitebox_worst_case"]
+    assert len(worst) == 1 and not is_vit(worst[0]["backbone"])
+    assert any(c["id"] == "vit_vs_cnn_baseline" for c in found)

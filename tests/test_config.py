@@ -161,6 +161,8 @@ def test_overlay_naming_a_list_keeps_it_and_unknown_keys_are_named(tmp_path):
                         {"models": {"b": {}, "c": {}}, "evaluation": {"transfer": {"models": ["c"]}}})
     assert cfg["evaluation"]["sanity"]["models"] == []  # followed: a is gone
     assert cfg["evaluation"]["transfer"]["models"] == ["c"]  # named by the overlay
+    vit = {"models": {"a": {}, "v": {}}, "evaluation": {"attention": {"models": ["v"]}}}
+    assert apply_overlay(vit, {"models": {"a": {}}})["evaluation"]["attention"]["models"] == []
     bad = tmp_path / "bad.yaml"
     bad.write_text("evaluation: {whitebox: {epsilon: [8]}}\n")
     with pytest.raises(HSATError, match="epsilon"):

@@ -333,6 +333,40 @@ def test_cli_embed_evaluate_sanity(cli_study):
     assert not bad.exists()
 
 
+
+def test_chained_verbs_give_what_the_verbs_give_alone(cli_study):
+    """`hsat embed ... --then evaluate ...` (the workflow's one job per model) writes the same
+    embeddings and rows as the two verbs run one after the other; a failing stage stops the chain."""
+    from hsat.cli import main, split_chain
+
+    root, run, manifest = cli_study
+    cfg = ["--config", str(root / "study.yaml")]
+    rows = {}
+    for how in ("alone", "chained"):
+        emb, out = root / how / "emb", root / how / "m1.csv"
+        embed = ["embed", "--run", str(run), "--manifest", str(manifest), *cfg, "--out", str(emb)]
+        evaluate = ["evaluate", "--run", str(run), "--manifest", str(manifest), "--embeddings", str(emb), *cfg,
+                    "--model", "m1", "--out", str(out)]
+        if how == "alone":
+            assert main(embed) == 0 and main(evaluate) == 0
+        else:
+            assert main([*embed, "--then", *evaluate]) == 0
+        rows[how] = pd.read_csv(out)
+        rows[how + "_features"] = (emb / "features.safetensors").read_bytes()
+    pd.testing.assert_frame_equal(rows["alone"], rows["chained"])
+    assert rows["alone_features"] == rows["chained_features"]
+    # A stage that fails (unknown model) returns 2 and the stage after it never runs.
+    after = root / "never" / "m1.csv"
+    bad = ["evaluate", "--run", str(run), "--manifest", str(manifest), "--embeddings", str(root / "alone" / "emb"),
+           *cfg, "--model", "nope", "--out", str(root / "never" / "bad.csv")]
+    good = [*bad[:-3], "m1", "--out", str(after)]
+    assert main([*bad, "--then", *good]) == 2
+    assert not after.exists()
+    assert split_chain(["a", "-x", "--then", "b"]) == [["a", "-x"], ["b"]]
+    with pytest.raises(SystemExit):
+        split_chain(["a", "--then"])
+
+
 # ----------------------------------------------------------------------------- worst case, adaptive attacks
 
 

@@ -69,6 +69,18 @@ def test_dry_run_builds_the_dag(workdir, configfile):
     models = yaml.safe_load((workdir / configfile).read_text())["models"]
     assert jobs["pretrain"] == len(models) and jobs["evaluate"] == len(models)
     assert jobs["tables"] == 1 and jobs["figures"] == 1
+    # One job per model embeds, sweeps and (when MIL covers every model, as by default) fits and
+    # attacks the MIL head, chaining the verbs in one process; a MIL subset keeps its own rule.
+    assert "embed" not in jobs
+    shown = snakemake("-n", "-p", "all", "--configfile", configfile, cwd=workdir).stdout
+    chained = [line for line in shown.splitlines() if "hsat embed " in line]
+    assert len(chained) == len(models) and all(" --then evaluate " in line for line in chained)
+    mil_all = not (yaml.safe_load((workdir / configfile).read_text()).get("evaluation", {}).get("mil", {}).get("models"))
+    assert all((" --then mil " in line) == mil_all for line in chained)
+    assert ("mil" in jobs) == (not mil_all)
+    # Attention maps default to every ViT model.
+    vits = [m for m, c in models.items() if "vit" in str((c.get("model") or {}).get("backbone", "")).split("_")]
+    assert vits and jobs.get("attention") == len(vits)
 
 
 def test_default_config_without_configfile(workdir):
@@ -144,7 +156,7 @@ def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(workdir):
     (workdir / "config/tiny2.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake("-n", "all", "--configfile", "config/tiny2.yaml", cwd=workdir)
     jobs = planned_jobs(proc)
-    assert jobs.get("pretrain") == 1 and jobs.get("embed") == 1 and jobs.get("evaluate") == 1, proc.stdout[-3000:]
+    assert jobs.get("pretrain") == 1 and jobs.get("evaluate") == 1 and "embed" not in jobs, proc.stdout[-3000:]
     assert "synth" not in jobs and "prepare" not in jobs
     assert "hsat_patch" in proc.stdout and "wildcards: model=hidisc" not in proc.stdout
 

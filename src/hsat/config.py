@@ -152,11 +152,15 @@ MODEL_LISTS: tuple[tuple[str, ...], ...] = (
     ("evaluation", "transfer", "models"),
     ("evaluation", "sanity", "models"),
     ("evaluation", "whitebox", "autoattack", "models"),
+    ("evaluation", "mil", "models"),
+    ("evaluation", "language", "models"),
+    ("evaluation", "attention", "models"),
     ("tables", "table3_models"),
     ("tables", "table4_models"),
 )
 """Lists of model names in a study; an overlay that replaces `models` and does not name a list
-keeps the base's entries that are still models (empty = every model)."""
+keeps the base's entries that are still models (empty = every model; for attention maps, every
+model with a ViT backbone)."""
 
 
 def _get(d: Mapping[str, Any], path: Sequence[str]) -> Any:

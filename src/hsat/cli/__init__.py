@@ -3,6 +3,10 @@
 Each verb group lives in its own module here and registers its sub-parsers through
 `add_parsers(subparsers)`; a handler parses arguments, calls one library function, and returns
 an exit code. Bad input raises HSATError, printed as one clear message with exit status 2.
+
+`hsat VERB ARGS --then VERB ARGS ...` runs several verbs in one process, in order, stopping at the
+first that fails: the workflow chains a model's stages this way so that the imports (5-7 s of
+torch, torchvision, timm and scikit-learn) are paid once per model, not once per stage.
 """
 
 from __future__ import annotations
@@ -39,14 +43,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+THEN = "--then"
+
+
+def split_chain(argv: list[str]) -> list[list[str]]:
+    """`a --x 1 --then b --y 2` -> [[a, --x, 1], [b, --y, 2]]; an empty stage is an error."""
+    stages: list[list[str]] = [[]]
+    for token in argv:
+        if token == THEN:
+            stages.append([])
+        else:
+            stages[-1].append(token)
+    if len(stages) > 1 and not all(stages):
+        raise SystemExit(f"hsat: error: {THEN} needs a verb on both sides: hsat VERB ... {THEN} VERB ...")
+    return stages
+
+
 def main(argv: list[str] | None = None) -> int:
+    stages = split_chain(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    parsed = [parser.parse_args(stage) for stage in stages]  # every stage's arguments checked before any runs
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if any(a.verbose for a in parsed) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for args in parsed:
+        code = run_verb(args)
+        if code:
+            return code
+    return 0
+
+
+def run_verb(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except HSATError as exc:
