@@ -541,3 +541,42 @@ def test_a_backbone_with_none_of_the_papers_methods_gets_no_paper_claims():
     worst = [c for c in found if c["id"] == "whitebox_worst_case"]
     assert len(worst) == 1 and not is_vit(worst[0]["backbone"])
     assert any(c["id"] == "vit_vs_cnn_baseline" for c in found)
+
+
+def _dino_pair_study():
+    vit = {"backbone": "vit_tiny_patch16_224"}
+    models = {**{f"dino_vit_s{i}": {"method": {"name": "dino"}, "seed": i, "model": vit} for i in range(3)},
+              **{f"rdino_vit_s{i}": {"method": {"name": "robust_dino"}, "seed": i, "model": vit} for i in range(3)}}
+    return validate({"models": _models(models), "pretrain": {"model": {"backbone": "test_resnet"}}}, "study")
+
+
+def test_robust_dino_claims_compare_the_pair_on_its_backbone():
+    """Robust DINO vs DINO, worst case and same-method transfer, judged on their own backbone;
+    reversing the numbers reverses the verdicts."""
+    study = _dino_pair_study()
+    methods = {**{f"dino_vit_s{i}": "dino" for i in range(3)}, **{f"rdino_vit_s{i}": "robust_dino" for i in range(3)}}
+
+    def run(dino_worst, robust_worst, dino_drop, robust_drop):
+        values = {**BASE, **{f"dino_vit_s{i}": (60.0, dino_worst + i, 30.0) for i in range(3)},
+                  **{f"rdino_vit_s{i}": (50.0, robust_worst + i, 40.0) for i in range(3)}}
+        drops = {}
+        for prefix, d in (("dino_vit", dino_drop), ("rdino_vit", robust_drop)):
+            names = [f"{prefix}_s{i}" for i in range(3)]
+            drops.update({(s, t): d + (names.index(s) - 1) for s in names for t in names if s != t})
+        drops[("dino_vit_s0", "rdino_vit_s0")] = 90.0  # cross-method: not a same-method pair
+        found = [c for c in claims(whitebox_frame(values, methods=methods), transfer_frame(drops), None, study)
+                 if c["id"].startswith("robust_dino")]
+        assert len(found) == 2  # one pair: the ViT's
+        return tuple({c["id"]: c for c in found}[k] for k in ("robust_dino_worst_case", "robust_dino_transfer"))
+
+    worst, transfer = run(dino_worst=2.0, robust_worst=20.0, dino_drop=25.0, robust_drop=3.0)
+    assert worst["verdict"] == HOLDS and is_vit(worst["backbone"])
+    assert worst["numbers"]["means"] == {"robust_dino": 21.0, "dino": 3.0}
+    assert transfer["verdict"] == HOLDS and transfer["numbers"]["ns"] == {"dino": 6, "robust_dino": 6}
+    assert transfer["numbers"]["means"]["dino"] == pytest.approx(25.0)
+    worst, transfer = run(dino_worst=20.0, robust_worst=2.0, dino_drop=3.0, robust_drop=25.0)
+    assert worst["verdict"] == FAILS and transfer["verdict"] == FAILS
+    assert {"robust_dino_worst_case", "robust_dino_transfer"} <= set(ROBUSTNESS_CLAIMS)
+    # DINO without its robust twin (the ViT-vs-CNN study) gets no robust-DINO claims
+    assert not [c for c in claims(whitebox_frame({**BASE, "dino_vit_s0": (60.0, 20.0, 50.0)}, methods={"dino_vit_s0": "dino"}),
+                                  None, None, _vit_study()) if c["id"].startswith("robust_dino")]
