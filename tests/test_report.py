@@ -441,3 +441,10 @@ def test_table5_puts_every_method_side_by_side_per_classifier(whitebox, study_aa
     conditions = set(t5.columns.get_level_values("Condition"))
     assert "Clean" in conditions and any(c.startswith("PGD") for c in conditions)
     assert "Table 5" in caption
+    # the MIL head is attacked through its own objective: the caption names each classifier's
+    mil = whitebox[(whitebox["level"] == "slide") & (whitebox["classifier"] == "knn")].copy()
+    mil["classifier"] = "abmil"
+    mil.loc[mil["attack"] == "pgd", "objective"] = "abmil_ce"
+    mil = mil[mil["objective"].isin(["none", "abmil_ce", "all"])]
+    _, caption = table5(pd.concat([whitebox, mil], ignore_index=True), study_aa)
+    assert "abmil_ce for abmil" in caption and "feature for knn" in caption, caption

@@ -422,11 +422,13 @@ def table5(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[pd.Dat
     """Every method side by side, per classifier: clean, PGD and the worst case at the largest eps,
     at patch, slide and patient level."""
     blocks = []
-    eps = worst = objective = None
+    eps = worst = None
+    objectives: dict[str, str] = {}
     for classifier in classifiers_present(whitebox, study_cfg):
         df, _, objective = _prepare_whitebox(whitebox, study_cfg, classifier)
         if df.empty:
             continue
+        objectives[classifier] = objective
         conditions, eps, worst = _ablation_conditions(df)
         block = _wide_table(
             df, conditions, ["group", "method", "backbone"],
@@ -435,9 +437,13 @@ def table5(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[pd.Dat
             metrics=("acc",), level_outer=True,
         )
         blocks.append(block)
+    # Each classifier's PGD column is under its own objective (the MIL head's is abmil_ce).
+    shared = set(objectives.values())
+    objective_text = (f"{shared.pop()} objective" if len(shared) == 1 else
+                      "objective: " + ", ".join(f"{o} for {c}" for c, o in objectives.items()) if shared else "no objective")
     caption = (
         f"Table 5: every method of the study, per classifier: accuracy (Acc, %) clean, under PGD at eps "
-        f"{eps or 0:g}/255 ({objective} objective){_worst_text(worst)}, per level; mean ± std over n models."
+        f"{eps or 0:g}/255 ({objective_text}){_worst_text(worst)}, per level; mean ± std over n models."
     )
     if not blocks:
         return pd.DataFrame(), caption
