@@ -195,3 +195,22 @@ def test_defaults_live_in_the_schema_alone():
     default, _ = resolve_study(BASE)
     assert run_config_for_model(default, "hsat_s0") == run_config_for_model(
         validate({"models": {"x": {"method": {"name": "hsat"}}}}, "study"), "x")
+
+
+def test_core_overlay_is_the_default_study_restricted_to_the_papers_design():
+    """config/core.yaml trains exactly the default study's HiDisc/HSAT models (same run configs, so
+    the same numbers) and keeps every evaluation list of the default study that still applies."""
+    path = ROOT / "config" / "core.yaml"
+    default, _ = resolve_study(BASE)
+    core, _ = resolve_study(BASE, [path])
+    assert core["models"] and set(core["models"]) < set(default["models"])
+    assert {core["models"][m]["method"]["name"] for m in core["models"]} <= {
+        "hidisc", "hsat", "hsat_patch", "hsat_slide", "hsat_lmax_patch", "hsat_lmax_patch_slide"}
+    for model in core["models"]:
+        assert run_config_for_model(core, model) == run_config_for_model(default, model), model
+    for key in ("transfer", "sanity"):
+        assert core["evaluation"][key]["models"] == [m for m in default["evaluation"][key]["models"] if m in core["models"]]
+    aa = core["evaluation"]["whitebox"]["autoattack"]["models"]
+    assert aa == [m for m in default["evaluation"]["whitebox"]["autoattack"]["models"] if m in core["models"]] and aa
+    assert {k: v for k, v in core["evaluation"].items() if k not in {"transfer", "sanity", "whitebox", "attention"}} == {
+        k: v for k, v in default["evaluation"].items() if k not in {"transfer", "sanity", "whitebox", "attention"}}
