@@ -22,7 +22,8 @@ from hsat.methods import HLSS, Robust, build_objective, resolve_method
 from hsat.methods.hlss import hlss_loss, split_outputs
 from hsat.models import build_model, load_trained_model
 from hsat.text import (
-    TextEmbeddings, compute_text_embeddings, ensure_text_embeddings, find_text_encoder, load_text_embeddings,
+    TextEmbeddings, compute_text_embeddings, encode_sentences, ensure_text_embeddings, find_text_encoder,
+    load_text_embeddings,
     read_descriptions, text_embeddings_name, write_text_embeddings,
 )
 from hsat.train import embed_views, pretrain
@@ -341,6 +342,61 @@ def test_a_dataset_class_missing_from_the_embeddings_is_an_error(tiny_manifest, 
     write_text_embeddings(path, emb)
     with pytest.raises(HSATError, match=r"text.safetensors.*\['schwan'\]"):
         pretrain(hlss_cfg(tiny_manifest, path), tmp_path / "run")
+
+
+def _tiny_clip(path: Path, seed: int = 0) -> Path:
+    """A random CLIP checkpoint (HLSS's reference encoder family) small enough for a test: a
+    character-level BPE vocabulary, 2 text layers, a 16-d projection; saved as a user's would be."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    vocab = {chr(c): i for i, c in enumerate(range(33, 127))}
+    vocab.update({f"{chr(c)}</w>": len(vocab) + i for i, c in enumerate(range(33, 127))})
+    for t in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[t] = len(vocab)
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(path)
+    torch.manual_seed(seed)
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=16)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval().save_pretrained(path)
+    return path
+
+
+def test_a_local_clip_text_tower_gives_clips_projected_embedding_offline(tmp_path, monkeypatch):
+    """method.hlss.encoder may name a CLIP checkpoint a user has: its embedding is CLIP's (the
+    end-of-text state through the text projection, as CLIP aligns it with images), from a whole
+    CLIP directory and from the text tower saved alone, with every socket refused."""
+    from transformers import CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    full = _tiny_clip(tmp_path / "clip")
+    model = CLIPModel.from_pretrained(full).eval()
+    tower_dir = tmp_path / "clip_text"
+    tower = CLIPTextModelWithProjection(CLIPTextConfig(**{**model.config.text_config.to_dict(), "projection_dim": 16}))
+    tower.text_model.load_state_dict(model.text_model.state_dict())
+    tower.text_projection.load_state_dict(model.text_projection.state_dict())
+    tower.save_pretrained(tower_dir)
+    CLIPTokenizer.from_pretrained(full).save_pretrained(tower_dir)
+
+    def refuse(*a, **k):
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    sentences = ["Dense sheets of atypical cells.", "Whorls of spindle cells.", "Dense sheets of atypical cells."]
+    got = encode_sentences(full, sentences)
+    assert got.shape == (3, 16)
+    tok = CLIPTokenizer.from_pretrained(full)(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model.text_model(**tok).last_hidden_state
+        eos = (tok["input_ids"] == model.config.text_config.eos_token_id).int().argmax(dim=-1)
+        expected = F.normalize(model.text_projection(hidden[torch.arange(3), eos]), dim=-1)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(encode_sentences(tower_dir, sentences), got, atol=1e-5)
+    assert not torch.allclose(got[0], got[1], atol=1e-3)
+
+    emb = compute_text_embeddings(read_descriptions(SRH), str(full))
+    assert emb.levels["patch"].shape[1] == 16 and emb.meta["encoder"] == str(full)
 
 
 def test_compute_text_embeddings_rejects_an_unloadable_directory(tmp_path):

