@@ -1,10 +1,11 @@
-"""`hsat report collect|tables|figures`: concatenate tidy CSVs, write Tables 1-4, draw the figures."""
+"""`hsat report collect|tables|figures|calibration`: concatenate tidy CSVs, write Tables 1-4, draw the figures, judge a cohort."""
 
 from __future__ import annotations
 
 import argparse
 
 from hsat.config import load_study_config
+from hsat.errors import HSATError
 from hsat.io import write_json
 
 
@@ -76,6 +77,24 @@ def _language(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from hsat.io import write_text
+    from hsat.report import read_tidy
+    from hsat.report.calibration import format_markdown
+
+    frames = [read_tidy(p) for p in args.inputs]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        raise HSATError("hsat report calibration: no whitebox rows in " + ", ".join(args.inputs))
+    text = format_markdown(pd.concat(frames, ignore_index=True), args.title)
+    if args.out:
+        write_text(args.out, text)
+    print(text)
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="tables and figures from the tidy result CSVs")
     verbs = p.add_subparsers(dest="report_verb", metavar="STEP", required=True)
@@ -117,6 +136,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="results/sanity.csv")
     s.add_argument("inputs", nargs="*", help="per-model sanity CSVs of `hsat sanity`")
     s.set_defaults(func=_sanity)
+
+    cal = verbs.add_parser(
+        "calibration", help="issue 14's cohort targets (HiDisc and the supervised references) judged from whitebox CSVs",
+    )
+    cal.add_argument("--out", default=None, help="also write the Markdown here")
+    cal.add_argument("--title", default="Calibration", help="heading of the Markdown")
+    cal.add_argument("inputs", nargs="+", help="whitebox CSVs (per model or collected)")
+    cal.set_defaults(func=_calibration)
 
     f = verbs.add_parser("figures", help="figures (PNG and PDF)")
     f.add_argument("--study", "--config", dest="study", required=True, help="study config (YAML; --config: the old name)")
