@@ -325,7 +325,7 @@ def test_cli_embed_evaluate_sanity(cli_study):
     # `attack_precision: auto` (the default) crafts in bf16 where the CPU runs it natively, and then
     # the sanity checks compare it with fp32 crafting.
     low = effective_precision("auto", "cpu") != "fp32"
-    assert {"steps", "steps_feature_knn", "restarts", "eps", "large_eps_label", "large_eps_feature", "noise",
+    assert {"steps", "steps_feature_knn", "converged", "restarts", "eps", "large_eps_label", "large_eps_feature", "noise",
             *(["precision"] if low else [])} == set(s["check"])
     # Unknown model name: exit 2 with a message, nothing written.
     bad = root / "whitebox" / "nope.csv"

@@ -67,6 +67,11 @@ def identity(x, objective, eps, alpha, steps, random_start=True, generator=None,
     return x.detach().clone()
 
 
+def creeping(x, objective, eps, alpha, steps, random_start=True, generator=None, **kw):
+    """PGD with a tenth of its step: honest in direction, far from converged at the sweep's steps."""
+    return attacks_mod.pgd(x, objective, eps, alpha / 10, steps, random_start=False, generator=generator)
+
+
 def sign_flipped(x, objective, eps, alpha, steps, random_start=True, generator=None, **kw):
     return attacks_mod.pgd(x, lambda z: -objective(z), eps, alpha, steps, random_start=random_start, generator=generator)
 
@@ -97,7 +102,8 @@ def test_sanity_checks_pass_for_an_honest_attack():
     cfg["sanity"] = {"steps": [1, 3, 6], "eps": [2, 8, 64], "restarts": 3}
     df = sanity_checks(model, probe, bank, val, cfg, model_name="toy", progress=False)
     assert list(df.columns) == list(SANITY_COLUMNS)
-    assert {"steps", "steps_feature_knn", "restarts", "eps", "large_eps_label", "large_eps_feature", "noise"} == set(df["check"])
+    assert {"steps", "steps_feature_knn", "converged", "restarts", "eps", "large_eps_label", "large_eps_feature",
+            "noise"} == set(df["check"])
     assert df["passed"].map(type).eq(bool).all()
     assert df["passed"].all(), df[~df["passed"]]
     assert df[df.check == "steps"]["value"].tolist() == [1, 3, 6]
@@ -130,6 +136,16 @@ def test_identity_attack_fails_the_noise_check(broken):
     model, probe, bank, val = hard_setup()
     df = sanity_checks(model, probe, bank, val, hard_cfg(), model_name="hard", progress=False)
     assert _failed(df, "noise")
+
+
+def test_unconverged_attack_fails_the_converged_check(broken):
+    """Steps too small to cross the ball: doubling them keeps finding adversarial examples."""
+    broken(creeping)
+    model, probe, bank, val = hard_setup()
+    df = sanity_checks(model, probe, bank, val, hard_cfg(), model_name="hard", progress=False)
+    conv = df[df.check == "converged"]
+    assert set(conv["objective"]) == {"linear_ce", "knn_soft"} and set(conv["steps"]) == {12}
+    assert _failed(df, "converged")
 
 
 def test_sign_flipped_attack_fails_steps_eps_and_above_clean(broken):

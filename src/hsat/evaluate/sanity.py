@@ -10,6 +10,10 @@ failing check is reported in `passed`, never raised.
 Per model (`sanity_checks`, patch level):
 - `steps`, `steps_feature_knn`: accuracy must not rise with more PGD steps (linear_ce scored by
   the probe; the paper's feature objective scored by kNN);
+- `converged`: PGD with twice the sweep's steps under the label attack (scored by the probe)
+  and the adaptive `knn_soft` (scored by kNN) may lie at most `converge_gap` points below PGD
+  with the sweep's steps (more steps that keep finding adversarial examples mean the sweep's
+  numbers are upper bounds: Carlini et al.'s "iterations until convergence");
 - `restarts`: R random restarts of PGD; the worst case over them must not sit more than
   `restart_gap` points below a single run (a single run was too weak);
 - `eps`: accuracy must not rise with eps;
@@ -97,6 +101,14 @@ def check_restarts(model: str, runs: Sequence[tuple[AttackSpec, np.ndarray]], ga
     return rows
 
 
+def check_converged(model: str, short: tuple[AttackSpec, float], long: tuple[AttackSpec, float], gap: float,
+                    classifier: str) -> dict:
+    """The sweep's step count must be enough: acc at the sweep's steps - acc at more steps <= gap."""
+    (spec_s, acc_s), (spec_l, acc_l) = short, long
+    return _row(model, "converged", "steps", spec_l.steps, acc_l, acc_s - acc_l <= gap, spec_l, classifier,
+                f"acc at {spec_s.steps} steps ({acc_s:.2f}) - acc at {spec_l.steps} steps <= {gap:g}")
+
+
 def check_large_eps(model: str, check: str, spec: AttackSpec, acc: float, chance: float, margin: float,
                     classifier: str) -> dict:
     """At a very large eps an honest attack reaches chance: acc <= chance + margin."""
@@ -171,6 +183,8 @@ def check_whitebox_vs_transfer(whitebox: pd.DataFrame, transfer: pd.DataFrame, n
 # ----------------------------------------------------------------------------- runners
 
 
+CONVERGED_OBJECTIVES: dict[str, str] = {"linear_ce": "linear", "knn_soft": "knn"}
+"""The label-based attacks whose convergence is checked, and the classifier each one is scored by."""
 PRECISION_OBJECTIVES: dict[str, str] = {"feature": "knn", "linear_ce": "linear", "knn_soft": "knn"}
 """Objectives of the `precision` check and the classifier that scores each."""
 
@@ -186,6 +200,8 @@ def sanity_specs(cfg_eval: Mapping[str, Any], seed: int = 0) -> dict[str, list[A
     return {
         "steps": [AttackSpec("pgd", eps_ref, int(st), "linear_ce", alpha, seed) for st in san["steps"]],
         "steps_feature_knn": [AttackSpec("pgd", eps_ref, int(st), "feature", alpha, seed) for st in san["steps"]],
+        "converged": [AttackSpec("pgd", eps_ref, st, obj, alpha, seed)
+                      for obj in CONVERGED_OBJECTIVES for st in (steps, 2 * steps)],
         "restarts": [AttackSpec("pgd", eps_ref, steps, "linear_ce", alpha, seed, restart=r) for r in range(int(san["restarts"]))],
         "eps": [AttackSpec("pgd", float(e), steps, "linear_ce", wide(float(e)), seed) for e in sorted(san["eps"])],
         "large_eps_label": [AttackSpec("pgd", big, steps, "linear_ce", wide(big), seed)],
@@ -231,6 +247,10 @@ def sanity_checks(
     rows += check_monotone(m, "steps", "steps", [(s, acc(s, "linear")) for s in by_check["steps"]], n, z, "linear")
     rows += check_monotone(m, "steps_feature_knn", "steps",
                            [(s, acc(s, "knn")) for s in by_check["steps_feature_knn"]], n, z, "knn")
+    conv = by_check["converged"]
+    for short, long in zip(conv[::2], conv[1::2]):
+        clf = CONVERGED_OBJECTIVES[short.objective]
+        rows.append(check_converged(m, (short, acc(short, clf)), (long, acc(long, clf)), float(san["converge_gap"]), clf))
     rows += check_restarts(m, [(s, scores[s]["linear"].argmax(1) == y) for s in by_check["restarts"]],
                            float(san["restart_gap"]), "linear")
     rows += check_monotone(m, "eps", "eps", [(s, acc(s, "linear")) for s in by_check["eps"]], n, z, "linear")
