@@ -520,3 +520,31 @@ def test_an_attack_that_leaves_training_mode_on_is_an_error(monkeypatch):
     monkeypatch.setattr(ev.sweep, "craft_batch", sloppy)
     with pytest.raises(HSATError, match="training mode"):
         whitebox_sweep(model, probe, bank, val, toy_cfg(), progress=False)
+
+
+# ----------------------------------------------------------------------------- step size
+
+
+def test_step_size_rule_scales_alpha_to_cross_the_ball():
+    """alpha = max(alpha, alpha_scale * eps / steps): the default sweep's 5 steps at 8/255 step 4/255,
+    the paper's 10 steps keep its 2/255 at 4 and 8/255, and alpha_scale 0 turns the rule off."""
+    from hsat.attacks import step_size
+    from hsat.config import read_yaml, resolve_evaluation
+    from hsat.evaluate.mil import mil_specs
+    from hsat.evaluate.sanity import sanity_specs
+
+    assert step_size(2, 8, 5, 2.5) == 4.0 and step_size(2, 4, 5, 2.5) == 2.0 and step_size(2, 8, 5, 0) == 2.0
+    default = resolve_evaluation({})
+    assert {(s.eps, s.alpha) for s in ev.whitebox_specs(default)} == {(4.0, 2.0), (8.0, 4.0)}
+    paper = resolve_evaluation(read_yaml("config/opensrh.yaml")["evaluation"])
+    assert {s.alpha for s in ev.whitebox_specs(paper)} == {2.0}
+    off = resolve_evaluation({"whitebox": {"alpha_scale": 0}})
+    assert {s.alpha for s in ev.whitebox_specs(off)} == {2.0}
+    # every evaluation attack at the sweep's eps and steps takes the sweep's step
+    sweep = {(s.eps, s.steps): s.alpha for s in ev.whitebox_specs(default) if s.attack != "autoattack"}
+    others = [s for specs in sanity_specs(default).values() for s in specs if s.attack != "noise"]
+    others += mil_specs(resolve_evaluation({"mil": {"enabled": True}}))
+    shared = [s for s in others if (s.eps, s.steps) in sweep]
+    assert shared and all(s.alpha == sweep[s.eps, s.steps] for s in shared)
+    big = [s for s in sanity_specs(default)["large_eps_feature"]]
+    assert big[0].alpha == 2.5 * big[0].eps / big[0].steps

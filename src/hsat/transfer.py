@@ -40,6 +40,7 @@ from hsat.evaluate import (
     patch_accuracy,
     run_attacks,
     stratified_subset,
+    sweep_alpha,
 )
 from hsat.evaluate.sanity import check_whitebox_vs_transfer as whitebox_vs_transfer  # noqa: F401 (public name)
 from hsat.io import atomic_path, write_csv
@@ -240,7 +241,8 @@ def craft_run(run_dir, manifest, emb_dir, study: Mapping[str, Any], out, device=
     device = torch.device(device) if device else default_device()
     model, emb, val_ds = load_for_eval(run_dir, manifest, emb_dir, study, device)
     cfg_eval = resolve_evaluation(study["evaluation"])
-    crafted = craft(model, emb.probe, emb.bank, val_ds, cfg_eval["transfer"], alpha=float(cfg_eval["whitebox"]["alpha"]),
+    tr = cfg_eval["transfer"]
+    crafted = craft(model, emb.probe, emb.bank, val_ds, tr, alpha=sweep_alpha(cfg_eval["whitebox"], tr["eps"], tr["steps"]),
                     knn=cfg_eval["knn"], indices=attacked_positions(emb, cfg_eval), surrogate=Path(run_dir).name,
                     classes=emb.classes, image_size=eval_image_size(study, run_dir),
                     batch_size=cfg_eval["batch_size"], device=device, progress=progress,

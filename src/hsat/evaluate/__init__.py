@@ -54,6 +54,7 @@ from hsat.evaluate.sweep import (
     eval_frozen,
     make_objective,
     run_attacks,
+    sweep_alpha,
     whitebox_specs,
     whitebox_sweep,
 )
@@ -67,6 +68,6 @@ __all__ = [
     "default_device", "embed", "embed_run", "eval_frozen", "eval_image_size", "fit_linear_probe", "index_frame",
     "knn_predict", "level_metrics", "load_embeddings", "load_for_eval", "load_probe", "loader", "make_objective",
     "mil_run", "model_info", "patch_accuracy", "run_attacks", "sanity_checks", "sanity_report_run", "sanity_run",
-    "stratified_subset", "study_checks", "whitebox_run", "whitebox_specs", "whitebox_sweep", "worst_case_correct",
+    "stratified_subset", "study_checks", "sweep_alpha", "whitebox_run", "whitebox_specs", "whitebox_sweep", "worst_case_correct",
     "worst_case_rows",
 ]

@@ -218,10 +218,10 @@ def craft_bags(model: nn.Module, mil: GatedAttentionMIL, x: torch.Tensor, sizes:
 
 def mil_specs(cfg_eval: Mapping[str, Any], seed: int = 0) -> list[Any]:
     """The bag attacks of `evaluation.mil` at the white-box sweep's eps, steps and alpha."""
-    from hsat.evaluate.sweep import AttackSpec, attack_name
+    from hsat.evaluate.sweep import AttackSpec, attack_name, sweep_alpha
 
     wb, mcfg = cfg_eval["whitebox"], cfg_eval["mil"]
-    specs = [AttackSpec(attack_name(a, o) if o == "feature" else a, float(eps), int(wb["steps"]), o, float(wb["alpha"]), seed)
+    specs = [AttackSpec(attack_name(a, o) if o == "feature" else a, float(eps), int(wb["steps"]), o, sweep_alpha(wb, eps), seed)
              for a in mcfg["attacks"] for eps in wb["eps"] for o in mcfg["objectives"]]
     return list(dict.fromkeys(specs))
 

@@ -19,7 +19,8 @@ from hsat.evaluate.classifiers import fit_linear_probe
 from hsat.evaluate.embeddings import Embeddings, embed, load_embeddings, write_embeddings
 from hsat.evaluate.metrics import patch_accuracy, stratified_subset
 from hsat.evaluate.sanity import SANITY_COLUMNS, sanity_checks, study_checks
-from hsat.evaluate.sweep import whitebox_sweep
+from hsat import attacks
+from hsat.evaluate.sweep import sweep_alpha, whitebox_sweep
 from hsat.io import write_csv
 from hsat.models import load_trained_model
 from hsat.report import read_tidy
@@ -186,7 +187,8 @@ def attention_run(run_dir, manifest, study: Mapping[str, Any], out_dir=None, pat
         raise HSATError(f"{manifest}: no validation patches to draw attention maps of")
     x = torch.stack([val_ds[i]["image"] for i in chosen]).to(device)
     wb = cfg_eval["whitebox"]
-    maps = attention_under_attack(model, x, cfg_eval["attention"]["eps"], wb["alpha"], wb["steps"])
+    eps = cfg_eval["attention"]["eps"]
+    maps = attention_under_attack(model, x, eps, sweep_alpha(wb, eps), wb["steps"])
     paths = []
     name = model_name or Path(run_dir).name
     if out is not None:
@@ -215,7 +217,9 @@ def language_run(run_dir, manifest, study: Mapping[str, Any], model_name: str, o
     if not hlss or not hlss.get("text_embeddings"):
         raise HSATError(f"{cfg_path}: not an HLSS run (method.hlss.text_embeddings is not set)")
     emb = load_text_embeddings(hlss["text_embeddings"])
-    lcfg = resolve_evaluation(study["evaluation"])["language"]
+    cfg_eval = resolve_evaluation(study["evaluation"])
+    lcfg = dict(cfg_eval["language"])
+    lcfg["alpha"] = attacks.step_size(lcfg["alpha"], lcfg["eps"], lcfg["steps"], cfg_eval["whitebox"]["alpha_scale"])
     device = torch.device(device) if device else default_device()
     (val_ds,), classes = datasets(manifest, eval_image_size(study, run_dir), ("val",), run_dir)
     labels = [int(val_ds[i]["label"]) for i in range(len(val_ds))]
@@ -224,7 +228,7 @@ def language_run(run_dir, manifest, study: Mapping[str, Any], model_name: str, o
         raise HSATError(f"{manifest}: no validation patches")
     x = torch.stack([val_ds[i]["image"] for i in chosen]).to(device)
     y = torch.tensor([labels[i] for i in chosen], device=device)
-    model = load_trained_model(run_dir, device=device, precision=resolve_evaluation(study["evaluation"])["attack_precision"])
+    model = load_trained_model(run_dir, device=device, precision=cfg_eval["attack_precision"])
     df = language_rows(model, x, y, emb.markers, emb.marker_classes, emb.marker_names, classes, lcfg,
                        model_info(study, model_name), generator=torch.Generator(device=device).manual_seed(seed))
     write_csv(out, df)

@@ -43,7 +43,7 @@ from torch.utils.data import Dataset
 from hsat.config import resolve_evaluation
 from hsat.evaluate.classifiers import LinearProbe
 from hsat.evaluate.metrics import binomial_se, patch_accuracy
-from hsat.evaluate.sweep import AttackSpec, attack_subset, run_attacks
+from hsat.evaluate.sweep import AttackSpec, attack_subset, run_attacks, sweep_alpha
 from hsat.precision import effective_precision
 
 log = logging.getLogger(__name__)
@@ -192,10 +192,10 @@ PRECISION_OBJECTIVES: dict[str, str] = {"feature": "knn", "linear_ce": "linear",
 def sanity_specs(cfg_eval: Mapping[str, Any], seed: int = 0) -> dict[str, list[AttackSpec]]:
     """The attack specs of every per-model check (a spec shared by two checks runs once)."""
     wb, san = cfg_eval["whitebox"], cfg_eval["sanity"]
-    alpha, steps = float(wb["alpha"]), int(wb["steps"])
+    steps = int(wb["steps"])
     eps_ref = float(max(wb["eps"]))
     big = float(san["large_eps"])
-    wide = lambda e: max(alpha, 2.5 * e / steps)  # noqa: E731  Madry et al.'s rule: the ball can be crossed
+    alpha = sweep_alpha(wb, eps_ref)  # one step for every steps count at eps_ref: more steps only search longer
     noise_eps = sorted({float(e) for e in wb["eps"]} | {big})
     return {
         "steps": [AttackSpec("pgd", eps_ref, int(st), "linear_ce", alpha, seed) for st in san["steps"]],
@@ -203,11 +203,11 @@ def sanity_specs(cfg_eval: Mapping[str, Any], seed: int = 0) -> dict[str, list[A
         "converged": [AttackSpec("pgd", eps_ref, st, obj, alpha, seed)
                       for obj in CONVERGED_OBJECTIVES for st in (steps, 2 * steps)],
         "restarts": [AttackSpec("pgd", eps_ref, steps, "linear_ce", alpha, seed, restart=r) for r in range(int(san["restarts"]))],
-        "eps": [AttackSpec("pgd", float(e), steps, "linear_ce", wide(float(e)), seed) for e in sorted(san["eps"])],
-        "large_eps_label": [AttackSpec("pgd", big, steps, "linear_ce", wide(big), seed)],
-        "large_eps_feature": [AttackSpec("pgd", big, steps, "feature", wide(big), seed)],
-        "noise_pgd": [AttackSpec("pgd", e, steps, "linear_ce", alpha if e in wb["eps"] else wide(e), seed) for e in noise_eps],
-        "noise": [AttackSpec("noise", e, 0, "none", alpha, seed) for e in noise_eps],
+        "eps": [AttackSpec("pgd", float(e), steps, "linear_ce", sweep_alpha(wb, e), seed) for e in sorted(san["eps"])],
+        "large_eps_label": [AttackSpec("pgd", big, steps, "linear_ce", sweep_alpha(wb, big), seed)],
+        "large_eps_feature": [AttackSpec("pgd", big, steps, "feature", sweep_alpha(wb, big), seed)],
+        "noise_pgd": [AttackSpec("pgd", e, steps, "linear_ce", sweep_alpha(wb, e), seed) for e in noise_eps],
+        "noise": [AttackSpec("noise", e, 0, "none", float(wb["alpha"]), seed) for e in noise_eps],
         "precision": [AttackSpec("pgd", eps_ref, steps, obj, alpha, seed) for obj in PRECISION_OBJECTIVES],
     }
 

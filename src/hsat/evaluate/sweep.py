@@ -332,6 +332,12 @@ def run_attacks(
     )
 
 
+def sweep_alpha(wb: Mapping[str, Any], eps: float, steps: int | None = None) -> float:
+    """The step (1/255) of an evaluation attack at `eps` and `steps` (default: the sweep's) under the
+    validated `evaluation.whitebox` `wb`: its alpha, raised to alpha_scale * eps / steps."""
+    return attacks.step_size(wb["alpha"], eps, int(wb["steps"] if steps is None else steps), wb["alpha_scale"])
+
+
 def whitebox_specs(cfg_eval: Mapping[str, Any], seed: int = 0, model_name: str | None = None,
                    head_classifier: bool = False) -> list[AttackSpec]:
     """The (attack, eps, objective) grid of a validated `evaluation.whitebox`.
@@ -349,11 +355,11 @@ def whitebox_specs(cfg_eval: Mapping[str, Any], seed: int = 0, model_name: str |
             if attack == "autoattack":
                 if run_aa:
                     specs.append(AttackSpec("autoattack", float(eps), int(aa["steps"]), AUTOATTACK_OBJECTIVE,
-                                            float(wb["alpha"]), seed, version=aa["version"]))
+                                            sweep_alpha(wb, eps), seed, version=aa["version"]))
                 continue
             for objective in [*wb["objectives"], *([HEAD_OBJECTIVE] if head_classifier else [])]:
                 specs.append(AttackSpec(attack_name(attack, objective), float(eps), int(wb["steps"]), objective,
-                                        float(wb["alpha"]), seed))
+                                        sweep_alpha(wb, eps), seed))
     return list(dict.fromkeys(specs))  # bim and bim_r listed together would repeat a spec
 
 
