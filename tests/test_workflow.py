@@ -32,7 +32,7 @@ def _env(cwd: Path = REPO) -> dict:
     return env
 
 
-def snakemake(*args: str, cwd: Path = REPO, timeout: int = 240) -> subprocess.CompletedProcess:
+def snakemake(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "snakemake", *args],
         cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=timeout,
@@ -118,14 +118,14 @@ def test_invalid_config_and_missing_opensrh_root_fail_readably(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(1200)
 def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(workdir):
     params = workdir / "params.yaml"
     p = yaml.safe_load(params.read_text())
     p["study"].update(configfile="config/tiny.yaml", results_dir="results/tiny", cores=2)
     params.write_text(yaml.safe_dump(p))
     dvc = [str(Path(sys.executable).parent / "dvc")]
-    run = lambda *a: subprocess.run(dvc + list(a), cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=400)  # noqa: E731
+    run = lambda *a: subprocess.run(dvc + list(a), cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=1100)  # noqa: E731
     assert run("init", "--no-scm", "-q").returncode == 0
 
     proc = run("repro")
