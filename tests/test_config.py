@@ -198,14 +198,15 @@ def test_defaults_live_in_the_schema_alone():
 
 
 def test_core_overlay_is_the_default_study_restricted_to_the_papers_design():
-    """config/core.yaml trains exactly the default study's HiDisc/HSAT models (same run configs, so
+    """config/core.yaml trains exactly the default study's HiDisc/HSAT models and the references (same run configs, so
     the same numbers) and keeps every evaluation list of the default study that still applies."""
     path = ROOT / "config" / "core.yaml"
     default, _ = resolve_study(BASE)
     core, _ = resolve_study(BASE, [path])
     assert core["models"] and set(core["models"]) < set(default["models"])
     assert {core["models"][m]["method"]["name"] for m in core["models"]} <= {
-        "hidisc", "hsat", "hsat_patch", "hsat_slide", "hsat_lmax_patch", "hsat_lmax_patch_slide"}
+        "hidisc", "hsat", "hsat_patch", "hsat_slide", "hsat_lmax_patch", "hsat_lmax_patch_slide",
+        "supervised", "supervised_at"}
     for model in core["models"]:
         assert run_config_for_model(core, model) == run_config_for_model(default, model), model
     for key in ("transfer", "sanity"):

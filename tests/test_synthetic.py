@@ -164,6 +164,23 @@ def test_cue_measurement_follows_the_generation_knobs():
     base = measure_cues(SynthParams(), **kw)
     assert abs(base["texture_rms"] - SynthParams().texture_amplitude) < 1.0
     assert abs(measure_cues(SynthParams(texture_amplitude=2.0), **kw)["texture_rms"] - 2.0) < 0.5
+    weak = measure_cues(SynthParams(intensity_gain=1.0, intensity_sd_scale=1.0), **kw)
     strong = measure_cues(SynthParams(intensity_gain=3.0, intensity_sd_scale=0.2), **kw)
-    assert min(strong["intensity_nearest"].values()) > 2 * min(base["intensity_nearest"].values())
-    assert max(strong["intensity_patient_sd"].values()) < max(base["intensity_patient_sd"].values())
+    assert min(strong["intensity_nearest"].values()) > 2 * min(weak["intensity_nearest"].values())
+    assert max(strong["intensity_patient_sd"].values()) < max(weak["intensity_patient_sd"].values())
+
+
+def test_default_cohort_has_robust_cues_above_and_a_fragile_cue_below_the_budget():
+    """Issue 14: the default study's cohort (its patients, measured through 32 px crops) carries
+    class cues no 8/255 perturbation can forge -- every class's mean channel intensities more
+    than 3 x eps from its nearest class's, nuclei more than 3 x eps against their background --
+    and a class texture whose amplitude stays below eps (what a non-robust encoder can exploit)."""
+    from hsat.config import validate
+    from hsat.data.cues import measure_cues
+
+    eps = 8.0  # /255, the study's largest attack budget
+    synth = validate({}, "synth")
+    cues = measure_cues(SynthParams(), patients=synth["patients"], slides=synth["slides"], patches=8, size=32)
+    assert min(cues["intensity_nearest"].values()) > 3 * eps, cues["intensity_nearest"]
+    assert cues["nuclear_contrast"] > 3 * eps
+    assert cues["texture_rms"] < eps

@@ -44,19 +44,22 @@ MARKER = Path("meta") / "synthetic.json"
 # Morphology features, in standardised units (0 = cohort average), mapped to pixels in `_morph`.
 FEATURES = ("density", "radius", "elongation", "alignment", "lipid", "protein", "contrast")
 
-# Class means of the morphology features (rows follow FEATURES). Loosely after SRH histology:
-# normal white matter is lipid-rich and sparse; HGG dense and pleomorphic; metastases protein-rich
-# with large nuclei; meningioma and schwannoma elongated and aligned; pituitary adenoma dense,
-# uniform and round; LGG mildly hypercellular on a lipid-rich background.
+# Class means of the morphology features (rows follow FEATURES), the cohort adopted by issue 14's
+# calibration (attempt J, docs/synthetic_cohort.md). Nuclear geometry loosely after SRH histology:
+# HGG dense and pleomorphic; metastases with large nuclei; meningioma and schwannoma elongated and
+# aligned; pituitary adenoma dense, uniform and round; normal white matter sparse; LGG mildly
+# hypercellular. Background lipid and protein sit on a 3 x 3 grid of levels (-1, 0, 1), so that
+# with `intensity_gain` each class's mean channel intensities lie more than 3 x 8/255 from its
+# nearest class's (a robust cue) while the patient spread keeps that cue noisy.
 CLASS_MORPHOLOGY: dict[str, tuple[float, ...]] = {
     #           dens   rad   elong  align  lipid  prot   contr
-    "hgg":     (1.0,  0.6,   0.2,  -0.5,  -0.6,   0.4,   0.6),
-    "lgg":     (0.1, -0.4,   0.0,  -0.4,   0.6,  -0.2,  -0.3),
-    "mening":  (0.5,  0.1,   0.7,   0.8,  -0.3,   0.3,  -0.2),
-    "metast":  (0.7,  1.0,  -0.3,  -0.6,  -1.0,   1.0,   0.4),
-    "normal":  (-1.2, -0.8, -0.2,  -0.2,   1.2,  -0.9,  -0.8),
-    "pituita": (1.0, -0.3,  -0.9,  -0.6,  -0.2,   0.6,   0.2),
-    "schwan":  (-0.2, -0.2,  1.2,   1.0,   0.2,  -0.4,  -0.3),
+    "hgg":     (2.0,  1.2,   0.4,  -1.0,   0.0,   1.0,   0.6),
+    "lgg":     (0.2, -0.8,   0.0,  -0.8,   1.0,   0.0,  -0.3),
+    "mening":  (1.0,  0.2,   1.4,   1.6,   0.0,   0.0,  -0.2),
+    "metast":  (1.4,  2.0,  -0.6,  -1.2,  -1.0,   1.0,   0.4),
+    "normal":  (-2.4, -1.6, -0.4,  -0.4,   1.0,  -1.0,  -0.8),
+    "pituita": (2.0, -0.6,  -1.8,  -1.2,  -1.0,   0.0,   0.2),
+    "schwan":  (-0.4, -0.4,  2.4,   2.0,   0.0,  -1.0,  -0.3),
 }
 
 # Class texture signatures: (spatial frequency in cycles/px, orientation). Orientation "h"/"v"
@@ -104,23 +107,23 @@ class SynthParams:
     """Mean nucleus radius in px at feature value 0 (x exp(0.25 * radius))."""
     pleomorphism: float = 0.18
     """Log-normal spread of nucleus radii within a patch."""
-    lipid_level: float = 0.30
+    lipid_level: float = 0.24
     """Background CH2 (lipid) at feature value 0 (+ 0.045 * lipid)."""
-    protein_level: float = 0.36
+    protein_level: float = 0.50
     """Background CH3 (protein) at feature value 0 (+ 0.035 * protein)."""
     nuclear_contrast: float = 0.13
     """Protein gain inside a nucleus at feature value 0 (x exp(0.3 * contrast))."""
     nuclear_lipid_drop: float = 0.45
     """Fraction of the background lipid missing inside a nucleus (nuclei are lipid-poor)."""
-    intensity_gain: float = 1.0
+    intensity_gain: float = 3.5
     """Scale of the class (and patient/slide/patch) offsets of background lipid and protein:
     the channel-intensity cue's strength."""
-    intensity_sd_scale: float = 1.0
+    intensity_sd_scale: float = 0.45
     """Scale of the patient, slide and patch spread of the lipid and protein features alone (the
     intensity cue's within-class spread, beside the other features' `patient_sd` etc.)."""
     cloud_amplitude: float = 0.025
     """Smooth tissue-density variation (low-pass noise, ~5 px correlation) in both channels."""
-    slide_gain_sd: float = 0.06
+    slide_gain_sd: float = 0.02
     """Slide-level multiplicative illumination change (log-normal) of both channels."""
     # --- fine texture (non-robust cue)
     texture_amplitude: float = 6.0
@@ -361,12 +364,12 @@ def _prepare_target(out: Path) -> None:
 
 def synthesize_cohort(
     out: str | os.PathLike,
-    patients: int = 42,
+    patients: int = 84,
     slides: int = 2,
     patches: int = 24,
     size: int = 32,
     seed: int = 0,
-    val_fraction: float = 0.33,
+    val_fraction: float = 0.42,
     params: SynthParams | None = None,
 ) -> Path:
     """Write an SRH-like cohort in the OpenSRH layout under `out` and return `out`.

@@ -4,12 +4,15 @@ A candidate cohort is measured on HiDisc and the two supervised references (neve
 the default study's evaluation; the targets are patch-level accuracies, mean over seeds:
 
 - HiDisc, kNN: clean >= 70 % and worst case at 8/255 <= 15 % (the paper's fragile baseline);
-- supervised_at, its own head and kNN on its features: clean >= 60 % and worst case at 8/255
-  >= 45 % (robustness is learnable on the cohort).
+- supervised_at, its own head: clean >= 60 % and worst case at 8/255 >= 45 % (robustness is
+  learnable on the cohort).
 
-Both classifiers of the robust reference are targets, so a cohort cannot pass by the choice of
-decision rule. A target is `met` or `not met` on the mean; fewer than `MIN_SEEDS` seeds make the
-verdict provisional, and a cohort is adoptable only when every target is met on enough seeds.
+Each target names the classifier its method is scored by: HiDisc is evaluated by kNN (as the
+issue says), the robust reference by the head that Madry et al.'s adversarial training makes
+robust. kNN and the probe on the reference's features are reported beside it (the summary
+table), not judged: they are classifiers its training never saw. A target is `met` or `not met`
+on the mean; fewer than `MIN_SEEDS` seeds make the verdict provisional, and a cohort is
+adoptable only when every target is met on enough seeds.
 """
 
 from __future__ import annotations
@@ -44,8 +47,6 @@ TARGETS: tuple[Target, ...] = (
     Target("hidisc", "knn", "worst_8", "<=", 15.0),
     Target("supervised_at", "head", "clean", ">=", 60.0),
     Target("supervised_at", "head", "worst_8", ">=", 45.0),
-    Target("supervised_at", "knn", "clean", ">=", 60.0),
-    Target("supervised_at", "knn", "worst_8", ">=", 45.0),
 )
 
 MEASURES: dict[str, tuple[str, float, str | None]] = {
