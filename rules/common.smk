@@ -155,10 +155,26 @@ def eval_settings(stage, wildcards=None):
         "attention": {"whitebox", "transfer", "sanity"} | extras - {"attention"},
         "language": {"whitebox", "transfer", "sanity"} | extras - {"language"},
     }[stage]
-    out = {k: v for k, v in EVAL.items() if k not in drop}
-    if wildcards is not None and "model" in wildcards.keys():
-        out["group"] = config["models"][wildcards.model].get("group")
+    model = wildcards.model if wildcards is not None and "model" in wildcards.keys() else None
+    out = _model_lists({k: v for k, v in EVAL.items() if k not in drop}, model)
+    if model is not None:
+        out["group"] = config["models"][model].get("group")
     return canonical(out)
+
+
+def _model_lists(settings, model):
+    """Each model list in `settings` as what it means for `model`: whether the model is on it (an
+    empty list names every model), or nothing when no model is known (the job's input files name
+    the models). Adding a model to a list reruns that model's jobs, not every job."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out[key] = _model_lists(value, model)
+        elif key != "models":
+            out[key] = value
+        elif model is not None:
+            out["listed"] = not value or model in value
+    return out
 
 
 # ---------------------------------------------------------------- the study matrix and its files
