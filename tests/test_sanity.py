@@ -195,3 +195,18 @@ def test_identity_whitebox_attack_fails_whitebox_vs_transfer(broken, tmp_path):
     broken(identity)
     weak = ev.whitebox_sweep(model, probe, bank, val, cfg, model_name="t", progress=False)
     assert _failed(check_whitebox_vs_transfer(weak, transfer, len(val), 2.0), "whitebox_vs_transfer")
+
+
+def test_monotone_tolerance_is_the_noise_of_a_difference_of_two_estimates():
+    """2 -> 5 of 210 patches is noise (both accuracies are estimates); 2 -> 14 is a rise."""
+    from hsat.evaluate.sanity import check_monotone
+    from hsat.evaluate.sweep import AttackSpec
+
+    def run(accs):
+        pts = [(AttackSpec("pgd", e, 5, "linear_ce"), a) for e, a in zip((8.0, 32.0, 64.0), accs)]
+        return [r["passed"] for r in check_monotone("m", "eps", "eps", pts, 210, 2.0, "linear")]
+
+    n = 210
+    assert run([30.0, 100 * 2 / n, 100 * 5 / n]) == [True, True, True]
+    assert run([30.0, 100 * 2 / n, 100 * 14 / n]) == [True, True, False]
+    assert run([30.0, 45.0, 1.0]) == [True, False, True]  # a rise is judged against the lowest before

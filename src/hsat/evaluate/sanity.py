@@ -33,6 +33,7 @@ Per study (`study_checks`, from the result CSVs):
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -73,13 +74,16 @@ def chance_accuracy(labels: np.ndarray) -> float:
 
 def check_monotone(model: str, check: str, param: str, points: Sequence[tuple[AttackSpec, float]], n: int,
                    z: float, classifier: str) -> list[dict]:
-    """Accuracy must not rise along `param` (steps or eps): each point <= the lowest before + noise."""
+    """Accuracy must not rise along `param` (steps or eps): each point <= the lowest before + noise.
+
+    Both accuracies are estimates on n patches, so the noise is z standard errors of their
+    difference, sqrt(SE(acc)^2 + SE(lowest)^2), not the SE of one of them."""
     rows, best = [], None
     for spec, acc in sorted(points, key=lambda t: getattr(t[0], param)):
-        tol = z * binomial_se(best if best is not None else acc, n)
+        tol = z * math.hypot(binomial_se(acc, n), binomial_se(best, n)) if best is not None else 0.0
         ok = best is None or acc <= best + tol
         rows.append(_row(model, check, param, getattr(spec, param), acc, ok, spec, classifier,
-                         f"acc <= min acc at smaller {param} + {z:g} SE ({tol:.2f})"))
+                         f"acc <= min acc at smaller {param} + {z:g} SE of the difference ({tol:.2f})"))
         best = acc if best is None else min(best, acc)
     return rows
 

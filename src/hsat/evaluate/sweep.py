@@ -98,15 +98,20 @@ class AttackSpec:
 
 
 class ProbeClassifier(nn.Module):
-    """image -> linear-probe logits, the end-to-end classifier that AutoAttack sees."""
+    """image -> linear-probe logits, the end-to-end classifier that AutoAttack sees.
 
-    def __init__(self, model: nn.Module, probe: nn.Module):
+    `autocast` wraps the forward pass (the attack precision); the logits come back in fp32, so
+    AutoAttack's losses, step-size rule and bookkeeping run in fp32 whatever the convolutions do."""
+
+    def __init__(self, model: nn.Module, probe: nn.Module, autocast: Callable[[], Any] = contextlib.nullcontext):
         super().__init__()
         self.model = model
         self.probe = probe
+        self.autocast = autocast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.probe(self.model.forward_features(x))
+        with self.autocast():
+            return self.probe(self.model.forward_features(x)).float()
 
 
 def make_objective(
@@ -144,7 +149,8 @@ def make_objective(
     raise HSATError(f"unknown attack objective {objective!r} ({', '.join(OBJECTIVES)}, {HEAD_OBJECTIVE})")
 
 
-def autoattack(model: nn.Module, probe: LinearProbe, eps: float, version: str, steps: int, seed: int) -> Callable:
+def autoattack(model: nn.Module, probe: LinearProbe, eps: float, version: str, steps: int, seed: int,
+               autocast: Callable[[], Any] = contextlib.nullcontext) -> Callable:
     """AutoAttack (Croce & Hein 2020) on image -> probe logits, built from torchattacks' parts.
 
     `standard`: APGD-CE, APGD-T (C - 1 targets), FAB-T and Square (5000 queries), each on the
@@ -156,7 +162,7 @@ def autoattack(model: nn.Module, probe: LinearProbe, eps: float, version: str, s
     # In eval mode: torchattacks puts the classifier back into the mode it found it in, and a
     # fresh module is in training mode -- which would leave the encoder's batch norm updating
     # its statistics on every later batch of the sweep.
-    clf = ProbeClassifier(model, probe).eval()
+    clf = ProbeClassifier(model, probe, autocast).eval()
     n = probe.num_classes
     parts = [
         torchattacks.APGD(clf, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce"),
@@ -185,8 +191,8 @@ def craft_batch(
 ) -> torch.Tensor:
     """Adversarial (or noisy) version of the batch `x` under `spec`; the model must be frozen.
 
-    `autocast` wraps the objective's forward passes (the iterative attacks; AutoAttack runs as
-    torchattacks calls it, in fp32)."""
+    `autocast` wraps the forward passes of crafting (the objective's, and AutoAttack's classifier
+    with its logits returned in fp32); the returned images are scored by the caller in fp32."""
     eps, alpha = spec.eps / 255.0, spec.alpha / 255.0
     if spec.attack == "noise":
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
@@ -194,7 +200,7 @@ def craft_batch(
     if spec.attack == "autoattack":
         if probe is None:
             raise HSATError("autoattack needs a linear probe")
-        aa = autoattack(model, probe, eps, spec.version or "standard", spec.steps, spec.seed)
+        aa = autoattack(model, probe, eps, spec.version or "standard", spec.steps, spec.seed, autocast)
         return aa(x, y).detach()
     base = spec.attack.removesuffix("_r")
     fn = attacks.ATTACKS.get(base)
