@@ -274,21 +274,6 @@ def test_whitebox_subset_and_autoattack():
     assert set(df.objective) == {"none", ev.AUTOATTACK_OBJECTIVE, "all"}  # all: the worst case
 
 
-def test_autoattack_classifier_runs_in_the_attack_precision_with_fp32_logits():
-    """AutoAttack crafts under `attack_precision` like every other attack (its forward in bf16
-    autocast), while its losses and bookkeeping see fp32 logits."""
-    from hsat.precision import autocast_factory
-
-    model, probe, _, val = toy_setup()
-    seen = []
-    model.proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    x = torch.stack([val[i]["image"] for i in range(4)])
-    logits = ev.ProbeClassifier(model, probe, autocast_factory("bf16", "cpu"))(x)
-    assert seen == [torch.bfloat16] and logits.dtype == torch.float32
-    seen.clear()
-    assert ev.ProbeClassifier(model, probe)(x).dtype == torch.float32 and seen == [torch.float32]
-
-
 # ----------------------------------------------------------------------------- command line
 
 

@@ -98,20 +98,15 @@ class AttackSpec:
 
 
 class ProbeClassifier(nn.Module):
-    """image -> linear-probe logits, the end-to-end classifier that AutoAttack sees.
+    """image -> linear-probe logits, the end-to-end classifier that AutoAttack sees."""
 
-    `autocast` wraps the forward pass (the attack precision); the logits come back in fp32, so
-    AutoAttack's losses, step-size rule and bookkeeping run in fp32 whatever the convolutions do."""
-
-    def __init__(self, model: nn.Module, probe: nn.Module, autocast: Callable[[], Any] = contextlib.nullcontext):
+    def __init__(self, model: nn.Module, probe: nn.Module):
         super().__init__()
         self.model = model
         self.probe = probe
-        self.autocast = autocast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return self.probe(self.model.forward_features(x)).float()
+        return self.probe(self.model.forward_features(x))
 
 
 def make_objective(
@@ -149,20 +144,25 @@ def make_objective(
     raise HSATError(f"unknown attack objective {objective!r} ({', '.join(OBJECTIVES)}, {HEAD_OBJECTIVE})")
 
 
-def autoattack(model: nn.Module, probe: LinearProbe, eps: float, version: str, steps: int, seed: int,
-               autocast: Callable[[], Any] = contextlib.nullcontext) -> Callable:
+def autoattack(model: nn.Module, probe: LinearProbe, eps: float, version: str, steps: int, seed: int) -> Callable:
     """AutoAttack (Croce & Hein 2020) on image -> probe logits, built from torchattacks' parts.
 
     `standard`: APGD-CE, APGD-T (C - 1 targets), FAB-T and Square (5000 queries), each on the
     examples the previous ones left correct, with `steps` iterations (the original: 100).
     `apgd-ce+apgd-t`: the first two only (the gradient-based part; what the CPU study runs).
+
+    It runs in fp32 whatever `evaluation.attack_precision` says: AutoAttack stops searching an
+    example once its own logits call it misclassified, and bf16 logits end the search of
+    borderline examples that fp32 scores correct. Tried on the default study (2026-12-05): 25 %
+    faster evaluation jobs, but a weaker worst case in 29 of 136 patch cells (by up to 2.4
+    points), and still in some after redoing those examples in fp32 (docs/performance.md).
     """
     import torchattacks  # installed with --no-deps (Makefile); imported here so kNN-only users never need it
 
     # In eval mode: torchattacks puts the classifier back into the mode it found it in, and a
     # fresh module is in training mode -- which would leave the encoder's batch norm updating
     # its statistics on every later batch of the sweep.
-    clf = ProbeClassifier(model, probe, autocast).eval()
+    clf = ProbeClassifier(model, probe).eval()
     n = probe.num_classes
     parts = [
         torchattacks.APGD(clf, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce"),
@@ -191,8 +191,8 @@ def craft_batch(
 ) -> torch.Tensor:
     """Adversarial (or noisy) version of the batch `x` under `spec`; the model must be frozen.
 
-    `autocast` wraps the forward passes of crafting (the objective's, and AutoAttack's classifier
-    with its logits returned in fp32); the returned images are scored by the caller in fp32."""
+    `autocast` wraps the objective's forward passes (the iterative attacks; AutoAttack runs as
+    torchattacks calls it, in fp32)."""
     eps, alpha = spec.eps / 255.0, spec.alpha / 255.0
     if spec.attack == "noise":
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
@@ -200,7 +200,7 @@ def craft_batch(
     if spec.attack == "autoattack":
         if probe is None:
             raise HSATError("autoattack needs a linear probe")
-        aa = autoattack(model, probe, eps, spec.version or "standard", spec.steps, spec.seed, autocast)
+        aa = autoattack(model, probe, eps, spec.version or "standard", spec.steps, spec.seed)
         return aa(x, y).detach()
     base = spec.attack.removesuffix("_r")
     fn = attacks.ATTACKS.get(base)
