@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,22 @@ def test_ablations_overlay_adds_seeds_to_the_papers_study_and_reuses_its_models(
     assert abl["results_dir"] == core["results_dir"]
     for key in ("transfer", "sanity"):
         assert abl["evaluation"][key]["models"] == core["evaluation"][key]["models"]
+
+
+def test_dino_levels_overlay_reuses_the_default_studys_models_and_varies_only_positives():
+    """config/dino_levels.yaml: its HSAT and robust DINO models are the default study's (same run configs, so their
+    jobs are reused), and the two new models differ from robust DINO seed 0 only in method.dino.positives."""
+    default, _ = resolve_study(BASE)
+    levels, _ = resolve_study(BASE, [ROOT / "config" / "dino_levels.yaml"])
+    new = {"robust_dino_vit_slide_s0": "slide", "robust_dino_vit_patient_s0": "patient"}
+    assert set(levels["models"]) - set(default["models"]) == set(new)
+    for model in set(levels["models"]) - set(new):
+        assert run_config_for_model(levels, model) == run_config_for_model(default, model), model
+    base = run_config_for_model(default, "robust_dino_vit_s0")
+    for model, positives in new.items():
+        run = copy.deepcopy(run_config_for_model(levels, model))
+        assert run["method"]["dino"]["positives"] == positives
+        run["method"]["dino"]["positives"] = base["method"]["dino"]["positives"]
+        assert run == base, model
+    aa = levels["evaluation"]["whitebox"]["autoattack"]["models"]
+    assert not aa or set(levels["models"]) <= set(aa)

@@ -202,6 +202,10 @@ def test_attention_maps_are_stored_clean_and_attacked_and_drawn_by_the_report(ti
     figs = tmp_path / "figures"
     assert main(["report", "attention", "--maps", str(maps), "--out-dir", str(figs)]) == 0
     assert (figs / "attention.png").stat().st_size > 0 and (figs / "attention.pdf").is_file()
+    drawn = tmp_path / "drawn"  # `hsat attention --out-dir`: the maps written there and drawn as the report draws them
+    assert main(["attention", "--run", str(run), "--manifest", str(tiny_manifest), "--study", str(study),
+                 "--model", "vit", "--out-dir", str(drawn)]) == 0
+    assert (drawn / "attention_vit.safetensors").is_file() and (drawn / "attention_vit.png").stat().st_size > 0
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     assert main(["report", "attention", "--maps", str(tmp_path / "other.safetensors"), "--out-dir", str(figs / "x")]) == 2
     assert not (figs / "x").exists() or not any((figs / "x").iterdir())

@@ -241,6 +241,39 @@ def test_table3_and_table4_add_worst_case_at_largest_eps(whitebox, study):
     assert "Worst case 8/255" in set(t4.columns.get_level_values("Condition"))
 
 
+def test_table3_shows_robust_dino_by_its_positives_when_the_study_varies_them(whitebox, study):
+    """Robust DINO's hierarchy option (method.dino.positives) is Table 3's level for DINO: one row per
+    positives value after HSAT's rows, patch -> slide -> patient; none while every robust DINO model uses
+    the same positives (so a study without the option keeps its Table 3)."""
+    positives = {"rdino_patient": "patient", "rdino_patch": "patch", "rdino_slide": "slide"}
+    extra = []
+    for i, (model, pos) in enumerate(positives.items()):
+        rows = whitebox[whitebox["model"] == "hsat_s0"].copy()
+        rows["model"], rows["method"] = model, "robust_dino"
+        rows["acc"] = rows["acc"] - 10.0 * (i + 1)
+        extra.append(rows)
+    wb = pd.concat([whitebox, *extra], ignore_index=True)
+
+    def study_with(pos_of):
+        models = {k: {**v, "group": "scratch"} for k, v in MODELS.items()}
+        for model, pos in pos_of.items():
+            models[model] = {"method": {"name": "robust_dino", "dino": {"positives": pos}}, "group": "scratch"}
+        return validate({"models": models, "pretrain": {"model": {"backbone": "test_resnet"}}}, "study")
+
+    t3, caption = table3(wb, study_with(positives))
+    methods = list(t3.index.get_level_values("Method"))
+    assert methods == ["HSAT-Patient", "HSAT-Patch", "HSAT-Slide", "Robust DINO (positives: patch)",
+                       "Robust DINO (positives: slide)", "Robust DINO (positives: patient)"]
+    assert "method.dino.positives" in caption
+    cell = t3.xs("Robust DINO (positives: slide)", level="Method")[("Worst case 8/255", "Acc", "patch")].iloc[0]
+    expect = _sel(wb, model="rdino_slide", attack="worst_case", eps=8, classifier="knn", level="patch")["acc"]
+    assert cell == f"{expect.iloc[0]:.1f}"
+
+    same, caption = table3(wb, study_with({m: "patch" for m in positives}))
+    assert list(same.index.get_level_values("Method")) == ["HSAT-Patient", "HSAT-Patch", "HSAT-Slide"]
+    assert "positives" not in caption
+
+
 def test_write_tables_files_and_long_table1(whitebox, transfer, study_aa, tmp_path):
     paths = write_tables(whitebox, transfer, study_aa, tmp_path)
     for i in range(1, 6):

@@ -194,3 +194,13 @@ def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(workdir):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (run_dir / "log.jsonl").read_text() == log_before
     assert (run_dir / "model.safetensors").read_bytes() == weights_before
+
+
+def test_report_code_is_not_part_of_training_or_evaluation():
+    """Editing src/hsat/report/ reruns only tables and figures (README): no module of the report package is in
+    the code version (hsat.provenance's import closure) of the stages that make data, train or evaluate."""
+    from hsat.provenance import module_closure
+
+    for entry in ("hsat.cli.data", "hsat.cli.train", "hsat.cli.evaluate"):
+        report = [p.name for p in module_closure([entry]) if "report" in p.parts]
+        assert not report, f"{entry} imports report modules {report}: editing a table would rerun that stage"

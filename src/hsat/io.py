@@ -59,3 +59,20 @@ def write_csv(path: str | os.PathLike, df: "Any", **kw: Any) -> None:
     kw.setdefault("index", False)
     with atomic_path(path, suffix=".csv") as tmp:
         df.to_csv(tmp, **kw)
+
+
+def read_tidy(path: str | os.PathLike) -> "Any":
+    """Read a tidy result CSV; an empty file (a stage with nothing to report) is an empty frame."""
+    import pandas as pd
+
+    from hsat.errors import HSATError
+
+    path = Path(path)
+    if not path.is_file():
+        raise HSATError(f"result file not found: {path}")
+    if path.stat().st_size == 0:
+        return pd.DataFrame()
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()

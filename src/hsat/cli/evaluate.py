@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,13 @@ def _attention(args: argparse.Namespace) -> int:
     paths = attention_run(args.run, args.manifest, _study(args), args.out_dir, args.patches_per_class, out=args.out,
                           model_name=args.model)
     log.info("attention maps written to %s", ", ".join(str(p) for p in paths))
-    return 0
+    if args.out_dir is None:
+        return 0
+    # --out-dir also draws them: the report's verb, run as `--then report attention` would run it.
+    from hsat.cli import build_parser, run_verb
+
+    return run_verb(build_parser().parse_args(["report", "attention", "--maps", *map(str, paths), "--out-dir", args.out_dir,
+                                               "--name", f"attention_{Path(args.run).name}"]))
 
 
 def _language(args: argparse.Namespace) -> int:
@@ -124,7 +131,7 @@ def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("attention", help="a ViT run's last-block class-token attention, per head, on validation patches (figure)")
     _common(p, embeddings=False, model=False)
     p.add_argument("--out", metavar="MAPS.safetensors", help="the maps, clean and under attack, for `hsat report attention`")
-    p.add_argument("--out-dir", metavar="DIR", help="draws attention_<run>.png and .pdf (clean) here now")
+    p.add_argument("--out-dir", metavar="DIR", help="writes the maps here (unless --out) and draws them, as `hsat report attention` does: attention_<run>.png and .pdf")
     p.add_argument("--model", metavar="NAME", help="the model's name in the study (default: the run folder's)")
     p.add_argument("--patches-per-class", type=int, default=1, metavar="N")
     p.set_defaults(func=_attention)

@@ -47,7 +47,7 @@ def _attention(args: argparse.Namespace) -> int:
     from hsat.evaluate.attention import read_attention_maps
     from hsat.report.figures import attention_figure, save_figure
 
-    paths = save_figure(attention_figure([read_attention_maps(p) for p in args.maps]), args.out_dir, "attention")
+    paths = save_figure(attention_figure([read_attention_maps(p) for p in args.maps]), args.out_dir, args.name)
     print("attention maps ->", ", ".join(str(p) for p in paths))
     return 0
 
@@ -111,7 +111,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     a = verbs.add_parser("attention", help="the ViT models' attention maps, clean and under attack, from stored maps")
     a.add_argument("--maps", nargs="*", default=[], help="files of `hsat attention --out` (one per model)")
-    a.add_argument("--out-dir", required=True, help="writes attention.png and .pdf here")
+    a.add_argument("--out-dir", required=True, help="writes NAME.png and .pdf here")
+    a.add_argument("--name", default="attention", help="the figure's file name, without extension (default: attention)")
     a.set_defaults(func=_attention)
 
     t = verbs.add_parser("tables", help="Tables 1-4 as CSV, Markdown and LaTeX")

@@ -21,9 +21,8 @@ from hsat.evaluate.metrics import patch_accuracy, stratified_subset
 from hsat.evaluate.sanity import SANITY_COLUMNS, sanity_checks, study_checks
 from hsat import attacks
 from hsat.evaluate.sweep import sweep_alpha, whitebox_sweep
-from hsat.io import write_csv
+from hsat.io import read_tidy, write_csv
 from hsat.models import load_trained_model
-from hsat.report import read_tidy
 
 
 def default_device() -> torch.device:
@@ -169,13 +168,15 @@ def attention_run(run_dir, manifest, study: Mapping[str, Any], out_dir=None, pat
                   device=None, out=None, model_name: str | None = None) -> list[Path]:
     """`hsat attention`: the last block's class-token attention of a ViT run on validation
     patches (the first `patches_per_class` of each class), clean and under PGD on the feature
-    objective (`evaluation.attention.eps`, the white-box steps and alpha). `out`: the maps as
-    safetensors (what the report rule draws); `out_dir`: attention_<run>.png/.pdf drawn now."""
+    objective (`evaluation.attention.eps`, the white-box steps and alpha), written as safetensors
+    to `out` (or, without it, to OUT_DIR/attention_<run>.safetensors). Drawing them is the
+    report's (`hsat report attention`), so no figure code is part of the evaluation."""
     from hsat.evaluate.attention import attention_under_attack, write_attention_maps
-    from hsat.report.figures import attention_maps_figure, save_figure
 
     if out is None and out_dir is None:
         raise HSATError("hsat attention: give --out MAPS.safetensors and/or --out-dir DIR")
+    name = model_name or Path(run_dir).name
+    out = Path(out) if out is not None else Path(out_dir) / f"attention_{Path(run_dir).name}.safetensors"
     device = torch.device(device) if device else default_device()
     cfg_eval = resolve_evaluation(study["evaluation"])
     size = eval_image_size(study, run_dir)
@@ -189,19 +190,10 @@ def attention_run(run_dir, manifest, study: Mapping[str, Any], out_dir=None, pat
     wb = cfg_eval["whitebox"]
     eps = cfg_eval["attention"]["eps"]
     maps = attention_under_attack(model, x, eps, sweep_alpha(wb, eps), wb["steps"])
-    paths = []
-    name = model_name or Path(run_dir).name
-    if out is not None:
-        meta = {"model": name, "classes": list(classes), "eps": float(cfg_eval["attention"]["eps"]),
-                "steps": int(wb["steps"]), "attack": "pgd", "objective": "feature"}
-        write_attention_maps(out, maps, torch.tensor([labels[i] for i in chosen]), meta)
-        paths.append(Path(out))
-    if out_dir is not None:
-        images = maps["images"].permute(0, 2, 3, 1).numpy().clip(0, 1)
-        titles = [classes[labels[i]] for i in chosen]
-        paths += save_figure(attention_maps_figure(images, maps["clean"].numpy(), titles), out_dir,
-                             f"attention_{Path(run_dir).name}")
-    return paths
+    meta = {"model": name, "classes": list(classes), "eps": float(cfg_eval["attention"]["eps"]),
+            "steps": int(wb["steps"]), "attack": "pgd", "objective": "feature"}
+    write_attention_maps(out, maps, torch.tensor([labels[i] for i in chosen]), meta)
+    return [out]
 
 
 def language_run(run_dir, manifest, study: Mapping[str, Any], model_name: str, out, device=None,

@@ -11,25 +11,11 @@ from typing import Iterable
 
 import pandas as pd
 
-from hsat.errors import HSATError
 from hsat.methods import METHODS, method_label  # noqa: F401 (method_label: public here too)
-from hsat.io import write_csv
+from hsat.io import read_tidy, write_csv  # noqa: F401 (read_tidy: public here too)
 
 METHOD_LABELS: dict[str, str] = {name: entry.label for name, entry in METHODS.items()}
 """Display names of the registered methods (hsat.methods.METHODS); other names show as they are."""
-
-
-def read_tidy(path: str | Path) -> pd.DataFrame:
-    """Read a tidy result CSV; an empty file (a stage with nothing to report) is an empty frame."""
-    path = Path(path)
-    if not path.is_file():
-        raise HSATError(f"result file not found: {path}")
-    if path.stat().st_size == 0:
-        return pd.DataFrame()
-    try:
-        return pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame()
 
 
 def collect(inputs: Iterable[str | Path], out: str | Path) -> pd.DataFrame:

@@ -383,31 +383,6 @@ def write_figures(
     return written
 
 
-def attention_maps_figure(images: np.ndarray, maps: np.ndarray, titles: list[str]) -> plt.Figure:
-    """One row per patch: the patch, then each head's class-token attention upsampled onto it.
-
-    `images` (N, H, W, 3) in [0, 1]; `maps` (N, heads, gh, gw); `titles` one per patch.
-    """
-    n, heads = maps.shape[:2]
-    fig, axes = plt.subplots(n, heads + 1, figsize=(1.3 * (heads + 1), 1.4 * n), squeeze=False)
-    for i in range(n):
-        axes[i, 0].imshow(images[i])
-        axes[i, 0].set_title(_short(titles[i], 14, 1), fontsize=7)
-        for h in range(heads):
-            m = maps[i, h]
-            axes[i, h + 1].imshow(images[i], alpha=0.35)
-            axes[i, h + 1].imshow(m / max(float(m.max()), 1e-12), cmap="inferno", alpha=0.75,
-                                  extent=(-0.5, images.shape[2] - 0.5, images.shape[1] - 0.5, -0.5),
-                                  interpolation="nearest")
-            if i == 0:
-                axes[i, h + 1].set_title(f"head {h + 1}", fontsize=7)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    fig.suptitle("Last-block attention from the class token", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def attention_figure(entries: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> plt.Figure:
     """Every model's last-block class-token attention, clean and under attack, from stored maps
     (`hsat.evaluate.attention.read_attention_maps`: (tensors, meta) per model). Columns are the

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 # the paper's order: fewest levels first.
 LEVEL_METHODS = tuple(sorted(methods_with_role("level", "method"), key=lambda m: len(VARIANTS[m]["min_levels"])))
 ABLATION_METHODS = tuple(sorted(methods_with_role("lmax", "method"), key=lambda m: len(VARIANTS[m]["max_levels"])))
+DINO_LEVEL_METHODS = ("robust_dino",)
+"""Methods whose hierarchy option (`method.dino.positives`) is Table 3's level, when a study varies it."""
+POSITIVES_ORDER = ("patch", "slide", "patient")
 WHITEBOX_REQUIRED = ("model", "method", "attack", "eps", "classifier", "level", "acc", "mca")
 TRANSFER_REQUIRED = ("surrogate", "target", "level", "acc_drop", "mca_drop")
 LABEL_FREE_OBJECTIVES = ("feature", "head")
@@ -83,9 +86,11 @@ def model_info(study_cfg: Mapping[str, Any]) -> pd.DataFrame:
                 "cfg_method": run["method"]["name"],
                 "min_levels": "+".join(run["method"]["min_levels"]),
                 "max_levels": "+".join(run["method"]["max_levels"]),
+                "positives": (run["method"].get("dino") or {}).get("positives"),
             }
         )
-    return pd.DataFrame(rows, columns=["model", "backbone", "pretrained", "cfg_group", "cfg_method", "min_levels", "max_levels"])
+    return pd.DataFrame(rows, columns=["model", "backbone", "pretrained", "cfg_group", "cfg_method", "min_levels",
+                                       "max_levels", "positives"])
 
 
 def primary_setting(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[str, str]:
@@ -361,12 +366,36 @@ def _worst_text(worst: float | None) -> str:
     return "" if worst is None else f" and the worst case over every attack and objective at eps {worst:g}/255"
 
 
+def dino_level_models(df: pd.DataFrame) -> list[str]:
+    """Robust DINO models of `df` (with model info) when they differ in `method.dino.positives`:
+    DINO's hierarchy (student crops from the same patch, another patch of the slide, another slide
+    of the patient), the counterpart of HSAT's levels. None when every one uses the same."""
+    sub = df[df["method"].isin(DINO_LEVEL_METHODS) & df["positives"].notna()]
+    if sub["positives"].nunique() < 2:
+        return []
+    return sorted(sub["model"].unique())
+
+
 def table3(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
-    """HSAT-Patch / HSAT-Slide / HSAT-Patient: clean, PGD and the worst case at the largest eps."""
+    """HSAT-Patch / HSAT-Slide / HSAT-Patient: clean, PGD and the worst case at the largest eps;
+    and robust DINO by where its positives come from, when the study varies that."""
     df, classifier, objective = _prepare_whitebox(whitebox, study_cfg)
-    df = df[df["model"].isin(_models_for(study_cfg, df, "table3_models", LEVEL_METHODS))]
+    chosen = _models_for(study_cfg, df, "table3_models", LEVEL_METHODS)
+    if not (study_cfg.get("tables") or {}).get("table3_models"):
+        chosen = [*chosen, *dino_level_models(df)]
+    df = df[df["model"].isin(chosen)].copy()
+    dino = df["method"].isin(DINO_LEVEL_METHODS) & df["positives"].notna()
+    if dino.any():
+        # HSAT's rows as they come, then robust DINO's by level: patch, slide, patient.
+        rank = df["positives"].where(dino).map({v: i for i, v in enumerate(POSITIVES_ORDER)})
+        df = df.assign(_rank=rank).sort_values("_rank", kind="stable", na_position="first").drop(columns="_rank")
+        dino = df["method"].isin(DINO_LEVEL_METHODS) & df["positives"].notna()
+        df.loc[dino, "method"] = df.loc[dino, "method"] + "@" + df.loc[dino, "positives"].astype(str)
     conditions, eps, worst = _ablation_conditions(df)
     names = {"hsat_patch": "HSAT-Patch", "hsat_slide": "HSAT-Slide", "hsat": "HSAT-Patient"}
+    for m in df.loc[dino, "method"].unique():
+        base, positives = m.split("@")
+        names[m] = f"{method_label(base)} (positives: {positives})"
     table = _wide_table(
         df,
         conditions,
@@ -376,6 +405,8 @@ def table3(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[pd.Dat
     caption = (
         f"Table 3: level of hierarchical adversarial training, clean and PGD at eps {eps or 0:g}/255 "
         f"({classifier} classifier, {objective} objective){_worst_text(worst)}; mean ± std over n models."
+        + (" Robust DINO's level is where its student's positive crops come from (method.dino.positives): "
+           "the teacher's patch, another patch of its slide, or another slide of its patient." if dino.any() else "")
     )
     if table.empty:
         return pd.DataFrame(), caption
