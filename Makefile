@@ -11,7 +11,7 @@ CORES ?= 2
 # pip's extra indexes on some machines print one warning per package; keep the log readable.
 QUIET_PIP := { grep -v '^WARNING: Location' || true; }
 
-.PHONY: setup study study-all test lint bench clean-results
+.PHONY: setup study study-all test lint bench cost clean-results
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/hsat bench --json results/bench.json
+
+# Where the last study's time went (its jobs' benchmarks, by rule and method): results/cost.md.
+cost: $(STAMP)
+	$(BIN)/hsat report cost --study results/config.resolved.yaml --benchmarks results/benchmarks --cores $(CORES) --out-dir results
 
 clean-results:
 	rm -rf results/ .snakemake/

@@ -143,6 +143,17 @@ def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(workdir):
     assert {"dino", "robust_dino"} <= set(wb["model"]) and set(wb.loc[wb["classifier"] == "abmil", "model"]) == {"hsat", "dino"}
     assert "vit_vs_cnn_baseline" in (res / "claims.md").read_text()
 
+    # The run's own benchmarks account for every job, each model's pretraining and evaluation among them.
+    from hsat.config import load_study_config
+    from hsat.report.cost import cost_tables, job_costs
+
+    resolved = load_study_config(res / "config.resolved.yaml")
+    jobs, dropped = job_costs(res / "benchmarks", resolved)
+    assert dropped == 0 and len(jobs) == len(list((res / "benchmarks").rglob("*.tsv")))
+    for rule in ("pretrain", "evaluate"):
+        assert set(jobs.loc[jobs["rule"] == rule, "model"]) == set(resolved["models"])
+    assert cost_tables(jobs)["total"].iloc[0]["job_seconds"] == pytest.approx(jobs["seconds"].sum())
+
     status = run("status")
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
     assert run("metrics", "show").returncode == 0

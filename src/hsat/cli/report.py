@@ -1,4 +1,5 @@
-"""`hsat report collect|tables|figures|calibration`: concatenate tidy CSVs, write Tables 1-4, draw the figures, judge a cohort."""
+"""`hsat report collect|tables|figures|calibration|cost`: concatenate tidy CSVs, write Tables 1-4, draw the figures,
+judge a cohort, sum the jobs' benchmarks."""
 
 from __future__ import annotations
 
@@ -95,6 +96,18 @@ def _calibration(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cost(args: argparse.Namespace) -> int:
+    from hsat.report.cost import cost_tables, job_costs, write_cost
+
+    jobs, dropped = job_costs(args.benchmarks, load_study_config(args.study))
+    tables = cost_tables(jobs, args.cores)
+    paths = write_cost(jobs, tables, args.out_dir, dropped)
+    t = tables["total"].iloc[0]
+    print(f"{int(t['jobs'])} jobs, {t['job_seconds']:,.0f} job-seconds, at least {t['wall_lower_bound_min']:.1f} min "
+          f"on {args.cores} cores -> {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="tables and figures from the tidy result CSVs")
     verbs = p.add_subparsers(dest="report_verb", metavar="STEP", required=True)
@@ -145,6 +158,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--title", default="Calibration", help="heading of the Markdown")
     cal.add_argument("inputs", nargs="+", help="whitebox CSVs (per model or collected)")
     cal.set_defaults(func=_calibration)
+
+    co = verbs.add_parser("cost", help="where the study's time went: its jobs' Snakemake benchmarks by rule and by method")
+    co.add_argument("--study", "--config", dest="study", required=True,
+                    help="the study config the jobs ran (results/config.resolved.yaml); other models' benchmarks are left out")
+    co.add_argument("--benchmarks", default="results/benchmarks", help="the workflow's benchmark folder (default: results/benchmarks)")
+    co.add_argument("--cores", type=int, default=2, help="cores for the wall-time lower bound (default: 2)")
+    co.add_argument("--out-dir", required=True, help="writes cost.csv and cost.md here")
+    co.set_defaults(func=_cost)
 
     f = verbs.add_parser("figures", help="figures (PNG and PDF)")
     f.add_argument("--study", "--config", dest="study", required=True, help="study config (YAML; --config: the old name)")
