@@ -213,9 +213,19 @@ def test_core_overlay_is_the_default_study_restricted_to_the_papers_design():
     for key in ("transfer", "sanity"):
         assert core["evaluation"][key]["models"] == [m for m in default["evaluation"][key]["models"] if m in core["models"]]
     aa = core["evaluation"]["whitebox"]["autoattack"]["models"]
-    assert aa == [m for m in default["evaluation"]["whitebox"]["autoattack"]["models"] if m in core["models"]] and aa
+    assert aa == [m for m in default["evaluation"]["whitebox"]["autoattack"]["models"] if m in core["models"]]
+    assert not aa or set(core["models"]) <= set(aa)  # AutoAttack on every model (an empty list names them all)
     assert {k: v for k, v in core["evaluation"].items() if k not in {"transfer", "sanity", "whitebox", "attention"}} == {
         k: v for k, v in default["evaluation"].items() if k not in {"transfer", "sanity", "whitebox", "attention"}}
+
+
+def test_default_study_runs_autoattack_on_every_model():
+    """Every claim compares worst cases, so every model of the default study takes the same attacks, AutoAttack
+    included (an empty list names every model; a model left off would get a weaker worst case)."""
+    default, _ = resolve_study(BASE)
+    assert "autoattack" in default["evaluation"]["whitebox"]["attacks"]
+    aa = default["evaluation"]["whitebox"]["autoattack"]["models"]
+    assert not aa or set(default["models"]) <= set(aa)
 
 
 def test_ablations_overlay_adds_seeds_to_the_papers_study_and_reuses_its_models():
