@@ -61,7 +61,7 @@ def job_costs(benchmarks: str | Path, study: Mapping[str, Any]) -> tuple[pd.Data
     for path in files:
         rel = path.relative_to(root)
         rule = rel.parts[0] if len(rel.parts) > 1 else rel.stem
-        job = rel.with_suffix("").as_posix().split("/", 1)[-1] if len(rel.parts) > 1 else ""
+        job = rel.with_suffix("").as_posix().split("/", 1)[-1]
         name = Path(job).name
         model = name[len("craft_"):] if rule == "transfer" and name.startswith("craft_") else name
         if rule == "transfer":
