@@ -297,5 +297,13 @@ def pretrain_launcher():
 
 
 def report_settings(wildcards):
-    """Everything the report reads of the study config (all but the launcher)."""
-    return canonical({k: v for k, v in config.items() if k != "launcher"})
+    """Everything the report reads of the study config (all but the launcher), each evaluation
+    model list as the models it stands for (an empty list names every model), so that naming the
+    same models again reruns nothing."""
+    settings = json.loads(json.dumps({k: v for k, v in config.items() if k != "launcher"}))
+    ev = settings["evaluation"]
+    for section, models in (("transfer", TRANSFER_MODELS), ("sanity", SANITY_MODELS), ("mil", MIL_MODELS),
+                            ("attention", ATTENTION_MODELS), ("language", LANGUAGE_MODELS)):
+        ev[section]["models"] = list(models)  # in order: the report draws them in it
+    ev["whitebox"]["autoattack"]["models"] = _subset(EVAL["whitebox"]["autoattack"]["models"])
+    return canonical(settings)

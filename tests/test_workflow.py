@@ -172,26 +172,27 @@ def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(workdir):
     assert "synth" not in jobs and "prepare" not in jobs
     assert "hsat_patch" in proc.stdout and "wildcards: model=hidisc" not in proc.stdout
 
-    # An evaluation list stands for who is on it: naming the same models again changes nothing,
-    # and putting one more model on AutoAttack's list reruns that model's evaluation (and the reports).
+    # An evaluation list stands for who is on it: naming the same models again changes nothing
+    # (an empty list names every model), and taking one model off AutoAttack's list (or putting it
+    # on) reruns that model's evaluation (and the reports), nothing else.
     from hsat.config import resolve_study
 
     study, _ = resolve_study(workdir / "config/config.yaml", [workdir / "config/tiny.yaml"])
-    listed = study["evaluation"]["whitebox"]["autoattack"]["models"]
-    newcomer = next(m for m in study["models"] if m not in listed and m not in study["evaluation"]["sanity"]["models"])
+    listed = study["evaluation"]["whitebox"]["autoattack"]["models"] or list(study["models"])
     cfg = yaml.safe_load((workdir / "config/tiny.yaml").read_text())
-    cfg["evaluation"]["whitebox"]["autoattack"] = {"models": list(listed) or list(study["models"])}
+    cfg["evaluation"]["whitebox"]["autoattack"] = {"models": list(listed)}
     (workdir / "config/tiny3.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake("-n", "all", "--configfile", "config/tiny3.yaml", cwd=workdir)
     assert proc.returncode == 0 and planned_jobs(proc) == {}, proc.stdout[-3000:]
-    if listed:  # an empty list already names every model
-        cfg["evaluation"]["whitebox"]["autoattack"] = {"models": [*listed, newcomer]}
-        (workdir / "config/tiny3.yaml").write_text(yaml.safe_dump(cfg))
-        proc = snakemake("-n", "all", "--configfile", "config/tiny3.yaml", cwd=workdir)
-        jobs = planned_jobs(proc)
-        # (its embeddings are rewritten with it, so its own transfer set is crafted again)
-        assert jobs.get("evaluate") == 1 and jobs.get("transfer_craft", 0) <= 1 and not {"pretrain", "sanity"} & set(jobs), jobs
-        assert f"wildcards: model={newcomer}" in proc.stdout
+    toggled = next(m for m in study["models"] if m not in study["evaluation"]["sanity"]["models"])
+    cfg["evaluation"]["whitebox"]["autoattack"] = {
+        "models": [m for m in listed if m != toggled] if toggled in listed else [*listed, toggled]}
+    (workdir / "config/tiny3.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "all", "--configfile", "config/tiny3.yaml", cwd=workdir)
+    jobs = planned_jobs(proc)
+    # (its embeddings are rewritten with it, so its own transfer set is crafted again)
+    assert jobs.get("evaluate") == 1 and jobs.get("transfer_craft", 0) <= 1 and not {"pretrain", "sanity"} & set(jobs), jobs
+    assert f"wildcards: model={toggled}" in proc.stdout
 
     # An interrupted pretraining job resumes from its checkpoint instead of starting afresh: lose
     # the final weights (as a kill before the end would), rerun that one target, and the run

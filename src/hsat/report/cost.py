@@ -29,19 +29,19 @@ STUDY_WIDE = "(study-wide)"
 
 
 def _read_benchmark(path: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one benchmark file: its last row, as Snakemake repeats append."""
+    """(wall seconds, peak RSS in MB) of one job's benchmark file. A `repeat(file, n)` benchmark holds
+    one row per run of the job, so the job's time is their sum."""
     try:
         df = pd.read_csv(path, sep="\t")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise HSATError(f"{path}: not a Snakemake benchmark file ({exc})") from None
     if df.empty or "s" not in df.columns:
         raise HSATError(f"{path}: not a Snakemake benchmark file (no row with an 's' column)")
-    row = df.iloc[-1]
-    seconds = pd.to_numeric(row["s"], errors="coerce")
-    if pd.isna(seconds) or seconds < 0:
-        raise HSATError(f"{path}: 's' is {row['s']!r}, not a number of seconds")
-    rss = pd.to_numeric(row.get("max_rss", float("nan")), errors="coerce")
-    return float(seconds), float(rss)
+    seconds = pd.to_numeric(df["s"], errors="coerce")
+    if seconds.isna().any() or (seconds < 0).any():
+        raise HSATError(f"{path}: 's' holds {df['s'].tolist()!r}, not numbers of seconds")
+    rss = pd.to_numeric(df["max_rss"], errors="coerce").max() if "max_rss" in df.columns else float("nan")
+    return float(seconds.sum()), float(rss)
 
 
 def job_costs(benchmarks: str | Path, study: Mapping[str, Any]) -> tuple[pd.DataFrame, int]:
