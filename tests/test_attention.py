@@ -22,7 +22,7 @@ def test_attention_equals_timms_own_softmax_and_maps_to_the_patch_grid():
     seen = []
     handle = attn_mod.attn_drop.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     with torch.no_grad():
-        model.forward_features(x)
+        model.encode(x)
     handle.remove()
     ours = last_self_attention(model, x)
     assert torch.allclose(ours, seen[-1], atol=1e-6)

@@ -1,4 +1,4 @@
-"""The cohort calibration verdicts (issue 14) are computed from whitebox rows and can fail."""
+"""The cohort calibration verdicts are computed from whitebox rows and can fail."""
 
 from __future__ import annotations
 

@@ -134,7 +134,7 @@ def test_robust_dino_run_and_its_teacher_evaluate(tiny_manifest, tmp_path):
     plain, folded = load_trained_model(run), load_trained_model(run, fold_bn=True)
     x = torch.rand(4, 3, 16, 16)
     with torch.no_grad():
-        assert torch.allclose(plain.forward_features(x), folded.forward_features(x), atol=1e-4)
+        assert torch.allclose(plain.encode(x), folded.encode(x), atol=1e-4)
         assert plain(x).shape == (4, SMALL_DINO["out_dim"])  # prototype scores
 
 
@@ -156,7 +156,7 @@ def test_vit_student_takes_local_crops_of_another_size(tiny_manifest, tmp_path):
     run = pretrain(cfg, tmp_path / "vit")
     model = load_trained_model(run)
     assert model.backbone.patch_embed.patch_size == (4, 4)
-    assert model.forward_features(torch.rand(2, 3, 16, 16)).shape == (2, model.num_features)
+    assert model.encode(torch.rand(2, 3, 16, 16)).shape == (2, model.num_features)
 
 
 def test_cli_attention_draws_a_vit_runs_heads(tiny_manifest, tmp_path):

@@ -1,4 +1,4 @@
-"""DINO's parts on their own (issue 11): head, teacher EMA, center, momentum schedule."""
+"""DINO's parts on their own: head, teacher EMA, center, momentum schedule."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ torch.set_num_threads(1)
 
 
 class ToyModel(nn.Module):
-    """HSATModel-like: forward_features = affine map of the centred channel means."""
+    """HSATModel-like: encode = affine map of the centred channel means."""
 
     def __init__(self, masked: bool = False):
         super().__init__()
@@ -49,17 +49,17 @@ class ToyModel(nn.Module):
         self.masked = masked  # zero input gradient: a gradient-masking model
         self.calls = 0
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if self.masked:
             x = x.detach() + 0.0 * x
         return self.proj(x.mean((2, 3)) - 0.5)
 
-    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+    def project(self, f: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(f), dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        return self.project(self.encode(x))
 
 
 class ToyPatches(Dataset):
@@ -377,7 +377,7 @@ def test_random_start_bim_leaves_the_zero_gradient_start_of_a_feature_objective(
     batch = [val[i] for i in range(12)]
     x = torch.stack([b["image"] for b in batch])
     y = torch.tensor([b["label"] for b in batch])
-    f = model.forward_features(x).detach()
+    f = model.encode(x).detach()
     obj = ev.make_objective("feature", model, probe, f, y)
 
     def mean_abs_grad(xs):
@@ -477,8 +477,8 @@ class ToyBNModel(ToyModel):
         self.bn = nn.BatchNorm1d(3)
         self.eval()
 
-    def forward_features(self, x):
-        return self.bn(super().forward_features(x))
+    def encode(self, x):
+        return self.bn(super().encode(x))
 
 
 @pytest.mark.parametrize("attacks", [["autoattack"], ["pgd", "autoattack", "bim"]])
@@ -501,7 +501,7 @@ def test_attacks_leave_batch_norm_alone_and_clean_scores_match_a_plain_eval(atta
     assert torch.equal(model.bn.running_mean, stats[0]) and torch.equal(model.bn.running_var, stats[1])
     assert not model.training
     with torch.no_grad():
-        feats = torch.cat([model.forward_features(b["image"]) for b in ev.embeddings.loader(val, 4)])
+        feats = torch.cat([model.encode(b["image"]) for b in ev.embeddings.loader(val, 4)])
         labels = np.concatenate([np.asarray(b["label"]) for b in ev.embeddings.loader(val, 4)])
     expected = (probe(feats).argmax(1).numpy() == labels).mean() * 100
     clean = df[(df.attack == "none") & (df.level == "patch")]["acc"].item()

@@ -94,7 +94,7 @@ def test_exported_backbone_loads_with_timm_and_matches(tmp_path, offline, backbo
 
     x = torch.rand(3, 3, image_size, image_size)  # [0, 1] pixels, as hsat models take them
     with torch.no_grad():
-        expected = hsat_model.forward_features(x)
+        expected = hsat_model.encode(x)
         for net in (plain, documented):
             torch.testing.assert_close(net((x - mean) / std), expected, rtol=1e-4, atol=1e-5)
         # Unnormalised input is not what the timm model expects.

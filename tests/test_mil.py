@@ -75,7 +75,7 @@ def test_cli_mil_writes_one_slide_level_row(cli_study):
 class _PixelFeatures(torch.nn.Module):
     """A fixed 'backbone': a patch's mean intensity per channel, scaled (differentiable, no BN)."""
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         return 20.0 * (x.mean(dim=(2, 3)) - 0.5)
 
 
@@ -94,7 +94,7 @@ def _image_bags(n_slides: int, seed: int, per_slide: int = 6):
 
 
 def _trained_head(backbone, x, sizes, ys):
-    feats = backbone.forward_features(x)
+    feats = backbone.encode(x)
     bags = [(str(i), f, int(y)) for i, (f, y) in enumerate(zip(torch.split(feats, sizes), ys))]
     return train_mil(bags, 2, epochs=20, lr=3e-3, seed=0)
 
@@ -111,12 +111,12 @@ def test_bag_attack_on_the_mil_head_flips_slides_within_the_ball():
 
     def slide_acc(images):
         with torch.no_grad():
-            feats = torch.split(backbone.forward_features(images), sizes)
+            feats = torch.split(backbone.encode(images), sizes)
             pred = torch.stack([head(f)[0].argmax() for f in feats])
         return float((pred == ys).float().mean())
 
     assert slide_acc(x) >= 0.9
-    clean = backbone.forward_features(x)
+    clean = backbone.encode(x)
     weak = craft_bags(backbone, head, x, sizes, ys, AttackSpec("pgd", 1.0, 5, "abmil_ce", 0.5), clean,
                       torch.Generator().manual_seed(0))
     strong = craft_bags(backbone, head, x, sizes, ys, AttackSpec("pgd", 12.0, 10, "abmil_ce", 2.0), clean,
@@ -134,7 +134,7 @@ def test_a_bags_perturbation_does_not_depend_on_its_chunk():
     x, sizes, ys = _image_bags(4, 1)
     head = _trained_head(backbone, x, sizes, ys)
     spec = AttackSpec("bim", 4.0, 3, "abmil_ce", 1.0)  # no random start: deterministic
-    clean = backbone.forward_features(x)
+    clean = backbone.encode(x)
     together = craft_bags(backbone, head, x, sizes, ys, spec, clean)
     alone = craft_bags(backbone, head, x[:6], sizes[:1], ys[:1], spec, clean[:6])
     assert torch.allclose(together[:6], alone)

@@ -42,12 +42,12 @@ def test_forward_shapes_and_normalised_embedding():
     model = build_model("test_resnet", head_hidden=(32, 16), embed_dim=8).eval()
     assert isinstance(model, HSATModel)
     x = torch.rand(3, 3, 32, 32)
-    f = model.forward_features(x)
+    f = model.encode(x)
     assert f.shape == (3, model.num_features)
     z = model(x)
     assert z.shape == (3, 8)
     torch.testing.assert_close(z.norm(dim=1), torch.ones(3))
-    torch.testing.assert_close(z, model.forward_head(f))
+    torch.testing.assert_close(z, model.project(f))
     # Head: Linear -> ReLU per hidden width, then Linear to the embedding.
     linears = [m for m in model.head if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(model.num_features, 32), (32, 16), (16, 8)]
@@ -60,9 +60,9 @@ def test_normalisation_lives_inside_the_model():
     torch.testing.assert_close(model.mean.flatten(), torch.tensor(cfg["mean"], dtype=torch.float32))
     x = torch.rand(2, 3, 32, 32)
     expected = model.backbone((x - model.mean) / model.std)
-    torch.testing.assert_close(model.forward_features(x), expected)
+    torch.testing.assert_close(model.encode(x), expected)
     # Unnormalised input would give different features: the model does not expect pre-normalised data.
-    assert not torch.allclose(model.forward_features(x), model.backbone(x))
+    assert not torch.allclose(model.encode(x), model.backbone(x))
 
 
 def test_vit_backbone_at_small_image_size():
@@ -240,13 +240,13 @@ def test_folded_batch_norm_is_the_same_function_and_gradient():
     model.train()
     with torch.no_grad():  # non-trivial running statistics
         for _ in range(3):
-            model.forward_features(torch.rand(8, 3, 16, 16))
+            model.encode(torch.rand(8, 3, 16, 16))
     model.eval()
     folded = fold_batch_norm(copy.deepcopy(model))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.backbone.modules())
     x = torch.rand(4, 3, 16, 16, requires_grad=True)
-    g1, = torch.autograd.grad(model.forward_features(x).sum(), x)
-    g2, = torch.autograd.grad(folded.forward_features(x).sum(), x)
+    g1, = torch.autograd.grad(model.encode(x).sum(), x)
+    g2, = torch.autograd.grad(folded.encode(x).sum(), x)
     assert torch.allclose(model(x), folded(x), atol=1e-5)
     assert torch.allclose(g1, g2, atol=1e-5)
     # A model still training is left alone (folding freezes the statistics).
@@ -269,8 +269,8 @@ def test_attention_kernel_choice_is_the_same_function_and_gradient():
     assert n == len(attn) > 0 and not any(m.fused_attn for m in attn)
     assert all(m.fused_attn for m in fused.modules() if hasattr(m, "fused_attn"))
     x = torch.rand(4, 3, 32, 32, requires_grad=True)
-    g1, = torch.autograd.grad(fused.forward_features(x).sum(), x)
-    g2, = torch.autograd.grad(explicit.forward_features(x).sum(), x)
-    assert torch.allclose(fused.forward_features(x), explicit.forward_features(x), atol=1e-5)
+    g1, = torch.autograd.grad(fused.encode(x).sum(), x)
+    g2, = torch.autograd.grad(explicit.encode(x).sum(), x)
+    assert torch.allclose(fused.encode(x), explicit.encode(x), atol=1e-5)
     assert torch.allclose(g1, g2, atol=1e-5)
     assert choose_attention_kernel(build_model("test_resnet", head_hidden=(16,), embed_dim=8), "cpu", "bf16") == 0

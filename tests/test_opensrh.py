@@ -1,4 +1,4 @@
-"""OpenSRH reader: every bad input of issue 2 point 6 gives a clear error, exit 2 and no manifest."""
+"""OpenSRH reader: every bad input gives a clear error, exit 2 and no manifest."""
 
 from __future__ import annotations
 

@@ -53,10 +53,10 @@ def test_bf16_crafting_is_scored_in_fp32():
 class MaskedInBf16(ToyModel):
     """Rounds its input to 1/255 under autocast only: a zero input gradient in bf16, honest in fp32."""
 
-    def forward_features(self, x):
+    def encode(self, x):
         if torch.is_autocast_enabled("cpu"):
             x = torch.round(x * 255) / 255
-        return super().forward_features(x)
+        return super().encode(x)
 
 
 def _precision_rows(model, attack_precision):

@@ -100,7 +100,7 @@ class ToyClassifierModel(ToyModel):
             self.classifier.weight.copy_(torch.eye(3) * 50)
             self.classifier.bias.zero_()
 
-    def forward_logits(self, f):
+    def logits(self, f):
         return self.classifier(f)
 
 

@@ -171,7 +171,7 @@ def test_cue_measurement_follows_the_generation_knobs():
 
 
 def test_default_cohort_has_robust_cues_above_and_a_fragile_cue_below_the_budget():
-    """Issue 14: the default study's cohort (its patients, measured through 32 px crops) carries
+    """The default study's cohort (its patients, measured through 32 px crops) carries
     class cues no 8/255 perturbation can forge -- every class's mean channel intensities more
     than 3 x eps from its nearest class's, nuclei more than 3 x eps against their background --
     and a class texture whose amplitude stays below eps (what a non-robust encoder can exploit)."""

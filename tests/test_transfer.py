@@ -24,7 +24,7 @@ TRANSFER = {"attack": "pgd", "eps": 8, "steps": 10, "objective": "feature", "cla
 
 
 class Recorder(ToyModel):
-    """A target that records every input batch of forward_features."""
+    """A target that records every input batch of encode."""
 
     def __init__(self):
         super().__init__()
@@ -32,9 +32,9 @@ class Recorder(ToyModel):
             self.proj.weight.mul_(2.0)  # a different model from the surrogate
         self.seen: list[torch.Tensor] = []
 
-    def forward_features(self, x):
+    def encode(self, x):
         self.seen.append(x.detach().clone())
-        return super().forward_features(x)
+        return super().encode(x)
 
 
 def _embeddings(model, train, val, classes=("a", "b", "c")) -> ev.Embeddings:

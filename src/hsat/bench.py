@@ -46,11 +46,18 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from hsat.attacks import attack_mode, frozen
-from hsat.config import validate
+from hsat.config import deep_merge, parse_overrides, read_yaml, run_config_for_model, validate
+from hsat.data.manifest import class_names, read_manifest, write_manifest
+from hsat.data.opensrh import build_manifest
+from hsat.data.sampler import PatchDataset
+from hsat.data.synthetic import synthesize_cohort
 from hsat.errors import HSATError
+from hsat.evaluate import AttackSpec, LinearProbe, attack_name, loader, run_attacks
 from hsat.losses import hierarchical_loss
+from hsat.methods import build_objective, resolve_method
+from hsat.models import choose_attention_kernel, method_family, model_from_config
 from hsat.precision import autocast_factory, effective_precision
-from hsat.train import StepResult, embed_views, encoder_update, hsat_step, make_optimizer
+from hsat.train import StepResult, embed_views, encoder_update, hsat_step, make_optimizer, training_loader
 
 __all__ = [
     "run_benchmark",
@@ -61,7 +68,7 @@ __all__ = [
 ]
 
 TARGETS = {"ratio_to_floor": 1.15, "ratio_to_naive": 0.85, "data_wait_fraction": 0.10, "peak_rss_mb": 4096.0}
-"""Issue 6: step <= 1.15 x floor, <= 0.85 x naive; < 10% of step time waiting for data; <= 4 GB."""
+"""The performance targets: step <= 1.15 x floor, <= 0.85 x naive; < 10% of step time waiting for data; <= 4 GB."""
 
 # The default study's embedded cohort (the schema's dataset.synth, without its generation knobs).
 COHORT = {k: v for k, v in validate({}, "synth").items() if k in ("patients", "slides", "patches", "size", "seed")}
@@ -220,9 +227,6 @@ def bench_config(config: Mapping[str, Any] | str | os.PathLike | None = None,
                  overrides: Iterable[str] = ()) -> dict[str, Any]:
     """The run config to benchmark: schema defaults, a run config (dict or YAML file), or a
     study config (its first adversarial model), then `key.path=value` overrides."""
-    from hsat.config import deep_merge, parse_overrides, read_yaml, run_config_for_model, validate
-    from hsat.methods import resolve_method
-
     source = "config"
     if config is None:
         cfg: dict[str, Any] = {}
@@ -261,8 +265,6 @@ def _entry_config(cfg: Mapping[str, Any], extra: str) -> dict[str, Any]:
 
 def _setup(cfg: Mapping[str, Any], device: torch.device):
     """Model (on device, channels_last, compiled as configured), optimiser, autocast factory."""
-    from hsat.models import choose_attention_kernel, model_from_config
-
     model = model_from_config(cfg).to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -281,8 +283,6 @@ def _setup(cfg: Mapping[str, Any], device: torch.device):
 def bench_step(cfg: Mapping[str, Any], device: torch.device, *, warmup: int = 2, repeats: int = 5,
                seed: int = 0) -> dict[str, Any]:
     """step_s, floor_s (and its parts), naive_step_s and the ratios, on one model and one batch."""
-    from hsat.models import method_family
-
     if method_family(cfg["method"]["name"]) != "hidisc":
         return bench_objective_step(cfg, device, warmup=warmup, repeats=repeats, seed=seed)
     torch.manual_seed(seed)
@@ -339,8 +339,6 @@ def bench_objective_step(cfg: Mapping[str, Any], device: torch.device, *, warmup
     `attack.steps` bare input-gradient passes of its attack loss; naive = the same step with an
     attack that calls `loss.backward()` into every parameter at each attack step.
     """
-    from hsat.methods import build_objective
-
     torch.manual_seed(seed)
     model, fast, optimizer, autocast, _ = _setup(cfg, device)
     d, method, attack = cfg["data"], cfg["method"], cfg["attack"]
@@ -430,10 +428,6 @@ def bench_objective_step(cfg: Mapping[str, Any], device: torch.device, *, warmup
 def bench_data(cfg: Mapping[str, Any], manifest: Path, device: torch.device, *, num_workers: int,
                steps: int = 6, warmup: int = 2) -> dict[str, Any]:
     """Fraction of step time blocked in next(loader) in a pretrain-like loop on the real loader."""
-    from hsat.config import deep_merge
-    from hsat.methods import build_objective
-    from hsat.train import training_loader
-
     run = deep_merge(cfg, {"data": {"manifest": str(manifest), "num_workers": int(num_workers)},
                            "train": {"steps": warmup + steps}})
     torch.manual_seed(int(run["seed"]))
@@ -481,10 +475,6 @@ def bench_eval(cfg: Mapping[str, Any], manifest: Path, device: torch.device, *, 
     `eval_grid_patches_per_s`: the same through one call of the default study's whole grid per
     batch (PGD, BIM-R, MI-FGSM-R under feature/head, BIM, MI-FGSM under linear_ce/knn_soft).
     """
-    from hsat.data.manifest import class_names, read_manifest
-    from hsat.data.sampler import PatchDataset
-    from hsat.evaluate import AttackSpec, LinearProbe, attack_name, loader, run_attacks
-
     torch.manual_seed(int(cfg["seed"]))
     model, _, _, _, _ = _setup(cfg, device)
     table = read_manifest(manifest)
@@ -510,7 +500,7 @@ def bench_eval(cfg: Mapping[str, Any], manifest: Path, device: torch.device, *, 
                 x = images[start : start + batch_size].clone().requires_grad_(True)
                 for _ in range(int(steps)):
                     with torch.enable_grad():
-                        torch.autograd.grad(model.forward_features(x).sum(), x)
+                        torch.autograd.grad(model.encode(x).sum(), x)
 
     run(indices=indices[: min(len(indices), 8)])  # warm-up
     floor()
@@ -591,10 +581,6 @@ def run_benchmark(
 
 def _run(base, device, *, extra, repeats, warmup, threads, data_steps, data_workers, eval_patches, cohort,
          workdir, say, t_start, import_rss) -> dict[str, Any]:
-    from hsat.data.manifest import write_manifest
-    from hsat.data.opensrh import build_manifest
-    from hsat.data.synthetic import synthesize_cohort
-
     if data_workers is None:
         workers = int(base["data"]["num_workers"])
         data_workers = [workers, 1 if workers == 0 else 0]  # the config's, and the other side for comparison

@@ -132,7 +132,7 @@ def parse_overrides(items: Iterable[str]) -> dict:
 
 def load_run_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
     """Read a run config (or start from defaults), apply key=value overrides, validate, resolve the method."""
-    from hsat.methods import resolve_method
+    from hsat.methods import resolve_method  # local: the workflow imports this module, and methods import torch
 
     cfg = read_yaml(path) if path else {}
     cfg = deep_merge(cfg, parse_overrides(overrides))
@@ -276,7 +276,7 @@ def run_config_for_model(study: Mapping[str, Any], model: str, manifest: str | N
     """The resolved run config of one model of the study matrix."""
     if model not in study["models"]:
         raise HSATError(f"model {model!r} is not in the study config (have: {', '.join(study['models'])})")
-    from hsat.methods import resolve_method
+    from hsat.methods import resolve_method  # local: keeps torch out of the workflow's own process
 
     overrides = {k: v for k, v in study["models"][model].items() if k != "group"}
     cfg = deep_merge(study.get("pretrain", {}), overrides)
@@ -293,6 +293,6 @@ def run_config_for_model(study: Mapping[str, Any], model: str, manifest: str | N
 def text_embeddings_file(study: Mapping[str, Any], hlss: Mapping[str, Any]) -> Path:
     """Where the workflow caches the attribute embeddings of an HLSS model's descriptions and
     encoder (`hsat text-embed` writes it; the name is keyed by both)."""
-    from hsat.text import text_embeddings_name
+    from hsat.text import text_embeddings_name  # local: keeps torch out of the workflow
 
     return Path(study.get("results_dir", "results")) / "text" / text_embeddings_name(hlss["descriptions"], hlss["encoder"])

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hsat.errors import HSATError
 
@@ -209,7 +210,6 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel around `model` when running under torchrun with >1 process."""
     if not is_distributed() or world_size() == 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
     return DDP(model, device_ids=ids, output_device=ids[0] if ids else None)

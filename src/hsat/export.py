@@ -37,7 +37,7 @@ and makes the load strict.
 
 Preprocessing: hsat models take images in [0, 1] and normalise inside; the timm model does not,
 so feed it `(x - mean) / std` with `x` in [0, 1] (timm's transforms: ToTensor then Normalize(mean,
-std)). Then `model(normalised)` equals `HSATModel.forward_features(x)`. hsat evaluates on a
+std)). Then `model(normalised)` equals `HSATModel.encode(x)`. hsat evaluates on a
 center crop of data.image_size px at native resolution, resizing (bilinear, antialiased) only
 images smaller than that; timm's eval transform resizes the short side to the crop first, which
 changes the pixel scale of larger patches, so crop rather than resize them to match.

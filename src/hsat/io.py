@@ -11,6 +11,8 @@ from typing import IO, Any, Iterator
 
 import yaml
 
+from hsat.errors import HSATError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
@@ -63,9 +65,8 @@ def write_csv(path: str | os.PathLike, df: "Any", **kw: Any) -> None:
 
 def read_tidy(path: str | os.PathLike) -> "Any":
     """Read a tidy result CSV; an empty file (a stage with nothing to report) is an empty frame."""
-    import pandas as pd
+    import pandas as pd  # local: the workflow imports hsat.io and only the report reads CSVs
 
-    from hsat.errors import HSATError
 
     path = Path(path)
     if not path.is_file():

@@ -1,9 +1,11 @@
 """Encoder = timm backbone + MLP projection head, with input normalisation inside the model.
 
 Inputs stay in [0, 1] pixel space (attacks and their eps-balls live there); the per-channel
-mean/std of the backbone's pretraining recipe is applied in `forward_features`. Any timm model
+mean/std of the backbone's pretraining recipe is applied in `encode`. Any timm model
 works, CNN or ViT, because only timm's uniform face is used (`create_model(num_classes=0)`
 returns pooled pre-logits features of width `num_features`).
+`HSATModel.encode` / `project` / `logits` are named apart from timm's `forward_features` (the
+unpooled map) and `forward_head`, so a timm model and an hsat model can never be confused.
 
 ImageNet initialisation never downloads: weights come from a local file (`pretrained_path`) or
 from a file already in the Hugging Face / torch hub cache, else `HSATError` at once.
@@ -15,14 +17,28 @@ import contextlib
 import difflib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import timm
+import timm.models
 import torch
+import torch.hub
 import torch.nn.functional as F
+from huggingface_hub import try_to_load_from_cache
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
+from hsat.config import read_yaml
 from hsat.errors import HSATError
+from hsat.io import atomic_path
+from hsat.methods import METHODS
+from hsat.methods.dino import DINOHead
+from hsat.methods.hlss import HLSSHead
+from hsat.precision import effective_precision
 
 _log = logging.getLogger(__name__)
 
@@ -52,16 +68,12 @@ class HSATModel(nn.Module):
         self.num_features = int(backbone.num_features)
         if dino_head:
             # DINO's head: prototype scores, not a unit-norm embedding (hsat.methods.dino).
-            from hsat.methods.dino import DINOHead
-
             self.head = DINOHead(self.num_features, int(dino_head["out_dim"]), int(dino_head["hidden_dim"]),
                                  int(dino_head["bottleneck_dim"]), int(dino_head["nlayers"]))
             self.embed_dim = int(dino_head["out_dim"])
             self.normalize_head = False
         elif hlss_head:
             # HLSS: a projection into the text space and per-level attribute scores (hsat.methods.hlss).
-            from hsat.methods.hlss import HLSSHead
-
             self.head = HLSSHead(self.num_features, head_hidden, int(hlss_head["text_dim"]), hlss_head["attributes"],
                                  bool(hlss_head.get("trainable_heads", True)))
             self.embed_dim = int(hlss_head["text_dim"])
@@ -76,17 +88,17 @@ class HSATModel(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) in [0, 1] -> (N, num_features) pooled backbone features."""
         return self.backbone((x - self.mean) / self.std)
 
-    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+    def project(self, f: torch.Tensor) -> torch.Tensor:
         """(N, num_features) -> (N, embed_dim): the L2-normalised contrastive embedding, or with a
         DINO head its prototype scores."""
         out = self.head(f)
         return F.normalize(out, dim=-1) if self.normalize_head else out
 
-    def forward_logits(self, f: torch.Tensor) -> torch.Tensor:
+    def logits(self, f: torch.Tensor) -> torch.Tensor:
         """(N, num_features) -> (N, num_classes) logits of the classification head."""
         if self.classifier is None:
             raise HSATError("this model has no classification head (model.num_classes is null)")
@@ -95,14 +107,14 @@ class HSATModel(nn.Module):
     def forward(self, x: torch.Tensor, output: str = "embedding") -> torch.Tensor:
         """The contrastive embedding (`output="embedding"`), the classification logits ("logits"),
         or with an HLSS head its text-space representation and attribute scores ("hlss")."""
-        f = self.forward_features(x)
+        f = self.encode(x)
         if output == "logits":
-            return self.forward_logits(f)
+            return self.logits(f)
         if output == "hlss":
             if not hasattr(self.head, "forward_all"):
                 raise HSATError("this model has no HLSS head (output='hlss')")
             return self.head.forward_all(f)
-        return self.forward_head(f)
+        return self.project(f)
 
 
 def projection_head(in_features: int, hidden: Sequence[int], out_features: int) -> nn.Sequential:
@@ -146,8 +158,6 @@ def build_model(
     and torch hub caches. `image_size` is passed to backbones that take `img_size` (ViTs) so
     their patch grid and position embeddings match the training crops.
     """
-    import timm
-
     if backbone.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
         raise HSATError(
             f"model.backbone {backbone!r}: hub/local-dir model names are not supported (they may "
@@ -187,10 +197,6 @@ def load_backbone_weights(net: nn.Module, path: Path) -> None:
     applies the architecture's own `checkpoint_filter_fn` when it has one (e.g. ViT position
     embeddings resampled to a new image size). Every backbone parameter must be present.
     """
-    import sys
-
-    import timm.models
-
     try:
         state = timm.models.load_state_dict(str(path), weights_only=True)
         filter_fn = getattr(sys.modules[type(net).__module__], "checkpoint_filter_fn", None)
@@ -216,8 +222,6 @@ def load_backbone_weights(net: nn.Module, path: Path) -> None:
 
 
 def _create_backbone(name: str, image_size: int | None, kwargs: dict[str, Any]) -> nn.Module:
-    import timm
-
     if kwargs.get("dynamic_img_size") == "if_supported":
         # Local crops of another size (DINO): ViTs then interpolate their position embeddings;
         # CNNs take any size anyway and do not know the argument.
@@ -262,10 +266,6 @@ def hf_cache_dir() -> Path:
 
 def _find_cached_weights(backbone: str) -> Path:
     """Locate timm's ImageNet weights for `backbone` on disk, or explain how to provide them."""
-    import timm
-    import torch.hub
-    from huggingface_hub import try_to_load_from_cache
-
     cfg = timm.models.get_pretrained_cfg(backbone)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise HSATError(f"timm has no pretrained weights for {backbone!r}; set model.pretrained=false")
@@ -300,8 +300,6 @@ as the schema's `method.dino` defaults; read here for configs validated before t
 
 def method_family(name: str) -> str:
     """The family of a registered method name ("" for an unknown one)."""
-    from hsat.methods import METHODS
-
     entry = METHODS.get(str(name))
     return str(entry.defaults.get("family", "")) if entry else ""
 
@@ -371,10 +369,6 @@ def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the unwrapped model's state dict as safetensors, atomically (loading runs no code)."""
-    from safetensors.torch import save_file
-
-    from hsat.io import atomic_path
-
     state = clean_state_dict(unwrap(model).state_dict())
     # Clone so that tied/shared tensors become independent (safetensors refuses shared storage).
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
@@ -386,8 +380,6 @@ def fold_batch_norm(model: HSATModel) -> HSATModel:
     """The model for evaluation only: each batch norm that follows a convolution folded into the
     convolution's weights (torch.fx), the same function up to float rounding and ~15 % faster
     per attack step on a CPU. A backbone that cannot be traced, or has no batch norm, is kept."""
-    from torch.fx.experimental.optimization import fuse
-
     if model.training or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.backbone.modules()):
         return model
     try:
@@ -404,8 +396,6 @@ def choose_attention_kernel(model: nn.Module, device: str | torch.device, precis
     than PyTorch's fused CPU flash kernel (ViT-Tiny/Small, 17-197 tokens; docs/performance.md);
     in fp32 and on GPUs the fused kernel is kept. Both compute the same function. Returns how many
     modules were set (0 for CNNs)."""
-    from hsat.precision import effective_precision
-
     device = torch.device(device)
     fused = not (device.type == "cpu" and effective_precision(precision, device) == "bf16")
     n = 0
@@ -422,11 +412,6 @@ def load_trained_model(run_dir: str | os.PathLike, device: str | torch.device = 
 
     `fold_bn`: fold batch norms into the convolutions (`fold_batch_norm`), for evaluation only;
     `precision`: the precision its attacks run in (picks the attention kernel)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from hsat.config import read_yaml
-
     run_dir = Path(run_dir)
     cfg_path, weights_path = run_dir / "config.yaml", run_dir / "model.safetensors"
     for p in (cfg_path, weights_path):

@@ -53,7 +53,7 @@ class TrainingLive:
     """dvclive for one run; `dvc plots show` finds it through the study's dvc.yaml."""
 
     def __init__(self, live_dir: Path, start_step: int):
-        from dvclive import Live
+        from dvclive import Live  # local: dvclive imports much of DVC; only runs that log pay for it
 
         live_dir = Path(live_dir)
         if start_step == 0:

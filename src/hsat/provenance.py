@@ -4,6 +4,10 @@
 modules import, directly or through each other, at module level or inside functions, plus the
 package data they read (the config schema). A new module imported by the training code is
 therefore part of the pretraining stage's version without anyone listing it.
+
+A module is hashed without its comments, docstrings and blank lines (`code_text`), the schema as
+the data it parses to: editing the documentation reruns nothing, any change to what the code does
+or to a default reruns the stages that read it.
 """
 
 from __future__ import annotations
@@ -11,8 +15,13 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import io
+import json
+import tokenize
 from pathlib import Path
 from typing import Iterable
+
+import yaml
 
 PACKAGE = "hsat"
 SRC = Path(__file__).resolve().parent
@@ -67,12 +76,52 @@ def module_closure(entries: Iterable[str]) -> list[Path]:
     return sorted(seen)
 
 
+def _docstring_nodes(tree: ast.Module) -> list[ast.Expr]:
+    """The docstring statements of a module and of every class and function in it."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                found.append(first)
+    return found
+
+
+def code_text(source: str) -> str:
+    """`source` without comments, docstrings, trailing spaces and blank lines: what the code does.
+
+    Spans come from the tokenizer (comments) and the parser (docstrings), then are cut from the
+    text itself, so the result does not depend on how a Python version tokenizes the rest.
+    """
+    lines = source.splitlines()
+    spans: list[tuple[int, int, int, int]] = [
+        (*tok.start, *tok.end)
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    ]
+    spans += [(n.lineno, n.col_offset, n.end_lineno, n.end_col_offset) for n in _docstring_nodes(ast.parse(source))]
+    # Cut from the end so earlier positions stay valid; a docstring may span several lines.
+    for l1, c1, l2, c2 in sorted(spans, reverse=True):
+        head, tail = lines[l1 - 1][:c1], lines[l2 - 1][c2:]
+        lines[l1 - 1 : l2] = [head + tail]
+    return "\n".join(line.rstrip() for line in lines if line.strip())
+
+
+@functools.lru_cache(maxsize=None)
+def _content_digest(path: Path, mtime_ns: int, size: int) -> bytes:
+    """sha256 of what a file means to a stage: `code_text` of a module, the parsed data of YAML."""
+    text = path.read_text(encoding="utf-8")
+    content = code_text(text) if path.suffix == ".py" else json.dumps(yaml.safe_load(text), sort_keys=True)
+    return hashlib.sha256(content.encode()).digest()
+
+
 def code_version(entries: Iterable[str]) -> str:
-    """sha256 (16 hex) of the sources in `module_closure(entries)` and the package data."""
+    """sha256 (16 hex) of the code (`code_text`) in `module_closure(entries)` and the package data."""
     files = module_closure(list(entries))
-    files += sorted(p for pattern in DATA_FILES for p in SRC.glob(pattern))
+    data = sorted(p for pattern in DATA_FILES for p in SRC.glob(pattern))
     h = hashlib.sha256()
-    for path in files:
+    for path in files + data:
+        stat = path.stat()
         h.update(path.relative_to(SRC).as_posix().encode())
-        h.update(path.read_bytes())
+        h.update(_content_digest(path, stat.st_mtime_ns, stat.st_size))
     return h.hexdigest()[:16]

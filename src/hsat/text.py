@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from hsat import LEVELS
 from hsat.errors import HSATError
@@ -181,7 +183,7 @@ def _model_type(model_dir: Path) -> str | None:
 def _encode_clip(model_dir: Path, sentences: Sequence[str], batch_size: int) -> torch.Tensor:
     """CLIP's own text embedding: the end-of-text token's state through the text projection (what
     CLIP aligns with images), not a mean over tokens; truncated to CLIP's context length."""
-    from transformers import AutoTokenizer, CLIPModel, CLIPTextModelWithProjection
+    from transformers import AutoTokenizer, CLIPModel, CLIPTextModelWithProjection  # local: slow import
 
     full = _model_type(model_dir) == "clip"  # a whole CLIP checkpoint: its projection is in CLIPConfig
     try:
@@ -209,7 +211,7 @@ def encode_sentences(model_dir: Path, sentences: Sequence[str], batch_size: int 
     _offline()
     if _model_type(model_dir) in CLIP_MODEL_TYPES:
         return _encode_clip(model_dir, sentences, batch_size)
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer  # local: seconds to import, HLSS only
 
     try:
         model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
@@ -286,8 +288,6 @@ def compute_text_embeddings(descriptions: Descriptions, encoder: str, batch_size
 
 def write_text_embeddings(path: str | os.PathLike, emb: TextEmbeddings) -> Path:
     """Safetensors, atomically; the metadata is one sorted JSON string (so the bytes are stable)."""
-    from safetensors.torch import save_file
-
     tensors = {f"level.{lvl}": t.contiguous() for lvl, t in emb.levels.items()}
     tensors["markers"] = emb.markers.contiguous()
     with atomic_path(path) as tmp:
@@ -297,8 +297,6 @@ def write_text_embeddings(path: str | os.PathLike, emb: TextEmbeddings) -> Path:
 
 def load_text_embeddings(path: str | os.PathLike) -> TextEmbeddings:
     """Read what `write_text_embeddings` wrote (no code runs: safetensors)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise HSATError(f"method.hlss.text_embeddings: file not found: {path} (`hsat text-embed` writes it)")

@@ -52,13 +52,19 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 import yaml
+from tqdm.auto import tqdm
 
+from hsat.config import validate
+from hsat.data.manifest import class_names, read_manifest
+from hsat.data.sampler import HierarchicalBatchSampler, HierarchicalDataset, make_loader
+from hsat.data.srh import read_image
+from hsat.data.transforms import check_patch_size, loss_weights, strength_at
 from hsat.distributed import convert_sync_batchnorm, gather_with_grad, init_distributed, wrap_ddp
 from hsat.errors import HSATError
 from hsat.io import atomic_path, write_text, write_yaml
+from hsat.methods import Objective, Robust, build_objective, resolve_method
 from hsat.models import choose_attention_kernel, model_from_config, save_weights, unwrap
 from hsat.precision import autocast_factory, effective_precision, safe_precision
-from hsat.methods import Objective, Robust, build_objective
 from hsat.progress import TrainingLive, progress_line
 
 log = logging.getLogger(__name__)
@@ -218,9 +224,6 @@ def _resume_log(path: Path, step: int) -> None:
 
 def _normalise(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Validate (defaults filled) and resolve the method; idempotent on a resolved config."""
-    from hsat.config import validate
-    from hsat.methods import resolve_method
-
     out = validate(cfg, "run")
     out["method"] = resolve_method(out["method"])
     return json.loads(json.dumps(out))  # plain containers (YAML and checkpoint friendly)
@@ -422,8 +425,6 @@ def dynamic_augmentation(cfg: Mapping[str, Any]) -> bool:
 
 def strength_function(cfg: Mapping[str, Any]) -> Callable[[int], float]:
     """Augmentation strength as a function of the step (constant, or decaying when dynamic)."""
-    from hsat.data.transforms import strength_at
-
     augment = cfg["augment"]
     return functools.partial(strength_at, total_steps=int(cfg["train"]["steps"]), start=augment["strength"],
                              end=augment["min_strength"], dynamic=dynamic_augmentation(cfg), stages=augment["stages"])
@@ -438,9 +439,6 @@ def training_loader(
     pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     """The hierarchical DataLoader of a run config (its `data.manifest`, train split), from `start_step`."""
-    from hsat.data.manifest import class_names, read_manifest
-    from hsat.data.sampler import HierarchicalBatchSampler, HierarchicalDataset, make_loader
-
     data, seed = cfg["data"], int(cfg["seed"])
     manifest = read_manifest(data["manifest"])
     dataset = HierarchicalDataset(
@@ -493,10 +491,6 @@ def make_optimizer(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.opti
 def _check_first_patch(cfg: Mapping[str, Any]) -> None:
     """The first training patch must hold the crop (after data.resize): the common mistake of a
     dataset at another scale fails at once, naming the file, not in a DataLoader worker later."""
-    from hsat.data.manifest import read_manifest
-    from hsat.data.srh import read_image
-    from hsat.data.transforms import check_patch_size
-
     table = read_manifest(cfg["data"]["manifest"], check_files=False)
     train = table[table["split"] == "train"]
     if len(train):
@@ -526,8 +520,6 @@ def pretrain(
     called on every rank after each optimiser step (after that step's checkpoint is written);
     an exception raised there stops the run, as a kill would. Returns `out_dir`.
     """
-    from hsat.data.transforms import loss_weights
-
     cfg = _normalise(cfg)
     out_dir = Path(out_dir)
     seed = int(cfg["seed"])
@@ -537,8 +529,6 @@ def pretrain(
         raise HSATError("data.manifest is not set: pass --manifest or data.manifest=PATH")
     _check_first_patch(cfg)  # a patch too small for the crop stops here, before anything is written
     if build_objective(method).needs_classifier and not cfg["model"]["num_classes"]:
-        from hsat.data.manifest import class_names, read_manifest
-
         # The classification head's size is part of the run's config (evaluation rebuilds it).
         cfg["model"]["num_classes"] = len(class_names(read_manifest(cfg["data"]["manifest"])))
     build_objective(method).complete_config(cfg, out_dir)  # HLSS: the text embeddings' shape
@@ -653,7 +643,6 @@ def pretrain(
     # ============ training loop ... ============
     adversarial = bool(method["adversarial"])
     log_every, ckpt_every = cfg["train"]["log_every"], cfg["train"]["checkpoint_every"]
-    from tqdm.auto import tqdm
 
     interactive = sys.stderr.isatty()
     bar = tqdm(total=total_steps, initial=start_step, desc=f"pretrain {out_dir.name}", unit="step",

@@ -213,7 +213,7 @@ def evaluate_transfer(
         adv_scores = []
         images = adv["images"]
         for start in range(0, images.shape[0], bs):
-            f = target_model.forward_features(images[start : start + bs].to(device))
+            f = target_model.encode(images[start : start + bs].to(device))
             adv_scores.append(classify(f, probe, bank, [classifier], num_classes, knn)[classifier])
     finally:
         target_model.train(was_training)

@@ -19,7 +19,7 @@ load it with timm alone (no network; the file's metadata says how to rebuild and
 
 preprocessing: the hsat model normalised inside itself; the timm model does not. Feed it
 (x - mean) / std with x in [0, 1] and mean/std from cfg (also in data_cfg); then model(...)
-equals the hsat model's forward_features(x). Crop patches to input_size at native resolution
+equals the hsat model's encode(x). Crop patches to input_size at native resolution
 (hsat resizes only smaller images). Without the cfg in the overlay, timm keeps the registry's
 ImageNet mean/std and 224 px input size, which are not this encoder's.
 

@@ -152,7 +152,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_sanity)
 
     cal = verbs.add_parser(
-        "calibration", help="issue 14's cohort targets (HiDisc and the supervised references) judged from whitebox CSVs",
+        "calibration", help="the embedded cohort's calibration targets (HiDisc and the supervised references) judged from whitebox CSVs",
     )
     cal.add_argument("--out", default=None, help="also write the Markdown here")
     cal.add_argument("--title", default="Calibration", help="heading of the Markdown")

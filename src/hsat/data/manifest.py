@@ -22,6 +22,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from hsat import CLASSES
+from hsat.data.srh import read_image, read_srh_raw
 from hsat.errors import HSATError
 from hsat.io import write_csv
 
@@ -172,8 +173,6 @@ def check_images(df: pd.DataFrame, source: str, srh_only: bool = False, workers:
     lists the unreadable files with patient, slide and reason; reading stops after
     `_CHECK_STOP_AFTER` of them.
     """
-    from hsat.data.srh import read_image, read_srh_raw
-
     reader = read_srh_raw if srh_only else read_image
     rows = df[["patient", "slide", "path"]].astype(str).to_numpy()
     paths = rows[:, 2].tolist()
@@ -270,7 +269,7 @@ def prepare_manifest(
     if sum(x is not None for x in (root, manifest, folders)) != 1:
         raise HSATError("give exactly one of a dataset root, a manifest or a folder tree")
     if root is not None:
-        from hsat.data.opensrh import build_manifest
+        from hsat.data.opensrh import build_manifest  # local: opensrh imports this module
 
         df = build_manifest(root, check_images=check)
     elif manifest is not None:
@@ -278,7 +277,7 @@ def prepare_manifest(
         if check:
             check_images(df, str(manifest))
     else:
-        from hsat.data.folders import manifest_from_folders
+        from hsat.data.folders import manifest_from_folders  # local: folders imports this module
 
         df = manifest_from_folders(folders, val_fraction=val_fraction, seed=seed)
         if check:

@@ -23,6 +23,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hsat.data.cache import DecodedImageCache
+from hsat.data.manifest import class_names, label_ids
+from hsat.data.srh import read_image
 from hsat.data.transforms import PatchTooSmall, eval_transform, local_transform, train_transform
 from hsat.errors import HSATError
 
@@ -55,8 +57,6 @@ def _split_rows(manifest: pd.DataFrame, split: str | None, what: str) -> pd.Data
 
 def _classes_and_ids(manifest: pd.DataFrame, rows: pd.DataFrame, classes: Sequence[str] | None):
     """Class list (from the whole manifest, so ids agree across splits) and the rows' label ids."""
-    from hsat.data.manifest import class_names, label_ids
-
     classes = list(classes) if classes is not None else class_names(manifest)
     return classes, label_ids(rows, classes)
 
@@ -179,8 +179,6 @@ class HierarchicalDataset(Dataset):
                                self.resize, self.allow_upscale)
 
     def _read(self, path: str) -> Tensor:
-        from hsat.data.srh import read_image
-
         if not self.cache_bytes:
             return read_image(path)
         if self._cache is None:  # built lazily: each DataLoader worker gets its own
@@ -334,8 +332,6 @@ class PatchDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from hsat.data.srh import read_image
-
         index = int(index)
         path = self._paths[index]
         return {

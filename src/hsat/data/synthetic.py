@@ -44,7 +44,7 @@ MARKER = Path("meta") / "synthetic.json"
 # Morphology features, in standardised units (0 = cohort average), mapped to pixels in `_morph`.
 FEATURES = ("density", "radius", "elongation", "alignment", "lipid", "protein", "contrast")
 
-# Class means of the morphology features (rows follow FEATURES), the cohort adopted by issue 14's
+# Class means of the morphology features (rows follow FEATURES), the cohort adopted by its
 # calibration (attempt J, docs/synthetic_cohort.md). Nuclear geometry loosely after SRH histology:
 # HGG dense and pleomorphic; metastases with large nuclei; meningioma and schwannoma elongated and
 # aligned; pituitary adenoma dense, uniform and round; normal white matter sparse; LGG mildly

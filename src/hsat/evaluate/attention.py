@@ -8,11 +8,17 @@ the maps are those of the model's forward pass, whatever attention kernel timm r
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hsat.errors import HSATError
+from hsat.evaluate.sweep import AttackSpec, craft_batch, eval_frozen
+from hsat.io import atomic_path
 
 
 def _vit(model: nn.Module) -> nn.Module:
@@ -31,7 +37,7 @@ def last_self_attention(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     captured: list[torch.Tensor] = []
     handle = block.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     try:
-        model.forward_features(x) if hasattr(model, "forward_features") else model(x)
+        model.encode(x) if hasattr(model, "encode") else model(x)
     finally:
         handle.remove()
     tokens = block.norm1(captured[-1])
@@ -62,12 +68,10 @@ def attention_under_attack(model: nn.Module, x: torch.Tensor, eps: float, alpha:
                            seed: int = 0) -> dict[str, torch.Tensor]:
     """Class-token maps of `x` clean and under PGD on the feature objective (from a random start,
     eps/alpha in 1/255): {"images", "adv_images", "clean", "adv"} (maps (N, heads, gh, gw))."""
-    from hsat.evaluate.sweep import AttackSpec, craft_batch, eval_frozen
-
     spec = AttackSpec("pgd", float(eps), int(steps), "feature", float(alpha), seed)
     with eval_frozen(model):
         with torch.no_grad():
-            f_clean = model.forward_features(x)
+            f_clean = model.encode(x)
         x_adv = craft_batch(model, None, x, torch.zeros(len(x), dtype=torch.long, device=x.device), spec, f_clean,
                             torch.Generator(device=x.device).manual_seed(spec.generator_seed))
     return {"images": x.float().cpu(), "adv_images": x_adv.float().cpu(),
@@ -76,12 +80,6 @@ def attention_under_attack(model: nn.Module, x: torch.Tensor, eps: float, alpha:
 
 def write_attention_maps(path, maps: dict[str, torch.Tensor], labels: torch.Tensor, meta: dict) -> None:
     """Maps, images and labels as one safetensors file (metadata: JSON of `meta`), atomically."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from hsat.io import atomic_path
-
     tensors = {**{k: v.contiguous() for k, v in maps.items()}, "labels": labels.long().cpu().contiguous()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta, sort_keys=True)})
@@ -89,11 +87,6 @@ def write_attention_maps(path, maps: dict[str, torch.Tensor], labels: torch.Tens
 
 def read_attention_maps(path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of `write_attention_maps`; a file of another kind is an error naming it."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     try:
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {})["meta"])

@@ -46,7 +46,7 @@ def embed(
     feats, labels, index, patients, slides, paths = [], [], [], [], [], []
     try:
         for batch in tqdm(loader(dataset, batch_size), desc=desc, disable=not progress, leave=False):
-            f = model.forward_features(batch["image"].to(device))
+            f = model.encode(batch["image"].to(device))
             feats.append(f.float().cpu())
             labels.append(torch.as_tensor(batch["label"]).long())
             index.extend(int(i) for i in batch["index"])

@@ -16,15 +16,25 @@ with the per-slide worst case over every attack at each eps.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from hsat import attacks
 from hsat.errors import HSATError
+from hsat.evaluate.metrics import aggregate, classification_metrics
+from hsat.evaluate.sweep import WHITEBOX_COLUMNS, AttackSpec, attack_name, eval_frozen, sweep_alpha
+from hsat.evaluate.worst_case import WORST_CASE, WORST_CASE_OBJECTIVE, mean_class_accuracy, worst_case_correct
+from hsat.io import atomic_path
+from hsat.precision import autocast_factory
 
 MIL_OBJECTIVES: tuple[str, ...] = ("abmil_ce", "feature")
 """Objectives of the attack on a bag: the MIL head's cross-entropy, or backbone-feature distance."""
@@ -54,9 +64,6 @@ class GatedAttentionMIL(nn.Module):
 
 def save_mil(path, model: GatedAttentionMIL, meta: dict[str, Any]) -> None:
     """The trained head as safetensors (weights only; sizes in the metadata), written atomically."""
-    from hsat.io import atomic_path
-    from safetensors.torch import save_file
-
     sizes = {"in_dim": model.fc[0].in_features, "hidden": model.fc[0].out_features,
              "attention": model.att_c.in_features, "num_classes": model.classifier.out_features}
     with atomic_path(path) as tmp:
@@ -66,9 +73,6 @@ def save_mil(path, model: GatedAttentionMIL, meta: dict[str, Any]) -> None:
 
 def load_mil(path) -> GatedAttentionMIL:
     """A head written by `save_mil` (no code runs on load), in eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -125,8 +129,6 @@ def predict_mil(model: GatedAttentionMIL, bags: Sequence[tuple[str, torch.Tensor
 
 def mil_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
     """Accuracy, mean class accuracy and macro one-vs-rest AUC (over classes present), in %."""
-    from sklearn.metrics import roc_auc_score
-
     pred = probs.argmax(1)
     acc = 100.0 * float((pred == labels).mean())
     present = sorted(set(labels.tolist()))
@@ -189,20 +191,16 @@ def craft_bags(model: nn.Module, mil: GatedAttentionMIL, x: torch.Tensor, sizes:
     """Adversarial patches of the bags in `x` (concatenated, `sizes` patches each) under `spec`
     (`hsat.evaluate.sweep.AttackSpec`, objective in `MIL_OBJECTIVES`). The objective is summed
     over bags, so a bag's perturbation does not depend on which bags share its chunk."""
-    import contextlib
-
-    from hsat import attacks
-
     autocast = autocast or contextlib.nullcontext
     if spec.objective == "abmil_ce":
         def objective(xa: torch.Tensor) -> torch.Tensor:
-            feats = torch.split(model.forward_features(xa).float(), list(sizes))
+            feats = torch.split(model.encode(xa).float(), list(sizes))
             return sum(F.cross_entropy(mil(f)[0][None], y[None], reduction="sum") for f, y in zip(feats, bag_labels))
     elif spec.objective == "feature":
         ref = F.normalize(clean_features.detach().float(), dim=1)
 
         def objective(xa: torch.Tensor) -> torch.Tensor:
-            return (1.0 - (F.normalize(model.forward_features(xa).float(), dim=1) * ref).sum(1)).sum()
+            return (1.0 - (F.normalize(model.encode(xa).float(), dim=1) * ref).sum(1)).sum()
     else:
         raise HSATError(f"MIL attack objective {spec.objective!r}: expected one of {', '.join(MIL_OBJECTIVES)}")
 
@@ -218,8 +216,6 @@ def craft_bags(model: nn.Module, mil: GatedAttentionMIL, x: torch.Tensor, sizes:
 
 def mil_specs(cfg_eval: Mapping[str, Any], seed: int = 0) -> list[Any]:
     """The bag attacks of `evaluation.mil` at the white-box sweep's eps, steps and alpha."""
-    from hsat.evaluate.sweep import AttackSpec, attack_name, sweep_alpha
-
     wb, mcfg = cfg_eval["whitebox"], cfg_eval["mil"]
     specs = [AttackSpec(attack_name(a, o) if o == "feature" else a, float(eps), int(wb["steps"]), o, sweep_alpha(wb, eps), seed)
              for a in mcfg["attacks"] for eps in wb["eps"] for o in mcfg["objectives"]]
@@ -228,8 +224,6 @@ def mil_specs(cfg_eval: Mapping[str, Any], seed: int = 0) -> list[Any]:
 
 def _level_rows(probs: np.ndarray, labels: np.ndarray, patients: Sequence[str], num_classes: int,
                 fields: Mapping[str, Any]) -> list[dict[str, Any]]:
-    from hsat.evaluate.metrics import aggregate, classification_metrics
-
     rows = []
     for level, (scores, ys) in {"slide": (probs, labels),
                                 "patient": aggregate(probs, patients, labels)[:2]}.items():
@@ -245,10 +239,6 @@ def mil_whitebox_rows(model: nn.Module, mil: GatedAttentionMIL, val_dataset: Any
     """`whitebox.csv` rows (`WHITEBOX_COLUMNS`) of the ABMIL classifier: clean, every bag attack
     of `mil_specs`, and the worst case per eps (a slide / patient counts only if correct under
     every attack at that eps), at slide and patient level, on every validation slide."""
-    from hsat.evaluate.sweep import WHITEBOX_COLUMNS, eval_frozen
-    from hsat.evaluate.worst_case import WORST_CASE, WORST_CASE_OBJECTIVE, mean_class_accuracy, worst_case_correct
-    from hsat.precision import autocast_factory
-
     device = torch.device(device)
     autocast = autocast_factory(cfg_eval["attack_precision"], device)
     specs = mil_specs(cfg_eval, seed)
@@ -269,12 +259,12 @@ def mil_whitebox_rows(model: nn.Module, mil: GatedAttentionMIL, val_dataset: Any
             order += names
             y = torch.tensor([label_of[n] for n in names], device=device)
             with torch.no_grad():
-                f_clean = model.forward_features(x).float()
+                f_clean = model.encode(x).float()
                 clean.append(_bag_probs(mil, f_clean, sizes).cpu())
             for i, spec in enumerate(specs):
                 x_adv = craft_bags(model, mil, x, sizes, y, spec, f_clean, gens[i], autocast)
                 with torch.no_grad():
-                    adv[i].append(_bag_probs(mil, model.forward_features(x_adv).float(), sizes).cpu())
+                    adv[i].append(_bag_probs(mil, model.encode(x_adv).float(), sizes).cpu())
     if not order:
         raise HSATError("MIL: no validation slides to attack")
     labels = np.array([label_of[n] for n in order])

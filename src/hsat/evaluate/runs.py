@@ -11,18 +11,22 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from hsat import attacks
 from hsat.config import read_yaml, resolve_evaluation, run_config_for_model, validate
 from hsat.data.manifest import class_names, read_manifest
 from hsat.data.sampler import PatchDataset
 from hsat.errors import HSATError
+from hsat.evaluate.attention import attention_under_attack, write_attention_maps
 from hsat.evaluate.classifiers import fit_linear_probe
 from hsat.evaluate.embeddings import Embeddings, embed, load_embeddings, write_embeddings
+from hsat.evaluate.language import language_rows, pick_per_class
 from hsat.evaluate.metrics import patch_accuracy, stratified_subset
+from hsat.evaluate.mil import fit_mil, mil_rows, mil_whitebox_rows, save_mil
 from hsat.evaluate.sanity import SANITY_COLUMNS, sanity_checks, study_checks
-from hsat import attacks
 from hsat.evaluate.sweep import sweep_alpha, whitebox_sweep
 from hsat.io import read_tidy, write_csv
 from hsat.models import load_trained_model
+from hsat.text import load_text_embeddings
 
 
 def default_device() -> torch.device:
@@ -171,8 +175,6 @@ def attention_run(run_dir, manifest, study: Mapping[str, Any], out_dir=None, pat
     objective (`evaluation.attention.eps`, the white-box steps and alpha), written as safetensors
     to `out` (or, without it, to OUT_DIR/attention_<run>.safetensors). Drawing them is the
     report's (`hsat report attention`), so no figure code is part of the evaluation."""
-    from hsat.evaluate.attention import attention_under_attack, write_attention_maps
-
     if out is None and out_dir is None:
         raise HSATError("hsat attention: give --out MAPS.safetensors and/or --out-dir DIR")
     name = model_name or Path(run_dir).name
@@ -200,9 +202,6 @@ def language_run(run_dir, manifest, study: Mapping[str, Any], model_name: str, o
                  seed: int = 0) -> pd.DataFrame:
     """`hsat language`: an HLSS run's similarities to every class's markers, clean and under
     attack (evaluation.language), on validation patches spread over each class -> tidy CSV."""
-    from hsat.evaluate.language import language_rows, pick_per_class
-    from hsat.text import load_text_embeddings
-
     cfg_path = Path(run_dir) / "config.yaml"
     run_cfg = read_yaml(cfg_path)
     hlss = (run_cfg.get("method") or {}).get("hlss")
@@ -232,8 +231,6 @@ def mil_run(emb_dir, study: Mapping[str, Any], model_name: str, out, seed: int =
     """`hsat mil`: gated attention MIL on one model's frozen clean features -> one slide-level row
     (`out`); with `run_dir`, `manifest` and `whitebox_out`, also the bag attacks through the
     backbone and the head -> `whitebox.csv` rows (classifier abmil). `head_out` keeps the head."""
-    from hsat.evaluate.mil import fit_mil, mil_rows, mil_whitebox_rows, save_mil
-
     info = model_info(study, model_name)
     cfg_eval = resolve_evaluation(study["evaluation"])
     mcfg = cfg_eval["mil"]

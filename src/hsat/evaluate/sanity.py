@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 from hsat.config import resolve_evaluation
 from hsat.evaluate.classifiers import LinearProbe
 from hsat.evaluate.metrics import binomial_se, patch_accuracy
+from hsat.evaluate.mil import MIL_CLASSIFIER
 from hsat.evaluate.sweep import AttackSpec, attack_subset, run_attacks, sweep_alpha
 from hsat.precision import effective_precision
 
@@ -280,8 +281,6 @@ def study_checks(whitebox: pd.DataFrame, transfer: pd.DataFrame, n_patches: int,
                  n_slides: int | None = None) -> pd.DataFrame:
     """The checks that need every model's results: `above_clean` and `whitebox_vs_transfer`;
     with `n_slides` (validation slides), `above_clean` also for the slide-level ABMIL rows."""
-    from hsat.evaluate.mil import MIL_CLASSIFIER
-
     z = float(resolve_evaluation(cfg_eval)["sanity"]["z"])
     parts = []
     if not whitebox.empty:

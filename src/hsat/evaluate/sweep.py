@@ -106,7 +106,7 @@ class ProbeClassifier(nn.Module):
         self.probe = probe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.probe(self.model.forward_features(x))
+        return self.probe(self.model.encode(x))
 
 
 def make_objective(
@@ -127,20 +127,20 @@ def make_objective(
     """
     if objective == "feature":
         ref = F.normalize(clean_features.detach(), dim=1)
-        return lambda xa: (1.0 - (F.normalize(model.forward_features(xa), dim=1) * ref).sum(1)).sum()
+        return lambda xa: (1.0 - (F.normalize(model.encode(xa), dim=1) * ref).sum(1)).sum()
     if objective == "head":
-        ref = F.normalize(model.forward_head(clean_features).detach(), dim=1)
+        ref = F.normalize(model.project(clean_features).detach(), dim=1)
         return lambda xa: (1.0 - (F.normalize(model.forward(xa), dim=1) * ref).sum(1)).sum()
     if objective == "linear_ce":
         if probe is None:
             raise HSATError("objective linear_ce needs a linear probe")
-        return lambda xa: F.cross_entropy(probe(model.forward_features(xa)), labels, reduction="sum")
+        return lambda xa: F.cross_entropy(probe(model.encode(xa)), labels, reduction="sum")
     if objective == "knn_soft":
         if soft_knn is None:
             raise HSATError("objective knn_soft needs the kNN bank")
-        return lambda xa: F.nll_loss(soft_knn(model.forward_features(xa)), labels, reduction="sum")
+        return lambda xa: F.nll_loss(soft_knn(model.encode(xa)), labels, reduction="sum")
     if objective == HEAD_OBJECTIVE:
-        return lambda xa: F.cross_entropy(model.forward_logits(model.forward_features(xa)), labels, reduction="sum")
+        return lambda xa: F.cross_entropy(model.logits(model.encode(xa)), labels, reduction="sum")
     raise HSATError(f"unknown attack objective {objective!r} ({', '.join(OBJECTIVES)}, {HEAD_OBJECTIVE})")
 
 
@@ -312,7 +312,7 @@ def run_attacks(
             slides.extend(batch["slide"])
             paths.extend(str(p) for p in batch["path"])
             with torch.no_grad():
-                f_clean = model.forward_features(x)
+                f_clean = model.encode(x)
             for c, s in classify(f_clean, probe, bank, classifiers, num_classes, knn, head).items():
                 clean[c].append(s)
             for i, spec in enumerate(specs):
@@ -321,7 +321,7 @@ def run_attacks(
                 if keep is not None:
                     keep(i, x_adv)
                 with torch.no_grad():
-                    f_adv = model.forward_features(x_adv)
+                    f_adv = model.encode(x_adv)
                 for c, s in classify(f_adv, probe, bank, classifiers, num_classes, knn, head).items():
                     adv[i][c].append(s)
     if not labels:

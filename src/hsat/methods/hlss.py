@@ -14,6 +14,7 @@ Robust HLSS (`Robust(HLSS)`) crafts PGD views that maximise this loss and trains
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -21,9 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hsat import LEVELS
+from hsat.data.manifest import class_names, read_manifest
 from hsat.errors import HSATError
 from hsat.losses import alignment_loss, hierarchical_loss
 from hsat.methods.base import Objective
+from hsat.text import check_classes, ensure_text_embeddings, load_text_embeddings
 
 
 class HLSSHead(nn.Module):
@@ -37,7 +40,7 @@ class HLSSHead(nn.Module):
     def __init__(self, in_dim: int, hidden: Sequence[int], text_dim: int, sizes: Mapping[str, int],
                  trainable: bool = True):
         super().__init__()
-        from hsat.models import projection_head
+        from hsat.models import projection_head  # local: hsat.models imports the method heads
 
         self.proj = projection_head(in_dim, hidden, text_dim)
         self.text_dim = int(text_dim)
@@ -115,8 +118,6 @@ class HLSS(Objective):
 
     def _load(self) -> dict[str, torch.Tensor]:
         if self.attributes is None:
-            from hsat.text import load_text_embeddings
-
             path = self.cfg.get("text_embeddings")
             if not path:
                 raise HSATError("method.hlss.text_embeddings is not set (hsat pretrain fills it in)")
@@ -126,11 +127,6 @@ class HLSS(Objective):
     def complete_config(self, cfg: dict[str, Any], out_dir: Any) -> None:
         """The embeddings file (computed into the run directory when none is named), checked
         against the dataset's classes; its shape becomes method.hlss.text_dim / attributes."""
-        from pathlib import Path
-
-        from hsat.data.manifest import class_names, read_manifest
-        from hsat.text import check_classes, ensure_text_embeddings, load_text_embeddings
-
         h = cfg["method"]["hlss"]
         classes = class_names(read_manifest(cfg["data"]["manifest"], check_files=False))
         if not h.get("text_embeddings"):

@@ -1,4 +1,4 @@
-"""The cohort calibration of issue 14, judged from `whitebox.csv` rows only.
+"""The embedded cohort's calibration, judged from `whitebox.csv` rows only.
 
 A candidate cohort is measured on HiDisc and the two supervised references (never on HSAT) with
 the default study's evaluation; the targets are patch-level accuracies, mean over seeds:
@@ -25,7 +25,7 @@ import pandas as pd
 from hsat.errors import HSATError
 
 MIN_SEEDS = 3
-"""Seeds a target needs before its verdict counts (issue 14: >= 3 seeds of HiDisc and the references)."""
+"""Seeds a target needs before its verdict counts (>= 3 seeds of HiDisc and of each reference)."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from hsat.backbones import is_vit
+from hsat.evaluate.language import language_summary
 from hsat.io import write_text
 from hsat.methods import methods_with_role
 from hsat.report import method_label
@@ -492,7 +493,6 @@ def language_claims(language: pd.DataFrame | None, seeds: Mapping[str, Any]) -> 
     classes' markers more than robust HLSS's."""
     if language is None or language.empty:
         return []
-    from hsat.evaluate.language import language_summary
 
     summ = language_summary(language)
     chance = 100.0 / max(language["true_class"].nunique(), 1)

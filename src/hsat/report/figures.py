@@ -21,6 +21,8 @@ from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+from sklearn.manifold import TSNE  # noqa: E402
 
 from hsat import LEVELS  # noqa: E402
 from hsat.io import atomic_path  # noqa: E402
@@ -177,8 +179,6 @@ def training_curves(runs_dir: str | Path) -> plt.Figure:
 
 
 def _load_embedding(emb_dir: Path, max_points: int, seed: int) -> pd.DataFrame | None:
-    from safetensors.numpy import load_file
-
     feats_path, index_path = emb_dir / "features.safetensors", emb_dir / "index.csv"
     if not feats_path.is_file() or not index_path.is_file():
         return None
@@ -202,7 +202,6 @@ def _load_embedding(emb_dir: Path, max_points: int, seed: int) -> pd.DataFrame |
         keep = np.sort(rng.choice(keep, size=max_points, replace=False))
     if len(keep) < 5:
         return None
-    from sklearn.manifold import TSNE
 
     xy = TSNE(n_components=2, perplexity=min(30.0, (len(keep) - 1) / 3), init="pca", random_state=seed).fit_transform(feats[keep])
     out = index.iloc[keep].reset_index(drop=True).copy()

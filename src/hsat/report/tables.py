@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import pandas as pd
 
 from hsat import LEVELS
+from hsat.config import run_config_for_model
 from hsat.errors import HSATError
 from hsat.io import write_csv, write_text
 from hsat.methods import VARIANTS, methods_with_role
@@ -72,8 +73,6 @@ def _whitebox_cfg(study_cfg: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def model_info(study_cfg: Mapping[str, Any]) -> pd.DataFrame:
     """One row per model of the study: backbone, pretrained flag, group and resolved method levels."""
-    from hsat.config import run_config_for_model
-
     rows = []
     for name, spec in (study_cfg.get("models") or {}).items():
         run = run_config_for_model(study_cfg, name)
