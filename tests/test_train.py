@@ -21,6 +21,7 @@ from hsat.train import (
     linear_warmup,
     load_checkpoint,
     pretrain,
+    restart_from_checkpoint,
 )
 
 
@@ -221,6 +222,29 @@ def test_changed_settings_restart_afresh_when_asked(tiny_manifest, tmp_path):
     a, b = weights(tmp_path / "run"), weights(fresh)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(read_log(tmp_path / "run")) == 3
+
+
+def test_restart_from_checkpoint_decides_from_config_code_stamp_and_checkpoint(tiny_manifest, tmp_path, caplog):
+    cfg = tiny_cfg(tiny_manifest, train={"steps": 3, "log_every": 1, "checkpoint_every": 1})
+    run = tmp_path / "run"
+    assert restart_from_checkpoint(run, cfg) == (None, False)  # nothing there: start at step 0
+    with pytest.raises(Kill):
+        pretrain(cfg, run, code_version="aaaa", callback=kill_at(2))
+    norm = yaml.safe_load((run / "config.yaml").read_text())
+    state, restart = restart_from_checkpoint(run, norm, code_version="aaaa")
+    assert state["step"] == 2 and not restart  # same config and code: resume
+    # other training code: the workflow's mode starts afresh, a user's resume only warns
+    assert restart_from_checkpoint(run, norm, on_config_change="restart", code_version="bbbb") == (None, True)
+    with caplog.at_level("WARNING", logger="hsat.train"):
+        state, restart = restart_from_checkpoint(run, norm, code_version="bbbb")
+    assert state["step"] == 2 and not restart and "other training code" in caplog.text
+    with pytest.raises(HSATError, match=r"differing keys: seed"):
+        restart_from_checkpoint(run, {**norm, "seed": 1})
+    assert restart_from_checkpoint(run, {**norm, "seed": 1}, on_config_change="restart") == (None, True)
+    with pytest.raises(HSATError, match=r"at step 2, beyond train\.steps=1"):
+        restart_from_checkpoint(run, {**norm, "train": {**norm["train"], "steps": 1}})
+    with pytest.raises(ValueError, match="on_config_change"):
+        restart_from_checkpoint(run, norm, on_config_change="ignore")
 
 
 def test_checkpoint_is_plain_data(tiny_manifest, tmp_path):

@@ -499,52 +499,18 @@ def _check_first_patch(cfg: Mapping[str, Any]) -> None:
                          cfg["data"]["allow_upscale"])
 
 
-def pretrain(
-    cfg: Mapping[str, Any],
-    out_dir: str | os.PathLike,
-    *,
-    callback: StepCallback | None = None,
-    on_config_change: str = "error",
-    code_version: str | None = None,
-    live_dir: str | os.PathLike | None = None,
-) -> Path:
-    """Pretrain an encoder as `cfg` says; write config.yaml, checkpoint.pt, log.jsonl, model.safetensors.
+def restart_from_checkpoint(
+    out_dir: Path, cfg: Mapping[str, Any], *, on_config_change: str = "error", code_version: str | None = None
+) -> tuple[dict[str, Any] | None, bool]:
+    """(the checkpoint to resume from, or None to start at step 0; whether the old run is discarded).
 
-    Running it again on a finished `out_dir` returns at once; on a partial one it resumes from
-    checkpoint.pt. If the method-relevant config changed, it refuses (`on_config_change="error"`)
-    or discards the old run and starts afresh (`"restart"`, what the workflow uses so that an
-    interrupted job resumes while a changed one retrains); a `code_version` other than the one
-    stamped in `out_dir` counts as such a change under "restart" (and only warns otherwise).
-    Training curves go to dvclive in `live_dir` (default `out_dir/dvclive`) for `dvc plots`.
-    `callback(step, record)` is
-    called on every rank after each optimiser step (after that step's checkpoint is written);
-    an exception raised there stops the run, as a kill would. Returns `out_dir`.
+    A run directory whose config differs from `cfg` is refused (`on_config_change="error"`) or
+    discarded ("restart"); so is one stamped with another `code_version` under "restart" (it only
+    warns otherwise). A checkpoint beyond `train.steps` is an error.
     """
-    cfg = _normalise(cfg)
-    out_dir = Path(out_dir)
-    seed = int(cfg["seed"])
-    total_steps = int(cfg["train"]["steps"])
-    method, attack, augment = cfg["method"], cfg["attack"], cfg["augment"]
-    if not cfg["data"]["manifest"]:
-        raise HSATError("data.manifest is not set: pass --manifest or data.manifest=PATH")
-    _check_first_patch(cfg)  # a patch too small for the crop stops here, before anything is written
-    if build_objective(method).needs_classifier and not cfg["model"]["num_classes"]:
-        # The classification head's size is part of the run's config (evaluation rebuilds it).
-        cfg["model"]["num_classes"] = len(class_names(read_manifest(cfg["data"]["manifest"])))
-    build_objective(method).complete_config(cfg, out_dir)  # HLSS: the text embeddings' shape
-
-    # ============ processes, device, precision ... ============
-    rank, world, _local_rank, device = init_distributed(cfg["device"])
-    is_main = rank == 0
-    if cfg["threads"]:
-        torch.set_num_threads(int(cfg["threads"]))
-    precision = effective_precision(cfg["precision"], device)
-
-    # ============ resume or start ... ============
     if on_config_change not in ("error", "restart"):
         raise ValueError(f"on_config_change must be 'error' or 'restart', not {on_config_change!r}")
-    ckpt_path = out_dir / CHECKPOINT
-    state, restart = None, False
+    restart = False
     if (out_dir / CONFIG).exists():
         with open(out_dir / CONFIG, encoding="utf-8") as fh:
             saved = yaml.safe_load(fh) or {}
@@ -566,24 +532,80 @@ def pretrain(
             restart = True
         else:
             log.warning("%s: resuming a run made by other training code (%s, now %s)", out_dir, old_code, code_version)
-    if ckpt_path.exists() and not restart:
-        state = load_checkpoint(ckpt_path)
-        if state["step"] > total_steps:
-            raise HSATError(f"{ckpt_path} is at step {state['step']}, beyond train.steps={total_steps}")
-        if state["step"] == total_steps and (out_dir / WEIGHTS).exists():
-            log.info("%s: finished run (%d steps); nothing to do", out_dir, total_steps)
-            return out_dir
+    ckpt_path = out_dir / CHECKPOINT
+    if restart or not ckpt_path.exists():
+        return None, restart
+    state = load_checkpoint(ckpt_path)
+    total_steps = int(cfg["train"]["steps"])
+    if state["step"] > total_steps:
+        raise HSATError(f"{ckpt_path} is at step {state['step']}, beyond train.steps={total_steps}")
+    return state, restart
+
+
+def _begin_run_dir(out_dir: Path, cfg: Mapping[str, Any], code_version: str | None, restart: bool,
+                   start_step: int) -> None:
+    """Rank 0: drop a discarded run's checkpoint and weights, stamp the config and code, mark the log."""
+    if restart:
+        (out_dir / CHECKPOINT).unlink(missing_ok=True)
+        (out_dir / WEIGHTS).unlink(missing_ok=True)
+    write_yaml(out_dir / CONFIG, cfg)
+    if code_version:
+        write_text(out_dir / CODE_STAMP, code_version + "\n")
+    _resume_log(out_dir / LOG, start_step)
+
+
+def pretrain(
+    cfg: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    callback: StepCallback | None = None,
+    on_config_change: str = "error",
+    code_version: str | None = None,
+    live_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Pretrain an encoder as `cfg` says; write config.yaml, checkpoint.pt, log.jsonl, model.safetensors.
+
+    Running it again on a finished `out_dir` returns at once; on a partial one it resumes from
+    checkpoint.pt (`restart_from_checkpoint`). If the method-relevant config changed, it refuses (`on_config_change="error"`)
+    or discards the old run and starts afresh (`"restart"`, what the workflow uses so that an
+    interrupted job resumes while a changed one retrains); a `code_version` other than the one
+    stamped in `out_dir` counts as such a change under "restart" (and only warns otherwise).
+    Training curves go to dvclive in `live_dir` (default `out_dir/dvclive`) for `dvc plots`.
+    `callback(step, record)` is
+    called on every rank after each optimiser step (after that step's checkpoint is written);
+    an exception raised there stops the run, as a kill would. Returns `out_dir`.
+    """
+    cfg = _normalise(cfg)
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT
+    seed = int(cfg["seed"])
+    total_steps = int(cfg["train"]["steps"])
+    method, attack = cfg["method"], cfg["attack"]
+    if not cfg["data"]["manifest"]:
+        raise HSATError("data.manifest is not set: pass --manifest or data.manifest=PATH")
+    _check_first_patch(cfg)  # a patch too small for the crop stops here, before anything is written
+    if build_objective(method).needs_classifier and not cfg["model"]["num_classes"]:
+        # The classification head's size is part of the run's config (evaluation rebuilds it).
+        cfg["model"]["num_classes"] = len(class_names(read_manifest(cfg["data"]["manifest"])))
+    build_objective(method).complete_config(cfg, out_dir)  # HLSS: the text embeddings' shape
+
+    # ============ processes, device, precision ... ============
+    rank, world, _local_rank, device = init_distributed(cfg["device"])
+    is_main = rank == 0
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    precision = effective_precision(cfg["precision"], device)
+
+    # ============ resume or start ... ============
+    state, restart = restart_from_checkpoint(out_dir, cfg, on_config_change=on_config_change, code_version=code_version)
+    if state is not None and state["step"] == total_steps and (out_dir / WEIGHTS).exists():
+        log.info("%s: finished run (%d steps); nothing to do", out_dir, total_steps)
+        return out_dir
     start_step = int(state["step"]) if state else 0
     if world > 1:
         torch.distributed.barrier()  # every rank has read the old state before rank 0 writes
     if is_main:
-        if restart:
-            ckpt_path.unlink(missing_ok=True)
-            (out_dir / WEIGHTS).unlink(missing_ok=True)
-        write_yaml(out_dir / CONFIG, cfg)
-        if code_version:
-            write_text(stamp, code_version + "\n")
-        _resume_log(out_dir / LOG, start_step)
+        _begin_run_dir(out_dir, cfg, code_version, restart, start_step)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
