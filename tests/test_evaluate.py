@@ -7,6 +7,7 @@ clean accuracy is perfect and an 8/255 attack flips it: a non-robust model by co
 
 from __future__ import annotations
 
+import itertools
 import numpy as np
 import pandas as pd
 import pytest
@@ -432,6 +433,50 @@ def test_worst_case_is_the_per_example_and_of_every_attack():
     # patient p0 = patches 0, 1: under A their summed vote ties (argmax picks class 0: correct).
     assert rows["patient"]["acc"] == 50.0 and rows["patient"]["objective"] == "all"
     assert {r["attack"] for r in rows.values()} == {"worst_case"}
+
+
+def test_worst_case_at_an_eps_includes_the_attacks_at_smaller_eps():
+    labels = np.array([0, 1])
+    right, wrong = np.eye(2)[labels], np.eye(2)[1 - labels]
+    fools_first = np.stack([wrong[0], right[1]])
+    specs = [ev.AttackSpec("pgd", 4, 5, "feature"), ev.AttackSpec("pgd", 8, 5, "feature")]
+    res = ev.AttackResults(labels=labels, patients=["p0", "p1"], slides=["s0", "s1"], paths=[""] * 2,
+                           positions=[0, 1], clean={"knn": right}, adv=[{"knn": fools_first}, {"knn": right}],
+                           specs=specs)
+    acc = {r["eps"]: r["acc"] for r in ev.worst_case_rows(res) if r["level"] == "patch"}
+    assert acc == {4.0: 50.0, 8.0: 50.0}  # the 4/255 example lies in the 8/255 ball too
+
+
+def test_group_worst_case_lets_each_patch_take_its_own_worst_attack():
+    # One slide of three class-0 patches: A fools only patch 0, B only patch 1. Each attack alone
+    # leaves 2 of 3 votes right; patch 0 under A with patch 1 under B outvotes the true class.
+    labels = np.zeros(3, dtype=int)
+    right, wrong = np.eye(2)[labels], np.eye(2)[1 - labels]
+    a = np.stack([wrong[0], right[1], right[2]])
+    b = np.stack([right[0], wrong[1], right[2]])
+    for attack_arrays in ([a], [b], [a, b]):
+        correct, _ = ev.worst_case_correct([right, *attack_arrays], labels, groups=["s"] * 3)
+        assert correct.tolist() == ([False] if len(attack_arrays) == 2 else [True])
+
+
+def test_group_worst_case_equals_brute_force_over_every_patch_by_patch_choice():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n_versions, n_classes = 3, 3
+        groups = ["g0"] * 3 + ["g1"] * 2 + ["g2"] * 3
+        labels = np.array([0] * 3 + [1] * 2 + [2] * 3)
+        arrays = [rng.dirichlet(np.ones(n_classes) * 0.7, size=len(labels)) for _ in range(n_versions)]
+        arrays[0][np.arange(len(labels)), labels] += 0.5  # a clean array that is mostly right
+        got, group_labels = ev.worst_case_correct(arrays, labels, groups=groups)
+        expected = []
+        for g in ("g0", "g1", "g2"):
+            idx = [i for i, x in enumerate(groups) if x == g]
+            ok = True
+            for choice in itertools.product(range(n_versions), repeat=len(idx)):
+                total = sum(arrays[v][i] for v, i in zip(choice, idx))
+                ok &= int(np.argsort(-total, kind="stable")[0]) == labels[idx[0]]
+            expected.append(ok)
+        assert got.tolist() == expected and group_labels.tolist() == [0, 1, 2]
 
 
 def test_worst_case_rows_never_exceed_any_attack_or_clean():

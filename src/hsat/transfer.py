@@ -29,6 +29,7 @@ from hsat.evaluate import (
     AttackSpec,
     Embeddings,
     LinearProbe,
+    attack_name,
     attacked_positions,
     classify,
     dataset_labels,
@@ -86,8 +87,9 @@ def craft(
     cfg_transfer, knn = resolved["transfer"], resolved["knn"]
     if indices is None and max_val_patches:
         indices = stratified_subset(dataset_labels(val_dataset), max_val_patches, seed=attack_seed)
-    spec = AttackSpec(cfg_transfer["attack"], float(cfg_transfer["eps"]), int(cfg_transfer["steps"]),
-                      cfg_transfer["objective"], float(alpha), attack_seed)
+    # BIM and MI-FGSM under a label-free objective start at random, as in the white-box sweep
+    spec = AttackSpec(attack_name(cfg_transfer["attack"], cfg_transfer["objective"]), float(cfg_transfer["eps"]),
+                      int(cfg_transfer["steps"]), cfg_transfer["objective"], float(alpha), attack_seed)
     classifier = cfg_transfer["classifier"]
     kept: list[torch.Tensor] = []
     res = run_attacks(model, probe, bank, val_dataset, [spec], [classifier], probe.num_classes, knn=knn,

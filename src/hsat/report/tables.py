@@ -491,7 +491,9 @@ def _select_transfer(transfer: pd.DataFrame, tcfg: Mapping[str, Any]) -> pd.Data
     df = transfer.copy()
     for col in ("attack", "eps", "classifier", "objective"):
         if col in df and col in tcfg:
-            wanted = tcfg[col] if isinstance(tcfg[col], (list, tuple)) else [tcfg[col]]
+            wanted = list(tcfg[col]) if isinstance(tcfg[col], (list, tuple)) else [tcfg[col]]
+            if col == "attack" and tcfg.get("objective") in LABEL_FREE_OBJECTIVES:
+                wanted += [RANDOM_START[a] for a in wanted if a in RANDOM_START]  # as crafted (hsat.transfer)
             if df[col].isin(wanted).any():
                 df = df[df[col].isin(wanted)]
     return df
