@@ -15,11 +15,13 @@ import hsat.methods.hidisc as hidisc_mod
 import hsat.methods.robust as robust_mod
 import hsat.train as train_mod
 from hsat.errors import HSATError
+from hsat.models import build_model
 from hsat.train import (
     config_differences,
     cosine_schedule,
     linear_warmup,
     load_checkpoint,
+    freeze_unused_head,
     pretrain,
     restart_from_checkpoint,
 )
@@ -402,3 +404,15 @@ def test_cli_pretrain_refuses_patches_smaller_than_the_crop_before_writing(tiny_
     resized = tmp_path / "resized"  # the fix the message names
     assert main(["pretrain", "--manifest", str(tiny_manifest), "--out", str(resized), *settings, "data.resize={size: 48}"]) == 0
     assert (resized / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("output", ["logits", "embedding"])
+def test_after_freezing_the_unused_head_every_trainable_parameter_gets_a_gradient(output):
+    # DDP (find_unused_parameters=False) fails on the step after a parameter got no gradient.
+    model = build_model("test_resnet", head_hidden=(16,), embed_dim=8, num_classes=3)
+    freeze_unused_head(model, output)
+    model(torch.rand(4, 3, 16, 16), output=output).square().sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    frozen = {n.split(".")[0] for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == ({"head"} if output == "logits" else {"classifier"})

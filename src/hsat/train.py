@@ -471,6 +471,15 @@ def training_loader(
     return make_loader(dataset, sampler, num_workers=data["num_workers"], pin_memory=pin_memory)
 
 
+def freeze_unused_head(model: torch.nn.Module, output: str) -> None:
+    """Stop gradients to the head the objective never reads (the projection head of a supervised
+    method, a classification head of the others): DDP requires every parameter it registers to
+    get a gradient each step. Nothing else changes: such parameters never had one."""
+    unused = model.head if output == "logits" else model.classifier
+    if unused is not None:
+        unused.requires_grad_(False)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
     """AdamW with weight decay on weight matrices/kernels only (not biases and norms), as DINO."""
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -631,6 +640,7 @@ def pretrain(
                     "training in fp32 (precision: auto)" if precision == "fp32" else "precision: bf16 was asked for, kept")
     autocast = autocast_factory(precision, device)
     choose_attention_kernel(model, device, precision)  # before DINO's teacher is copied from it
+    freeze_unused_head(model, build_objective(method).output)
     if world > 1 and cfg["model"]["sync_bn"]:
         model = convert_sync_batchnorm(model, device)
     fast = torch.compile(model) if cfg["compile"] else model  # what the attack calls
