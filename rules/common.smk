@@ -94,11 +94,12 @@ def _dataset_source():
         return "manifest", ds["manifest"]
     if ds["root"]:
         root = Path(ds["root"])
-        if not (root / "meta" / "opensrh.json").is_file():
-            config_error(
-                f"dataset.root: {root} does not hold meta/opensrh.json. Point dataset.root of "
-                f"{_CONFIG_SOURCE} at your OpenSRH download, or set dataset.manifest to a manifest CSV."
-            )
+        for meta in ("opensrh.json", "train_val_split.json"):
+            if not (root / "meta" / meta).is_file():
+                config_error(
+                    f"dataset.root: {root} does not hold meta/{meta}. Point dataset.root of "
+                    f"{_CONFIG_SOURCE} at your OpenSRH download, or set dataset.manifest to a manifest CSV."
+                )
         return "root", str(root)
     return "synth", f"{RESULTS}/dataset"
 
@@ -244,11 +245,15 @@ for _name, _run in RUN_CONFIGS.items():
 
 
 def pretrain_inputs(wildcards):
-    """The manifest, and for an HLSS model its attribute embeddings."""
+    """The manifest; for an HLSS model its attribute embeddings; for a model initialised from a
+    local weights file (model.pretrained_path), that file, so replacing it retrains the model."""
     out = {"manifest": MANIFEST}
-    hlss = RUN_CONFIGS[wildcards.model]["method"].get("hlss")
+    cfg = RUN_CONFIGS[wildcards.model]
+    hlss = cfg["method"].get("hlss")
     if hlss:
         out["text"] = hlss["text_embeddings"]
+    if cfg["model"].get("pretrained_path"):
+        out["weights"] = cfg["model"]["pretrained_path"]
     return out
 
 

@@ -44,13 +44,18 @@ if DATASET_KIND == "manifest":
         conda:
             "../envs/hsat.yaml"
         shell:
-            "hsat prepare --manifest {input} --out {output} > {log} 2>&1"
+            "hsat prepare --manifest {input:q} --out {output} > {log} 2>&1"
 
 else:
 
     rule prepare:
         input:
-            DATASET_PATH,
+            root=DATASET_PATH,
+            # A user's OpenSRH root: the folder's own time stamp does not change when its metadata
+            # does, so the files the reader walks are inputs (the synthetic cohort is one output).
+            meta=[f"{DATASET_PATH}/meta/opensrh.json", f"{DATASET_PATH}/meta/train_val_split.json"]
+            if DATASET_KIND == "root"
+            else [],
         output:
             MANIFEST,
         params:
@@ -62,4 +67,4 @@ else:
         conda:
             "../envs/hsat.yaml"
         shell:
-            "hsat prepare --root {input} --out {output} > {log} 2>&1"
+            "hsat prepare --root {input.root:q} --out {output} > {log} 2>&1"

@@ -29,7 +29,7 @@ rule text_embeddings:
     conda:
         "../envs/hsat.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} hsat text-embed --descriptions {input.descriptions} --encoder {params.encoder}"
+        "OMP_NUM_THREADS={threads} hsat text-embed --descriptions {input.descriptions:q} --encoder {params.encoder:q}"
         " --manifest {input.manifest} --out {output} > {log} 2>&1"
 
 

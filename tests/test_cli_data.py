@@ -32,6 +32,13 @@ def test_synth_refuses_foreign_dir(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+def test_synth_names_a_set_value_that_is_not_yaml(tmp_path, capsys):
+    out = tmp_path / "cohort"
+    assert main(["synth", "--out", str(out), "--patients", "7", "--size", "16", "--set", "intensity_gain=[1"]) == 2
+    assert "--set 'intensity_gain=[1'" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def _png_rows(tmp_path):
     rows = []
     for i, (patient, split) in enumerate((("A", "train"), ("B", "val"), ("C", "train"))):

@@ -171,6 +171,27 @@ def test_overlay_naming_a_list_keeps_it_and_unknown_keys_are_named(tmp_path):
     assert leaf_paths({"models": {"m": {"seed": 1}}, "a": {"b": 1}}) == {("models", "m"), ("a", "b")}
 
 
+def test_an_override_of_one_model_key_keeps_the_other_models():
+    default, _ = resolve_study(BASE)
+    cfg, named = resolve_study(BASE, overrides=["models.hsat_s0.seed=5"])
+    assert set(cfg["models"]) == set(default["models"])
+    assert cfg["models"]["hsat_s0"]["seed"] == 5
+    assert cfg["models"]["hsat_s0"]["method"] == default["models"]["hsat_s0"]["method"]
+    assert ("models", "hsat_s0") in named
+
+
+@pytest.mark.parametrize("models", ["[hsat_s0]", "hsat_s0"])
+def test_an_overlay_whose_models_is_not_a_mapping_is_named(tmp_path, capsys, models):
+    from hsat.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"models: {models}\n")
+    with pytest.raises(HSATError, match=r"bad\.yaml: models must map"):
+        resolve_study(BASE, [bad])
+    assert main(["config", "show", "--base", str(BASE), "--configfile", str(bad)]) == 2
+    assert "bad.yaml: models must map" in capsys.readouterr().err
+
+
 def test_cli_config_show_marks_overlay_values(tmp_path, capsys):
     from hsat.cli import main
 

@@ -46,12 +46,13 @@ def benchmarks(tmp_path: Path) -> Path:
     _bench(root, "report/tables.tsv", 1)
     _bench(root, "synth.tsv", 2)
     _bench(root, "pretrain/hsat_s9.tsv", 1000)  # a model of another config: left out
+    _bench(root, "mil/hsat_s9.tsv", 500)  # ... whatever its rule
     return root
 
 
 def test_jobs_are_attributed_to_their_model_method_and_backbone(benchmarks: Path) -> None:
     jobs, dropped = job_costs(benchmarks, _study())
-    assert dropped == 1 and len(jobs) == 9
+    assert dropped == 2 and len(jobs) == 9
     row = jobs.set_index("job").loc
     assert row["hsat_s0"].shape[0] == 3  # pretrain, transfer score and sanity jobs share the name
     craft = jobs[jobs["rule"] == "transfer craft"].iloc[0]
@@ -92,7 +93,7 @@ def test_report_cost_cli_writes_both_files_and_bad_benchmarks_name_the_file(benc
     out = tmp_path / "out"
     assert main(["report", "cost", "--study", str(study), "--benchmarks", str(benchmarks), "--out-dir", str(out)]) == 0
     md = (out / "cost.md").read_text()
-    assert "9 jobs of 3 models" in md and "1 benchmark files of models outside this study" in md
+    assert "9 jobs of 3 models" in md and "2 benchmark files of models outside this study" in md
     assert (out / "cost.csv").read_text().startswith("rule,job,model,method,backbone,seconds,max_rss_mb")
 
     bad = benchmarks / "evaluate" / "hsat_s0.tsv"

@@ -128,6 +128,14 @@ def test_text_embeddings_load_offline_and_are_computed_once(srh_embeddings):
     assert emb.meta["descriptions_sha256"] == d.sha256
 
 
+def test_a_file_that_is_not_text_embeddings_is_named(tmp_path):
+    for body in (b"not safetensors at all", b"\xff" * 64):
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(body)
+        with pytest.raises(HSATError, match="bad.safetensors: not a text-embeddings file"):
+            load_text_embeddings(bad)
+
+
 def test_an_attribute_is_the_renormalised_mean_of_its_sentences(srh_embeddings):
     from hsat.text import encode_sentences
 

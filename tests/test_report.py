@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from hsat.config import validate
+from hsat.errors import HSATError
 from hsat.report import collect, method_label, read_tidy
-from hsat.report.figures import FIGURES, attack_steps, save_figure, transfer_heatmap, write_figures
+from hsat.report.figures import FIGURES, attack_steps, read_run_logs, save_figure, transfer_heatmap, write_figures
 from hsat.report.tables import SUMMARY_COLUMNS, headline, table1, table2, table3, table4, transfer_summary, write_tables
 
 MODELS = {
@@ -416,6 +417,25 @@ def test_figures_written_for_empty_inputs(study, tmp_path):
 
 
 # ----------------------------------------------------------------------------- CLI
+
+
+def test_a_result_csv_that_cannot_be_parsed_is_named(tmp_path):
+    bad = tmp_path / "whitebox.csv"
+    bad.write_bytes(b"model,acc\n\xff\xfe,\x00\n")
+    with pytest.raises(HSATError, match="whitebox.csv: not a result CSV"):
+        read_tidy(bad)
+    bad.write_text('model,acc\nhsat_s0,1,2,3\n"unterminated\n')
+    with pytest.raises(HSATError, match="whitebox.csv: not a result CSV"):
+        read_tidy(bad)
+
+
+def test_run_logs_are_read_for_the_study_models_only(tmp_path):
+    # results/ may hold runs of another study config (make study-all, then make study).
+    for model in ("hsat_s0", "dino_vit_s0"):
+        (tmp_path / model).mkdir()
+        (tmp_path / model / "log.jsonl").write_text(json.dumps({"step": 1, "loss_total": 1.0}) + "\n")
+    assert set(read_run_logs(tmp_path)["model"]) == {"hsat_s0", "dino_vit_s0"}
+    assert set(read_run_logs(tmp_path, ["hsat_s0", "hidisc_s0"])["model"]) == {"hsat_s0"}
 
 
 def test_collect_skips_empty_inputs(whitebox, tmp_path):

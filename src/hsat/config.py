@@ -227,12 +227,17 @@ def resolve_study(
     sources = [source]
     for item in overlays:
         layer, src = load(item)
+        models = layer.get("models")
+        if models is not None and not isinstance(models, Mapping):
+            raise HSATError(f"{src}: models must map each model's name to its settings, "
+                            f"not a {type(models).__name__} ({models!r:.60})")
         cfg = apply_overlay(cfg, layer)
         named |= leaf_paths(layer)
         sources.append(src)
     extra = parse_overrides(overrides)
     if extra:
-        cfg = apply_overlay(cfg, extra)
+        # key=value changes one leaf: models.hsat_s0.seed=5 keeps the other models
+        cfg = deep_merge(cfg, extra)
         named |= leaf_paths(extra)
     source = " + ".join(sources)
     cfg = validate(cfg, "study", source=source)

@@ -67,7 +67,6 @@ def read_tidy(path: str | os.PathLike) -> "Any":
     """Read a tidy result CSV; an empty file (a stage with nothing to report) is an empty frame."""
     import pandas as pd  # local: the workflow imports hsat.io and only the report reads CSVs
 
-
     path = Path(path)
     if not path.is_file():
         raise HSATError(f"result file not found: {path}")
@@ -77,3 +76,5 @@ def read_tidy(path: str | os.PathLike) -> "Any":
         return pd.read_csv(path)
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise HSATError(f"{path}: not a result CSV ({exc})") from exc

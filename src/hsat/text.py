@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hsat import LEVELS
@@ -305,7 +305,7 @@ def load_text_embeddings(path: str | os.PathLike) -> TextEmbeddings:
             meta = json.loads((fh.metadata() or {})["hsat"])
             levels = {lvl: fh.get_tensor(f"level.{lvl}") for lvl in LEVELS}
             markers = fh.get_tensor("markers")
-    except (KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
+    except (KeyError, ValueError, OSError, json.JSONDecodeError, SafetensorError) as exc:
         raise HSATError(f"{path}: not a text-embeddings file of hsat text-embed ({exc})") from exc
     return TextEmbeddings(levels, markers, meta)
 

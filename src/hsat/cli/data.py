@@ -19,7 +19,10 @@ def _synth(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise HSATError(f"--set {item!r}: expected key=value (a SynthParams field)")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise HSATError(f"--set {item!r}: the value is not YAML ({exc})") from exc
     out = synthesize_cohort(
         params=synth_params(overrides, source="--set"),
         out=args.out,

@@ -27,6 +27,10 @@ COLUMNS = ["rule", "job", "model", "method", "backbone", "seconds", "max_rss_mb"
 STUDY_WIDE = "(study-wide)"
 """`method` of the jobs that belong to no single model (data, text embeddings, reports)."""
 
+STUDY_WIDE_RULES = ("synth", "prepare", "text", "report")
+"""Rules whose jobs belong to no single model; every other rule's job is one model's, and is left
+out (counted as dropped) when that model is not in the study."""
+
 
 def _read_benchmark(path: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of one job's benchmark file. A `repeat(file, n)` benchmark holds
@@ -67,7 +71,7 @@ def job_costs(benchmarks: str | Path, study: Mapping[str, Any]) -> tuple[pd.Data
         if rule == "transfer":
             rule = "transfer craft" if name.startswith("craft_") else "transfer score"
         if model not in models:
-            if rule in ("pretrain", "evaluate", "transfer craft", "transfer score", "sanity", "language", "attention"):
+            if rule not in STUDY_WIDE_RULES:  # another config's model
                 dropped += 1
                 continue
             model = ""

@@ -139,10 +139,13 @@ def transfer_heatmap(transfer: pd.DataFrame, study_cfg: Mapping[str, Any] | None
     return fig
 
 
-def read_run_logs(runs_dir: str | Path) -> pd.DataFrame:
-    """Concatenate runs/*/log.jsonl into one frame with a `model` column (skipping unreadable lines)."""
+def read_run_logs(runs_dir: str | Path, models: Sequence[str] | None = None) -> pd.DataFrame:
+    """Concatenate runs/*/log.jsonl (of `models` only, when given: a results folder may hold runs
+    of another study config) into one frame with a `model` column, skipping unreadable lines."""
     rows = []
     for path in sorted(Path(runs_dir).glob("*/log.jsonl")):
+        if models is not None and path.parent.name not in models:
+            continue
         for line in path.read_text(encoding="utf-8").splitlines():
             line = line.strip()
             if not line:
@@ -158,9 +161,9 @@ def read_run_logs(runs_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def training_curves(runs_dir: str | Path) -> plt.Figure:
+def training_curves(runs_dir: str | Path, models: Sequence[str] | None = None) -> plt.Figure:
     """Clean and adversarial loss per level, and the eps schedule, against the optimiser step."""
-    logs = read_run_logs(runs_dir)
+    logs = read_run_logs(runs_dir, models)
     series = [c for c in logs.columns if c.startswith(("loss_clean_", "loss_adv_"))] + (["eps"] if "eps" in logs else [])
     if logs.empty or not series:
         return _no_data("Training curves", "no run logs with losses")
@@ -210,15 +213,20 @@ def _load_embedding(emb_dir: Path, max_points: int, seed: int) -> pd.DataFrame |
 
 
 def embedding_map(
-    embeddings_dir: str | Path, whitebox: pd.DataFrame | None = None, max_models: int = 4, max_points: int = 400, seed: int = 0
+    embeddings_dir: str | Path, whitebox: pd.DataFrame | None = None, max_models: int = 4, max_points: int = 400, seed: int = 0,
+    models: Sequence[str] | None = None,
 ) -> plt.Figure:
     """t-SNE of clean validation features (a subsample), coloured by class (top) and patient (bottom).
 
     One model per method (the first by name), methods in `hsat.methods.METHODS` order (HiDisc,
-    HSAT, HSAT-Patch, ...), so the panels compare methods, at most `max_models`.
+    HSAT, HSAT-Patch, ...), so the panels compare methods, at most `max_models`; only `models`
+    when given.
     """
     emb_root = Path(embeddings_dir)
+    study = models
     models = sorted(p.name for p in emb_root.iterdir() if p.is_dir()) if emb_root.is_dir() else []
+    if study is not None:
+        models = [m for m in models if m in study]
     if whitebox is not None and not whitebox.empty and {"model", "method"} <= set(whitebox.columns):
         order = {name: i for i, name in enumerate(METHODS)}  # registry order: baseline and full HSAT first
         firsts = whitebox.sort_values("model").drop_duplicates("method")
@@ -367,13 +375,15 @@ def write_figures(
     embeddings_dir: str | Path,
     out_dir: str | Path,
 ) -> list[Path]:
-    """Write every figure of FIGURES as PNG and PDF under `out_dir`; return the paths."""
+    """Write every figure of FIGURES as PNG and PDF under `out_dir`; return the paths. Run logs and
+    embeddings are read for the study's models only (`study_cfg["models"]`, when it names them)."""
+    study_models = list(study_cfg["models"]) if study_cfg.get("models") else None
     sns.set_theme(style="whitegrid", context="paper")
     figs = {
         "robust_accuracy": lambda: robust_accuracy(whitebox, study_cfg),
         "transfer_heatmap": lambda: transfer_heatmap(transfer, study_cfg),
-        "training_curves": lambda: training_curves(runs_dir),
-        "embedding_map": lambda: embedding_map(embeddings_dir, whitebox),
+        "training_curves": lambda: training_curves(runs_dir, study_models),
+        "embedding_map": lambda: embedding_map(embeddings_dir, whitebox, models=study_models),
         "attack_steps": lambda: attack_steps(sanity),
     }
     written: list[Path] = []
