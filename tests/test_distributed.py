@@ -179,3 +179,22 @@ def test_two_process_gloo_run_matches_one_process(tiny_manifest: Path, tmp_path:
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
         ["config.yaml", "checkpoint.pt", "log.jsonl", "model.safetensors", "code.version", "dvclive"]
     )
+
+
+@pytest.mark.parametrize("method", ["supervised", "supervised_at"])
+def test_two_process_gloo_run_trains_the_supervised_references(tiny_manifest: Path, tmp_path: Path, method: str):
+    """Their objective reads the classification head only; the projection head gets no gradient,
+    which DDP turns into an error on the second step unless it is frozen (freeze_unused_head)."""
+    cfg = {
+        "device": "cpu", "threads": 1, "precision": "fp32", "seed": 0,
+        "data": {"manifest": str(tiny_manifest), "image_size": 16, "patients_per_batch": 4},
+        "model": {"backbone": "test_resnet", "head_hidden": [32], "embed_dim": 16},
+        "method": {"name": method},
+        "attack": {"steps": 1},
+        "optim": {"lr": 1e-3, "warmup_steps": 0},
+        "train": {"steps": 3, "log_every": 1, "checkpoint_every": 3},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    _launch(["-m", "hsat", "pretrain", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "two")])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
