@@ -296,8 +296,9 @@ def table1(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[pd.Dat
         caption += " BIM and MI-FGSM start from a uniform random point in the eps-ball here (label-free objective)."
     if (df["attack"] == WORST_CASE).any():
         caption += (
-            " Worst case: a patch (slide, patient) counts as robust only if it is classified correctly under "
-            "every attack and objective at that eps."
+            " Worst case: a patch counts as robust only if it is classified correctly under every attack and "
+            "objective at that eps or below; a slide (patient) only if its aggregated prediction is correct under "
+            "every patch-by-patch choice of those attacks."
         )
     if (whitebox["attack"] == "autoattack").any():
         version = autoattack_version(study_cfg)
