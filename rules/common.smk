@@ -81,7 +81,10 @@ def _write_resolved(path, cfg):
         write_yaml(path, cfg)
 
 
-_write_resolved(STUDY, config)
+onstart:
+    # Jobs read this file (--study); written when a run starts, never by a dry run, so checking
+    # another config with -n cannot change it under a running study.
+    _write_resolved(STUDY, config)
 
 
 # ---------------------------------------------------------------- dataset

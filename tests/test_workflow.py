@@ -87,6 +87,8 @@ def test_dry_run_builds_the_dag(workdir, configfile):
 def test_default_config_without_configfile(workdir):
     proc = snakemake("-n", "paper_figures", cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # a dry run writes nothing that a running study's jobs read
+    assert not (workdir / "results" / "config.resolved.yaml").exists()
     assert planned_jobs(proc)["pretrain"] == len(yaml.safe_load((workdir / "config/config.yaml").read_text())["models"])
 
 
