@@ -33,6 +33,9 @@ def test_code_text_drops_comments_docstrings_and_blank_lines_only():
     assert code_text(SOURCE.replace("\n\n", "\n").replace("x + 1", "x + 1   ")) == text
     assert code_text(SOURCE.replace("x + 1", "x + 2")) != text
     assert code_text(SOURCE.replace("import os", "import sys")) != text
+    # columns of a docstring with non-ASCII characters (the parser counts bytes)
+    odd = 'def g():\n    """× — é"""; return "×"\n'
+    assert code_text(odd) == 'def g():\n    ; return "×"'
 
 
 @pytest.fixture

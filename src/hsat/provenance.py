@@ -99,7 +99,10 @@ def code_text(source: str) -> str:
         for tok in tokenize.generate_tokens(io.StringIO(source).readline)
         if tok.type == tokenize.COMMENT
     ]
-    spans += [(n.lineno, n.col_offset, n.end_lineno, n.end_col_offset) for n in _docstring_nodes(ast.parse(source))]
+    # The parser counts columns in UTF-8 bytes, the tokenizer and str slicing in characters.
+    char = lambda line, col: len(lines[line - 1].encode()[:col].decode(errors="ignore"))  # noqa: E731
+    spans += [(n.lineno, char(n.lineno, n.col_offset), n.end_lineno, char(n.end_lineno, n.end_col_offset))
+              for n in _docstring_nodes(ast.parse(source))]
     # Cut from the end so earlier positions stay valid; a docstring may span several lines.
     for l1, c1, l2, c2 in sorted(spans, reverse=True):
         head, tail = lines[l1 - 1][:c1], lines[l2 - 1][c2:]
