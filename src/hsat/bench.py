@@ -163,12 +163,16 @@ def _input_gradient_passes(model, fast, x, shape, method, attack, autocast) -> N
             torch.autograd.grad(loss, xg)
 
 
-def _training_pass(model, fast, optimizer, views, shape, method, autocast) -> None:
-    """The floor's training pass: one forward of the views, their losses, backward, optimiser step."""
+def _training_pass(model, fast, optimizer, views, shape, method, autocast, separate: bool = False) -> None:
+    """The floor's training pass: the views' forward (one per kind of view when the step does
+    `attack.forward: separate`, as it does), their losses, backward, optimiser step."""
     levels_kw = dict(weights=method["level_weights"], temperature=method["temperature"],
                      base_temperature=method["base_temperature"])
     optimizer.zero_grad(set_to_none=True)
-    zs = embed_views(fast, torch.cat(views) if len(views) > 1 else views[0], shape, autocast)
+    if separate or len(views) == 1:
+        zs = [z for v in views for z in embed_views(fast, v, shape, autocast)]
+    else:
+        zs = embed_views(fast, torch.cat(views), shape, autocast)
     loss = sum(hierarchical_loss(z, method["min_levels"], **levels_kw)["total"] for z in zs)
     loss.backward()
     optimizer.step()
@@ -307,7 +311,8 @@ def bench_step(cfg: Mapping[str, Any], device: torch.device, *, warmup: int = 2,
     fns = {
         "step": lambda: hsat_step(model, optimizer, images, generator=gen(), **step_kw),
         "input_grads": lambda: _input_gradient_passes(model, fast, x, shape, method, attack, autocast),
-        "train_pass": lambda: _training_pass(model, fast, optimizer, views, shape, method, autocast),
+        "train_pass": lambda: _training_pass(model, fast, optimizer, views, shape, method, autocast,
+                                             separate=attack["forward"] == "separate"),
         "naive": lambda: naive_step(model, optimizer, images, generator=gen(), **step_kw),
     }
     times = time_interleaved(fns, warmup=warmup, repeats=repeats, device=device)
@@ -352,6 +357,8 @@ def bench_objective_step(cfg: Mapping[str, Any], device: torch.device, *, warmup
     local = (torch.rand(*shape[:3], n_local, 3, local_size, local_size, generator=g).to(device) if n_local else None)
     labels = torch.arange(shape[0], device=device) % max(int(cfg["model"]["num_classes"] or 1), 1)
     x = images.flatten(0, 3)
+    if cfg["channels_last"]:  # as hsat_step lays out the step's input: the floor and naive loop too
+        x = x.contiguous(memory_format=torch.channels_last)
     local_x = local.flatten(0, 3) if local is not None else None
     local_shape = tuple(local.shape[:4]) if local is not None else None
     eps = float(attack["eps"])
@@ -469,9 +476,10 @@ def bench_eval(cfg: Mapping[str, Any], manifest: Path, device: torch.device, *, 
                steps: int = 5, repeats: int = 3, batch_size: int = 128) -> dict[str, Any]:
     """The white-box sweep's `run_attacks` against its floor, in patches x attack steps per second.
 
-    `eval_sweep_s`: PGD-`steps` on the feature objective, clean features once, kNN + probe scoring;
-    `eval_floor_s`: `steps` input-gradient passes (forward + autograd.grad to the input,
-    parameters frozen) over the same patches, nothing else. `eval_ratio_to_floor` = sweep / floor.
+    `eval_sweep_s`: PGD-`steps` on the feature objective, clean features once, kNN + probe scoring,
+    reading the patches from disk as the sweep does; `eval_floor_s`: `steps` input-gradient passes
+    (forward + autograd.grad to the input, parameters frozen) over the same patches already in
+    memory, nothing else. `eval_ratio_to_floor` = sweep / floor (the reads count against the sweep).
     `eval_grid_patches_per_s`: the same through one call of the default study's whole grid per
     batch (PGD, BIM-R, MI-FGSM-R under feature/head, BIM, MI-FGSM under linear_ce/knn_soft).
     """
