@@ -119,8 +119,12 @@ def _content_digest(path: Path, mtime_ns: int, size: int) -> bytes:
 
 
 def code_version(entries: Iterable[str]) -> str:
-    """sha256 (16 hex) of the code (`code_text`) in `module_closure(entries)` and the package data."""
-    files = module_closure(list(entries))
+    """sha256 (16 hex) of the code (`code_text`) in `module_closure(entries)` and the package data.
+
+    This module is left out of its own hash: what it contributes is the hash itself, so a change
+    to how code is read shows as new versions exactly where it reads the code differently."""
+    own = module_file(__name__)
+    files = [path for path in module_closure(list(entries)) if path != own]
     data = sorted(p for pattern in DATA_FILES for p in SRC.glob(pattern))
     h = hashlib.sha256()
     for path in files + data:
