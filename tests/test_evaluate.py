@@ -335,6 +335,28 @@ def test_cli_embed_evaluate_sanity(cli_study):
 
 
 
+def test_embeddings_of_other_weights_are_refused(cli_study, tmp_path, capsys):
+    import shutil
+
+    from hsat.cli import main
+    from hsat.models import build_model, save_weights
+
+    root, run, manifest = cli_study
+    emb = tmp_path / "emb"
+    cfg = ["--config", str(root / "study.yaml")]
+    assert main(["embed", "--run", str(run), "--manifest", str(manifest), *cfg, "--out", str(emb)]) == 0
+    retrained = tmp_path / "m1"
+    shutil.copytree(run, retrained)
+    torch.manual_seed(1)
+    save_weights(build_model("test_resnet", head_hidden=(16,), embed_dim=8), retrained / "model.safetensors")
+    out = tmp_path / "wb.csv"
+    common = ["--manifest", str(manifest), "--embeddings", str(emb), *cfg, "--model", "m1", "--out", str(out)]
+    assert main(["evaluate", "--run", str(retrained), *common]) == 2
+    err = capsys.readouterr().err
+    assert "embedded from other weights" in err and str(retrained / "model.safetensors") in err
+    assert not out.exists()
+
+
 def test_chained_verbs_give_what_the_verbs_give_alone(cli_study):
     """`hsat embed ... --then evaluate ...` (the workflow's one job per model) writes the same
     embeddings and rows as the two verbs run one after the other; a failing stage stops the chain."""

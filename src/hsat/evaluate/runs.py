@@ -4,6 +4,7 @@ and the loading they share. Each takes a validated study config and writes one r
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -88,11 +89,19 @@ def embed_run(
                              lr=lin["lr"], weight_decay=lin["weight_decay"])
     with torch.no_grad():
         train_acc = patch_accuracy(probe(train["features"]).numpy(), train["labels"].numpy())
-    meta = {"run": str(run_dir), "manifest": str(manifest), "image_size": size,
+    meta = {"run": str(run_dir), "weights_sha256": weights_digest(run_dir), "manifest": str(manifest), "image_size": size,
             "num_features": int(train["features"].shape[1]), "num_classes": len(classes),
             "n_train": int(len(train["labels"])), "n_val": int(len(val["labels"])),
             "linear": dict(lin), "probe_train_acc": train_acc}
     return write_embeddings(out_dir, train, val, probe, classes, meta)
+
+
+def weights_digest(run_dir: str | Path) -> str:
+    """sha256 of a run's trained weights: embeddings name the weights they were computed from."""
+    path = Path(run_dir) / "model.safetensors"
+    if not path.is_file():
+        raise HSATError(f"run directory {run_dir}: missing {path.name} (is this a finished `hsat pretrain` run?)")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def check_val_matches(emb: Embeddings, val_ds: Dataset, emb_dir: str | Path, manifest: str | Path) -> None:
@@ -104,6 +113,11 @@ def check_val_matches(emb: Embeddings, val_ds: Dataset, emb_dir: str | Path, man
 def load_for_eval(run_dir, manifest, emb_dir, study: Mapping[str, Any], device):
     """(model, embeddings, validation dataset) of one trained run, checked against each other."""
     emb = load_embeddings(emb_dir)
+    recorded = emb.meta.get("weights_sha256")
+    if recorded and recorded != weights_digest(run_dir):
+        # a bank and probe of other weights would score this model's features: silently wrong
+        raise HSATError(f"{emb_dir}: embedded from other weights than {Path(run_dir) / 'model.safetensors'} "
+                        "(the run was retrained, or --embeddings names another run's); rerun `hsat embed`")
     size = eval_image_size(study, run_dir)
     if int(emb.meta.get("image_size", size)) != size:
         raise HSATError(f"{emb_dir}: embedded at image size {emb.meta.get('image_size')} but evaluation uses {size}")
