@@ -19,7 +19,7 @@ from hsat.data.sampler import PatchDataset
 from hsat.errors import HSATError
 from hsat.evaluate.attention import attention_under_attack, write_attention_maps
 from hsat.evaluate.classifiers import fit_linear_probe
-from hsat.evaluate.embeddings import Embeddings, embed, load_embeddings, write_embeddings
+from hsat.evaluate.embeddings import Embeddings, dataset_labels, embed, load_embeddings, write_embeddings
 from hsat.evaluate.language import language_rows, pick_per_class
 from hsat.evaluate.metrics import patch_accuracy, stratified_subset
 from hsat.evaluate.mil import fit_mil, mil_rows, mil_whitebox_rows, save_mil
@@ -198,7 +198,7 @@ def attention_run(run_dir, manifest, study: Mapping[str, Any], out_dir=None, pat
     size = eval_image_size(study, run_dir)
     (val_ds,), classes = datasets(manifest, size, ("val",), run_dir)
     model = load_trained_model(run_dir, device=device, precision=cfg_eval["attack_precision"])
-    labels = [int(val_ds[i]["label"]) for i in range(len(val_ds))]
+    labels = dataset_labels(val_ds).tolist()  # without reading every validation image
     chosen = [i for c in range(len(classes)) for i in [j for j, y in enumerate(labels) if y == c][:patches_per_class]]
     if not chosen:
         raise HSATError(f"{manifest}: no validation patches to draw attention maps of")
@@ -227,7 +227,7 @@ def language_run(run_dir, manifest, study: Mapping[str, Any], model_name: str, o
     lcfg["alpha"] = attacks.step_size(lcfg["alpha"], lcfg["eps"], lcfg["steps"], cfg_eval["whitebox"]["alpha_scale"])
     device = torch.device(device) if device else default_device()
     (val_ds,), classes = datasets(manifest, eval_image_size(study, run_dir), ("val",), run_dir)
-    labels = [int(val_ds[i]["label"]) for i in range(len(val_ds))]
+    labels = dataset_labels(val_ds).tolist()  # without reading every validation image
     chosen = pick_per_class(labels, len(classes), int(lcfg["patches_per_class"]))
     if not chosen:
         raise HSATError(f"{manifest}: no validation patches")
