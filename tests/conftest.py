@@ -31,3 +31,23 @@ def tiny_manifest(tiny_cohort: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("manifest") / "manifest.csv"
     write_manifest(build_manifest(tiny_cohort), out)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """Process-wide torch settings a test (or the library under it, e.g. pretrain's `threads`)
+    changes are put back, so a test's outcome never depends on which tests ran before it."""
+    import torch
+
+    saved = (torch.get_num_threads(), torch.is_grad_enabled(), torch.get_default_dtype(),
+             torch.are_deterministic_algorithms_enabled(), torch.backends.mkldnn.enabled,
+             torch.get_float32_matmul_precision())
+    yield
+    threads, grad, dtype, deterministic, mkldnn, matmul = saved
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    torch.set_grad_enabled(grad)
+    torch.set_default_dtype(dtype)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.mkldnn.enabled = mkldnn
+    torch.set_float32_matmul_precision(matmul)

@@ -85,21 +85,39 @@ def test_no_precision_rows_when_crafting_in_fp32():
 
 
 def test_pretrain_records_the_precision_it_used(tiny_manifest, tmp_path):
-    """A bf16 run on the CPU trains (finite, falling loss is test_train's job) and says so."""
+    """A bf16 run on the CPU trains (finite, falling loss is test_train's job) and says so. At 32 px
+    no strided convolution of test_resnet sees a 1 x 1 input, so bf16 is safe on any CPU."""
     from test_train import read_log, tiny_cfg
 
     from hsat.train import load_checkpoint, pretrain
 
     for prec in ("bf16", "fp32"):
-        out = pretrain(tiny_cfg(tiny_manifest, precision=prec, train={"steps": 2, "checkpoint_every": 2}), tmp_path / prec)
+        cfg = tiny_cfg(tiny_manifest, precision=prec, data={"image_size": 32}, train={"steps": 2, "checkpoint_every": 2})
+        out = pretrain(cfg, tmp_path / prec)
         assert load_checkpoint(out / "checkpoint.pt")["precision"] == prec
         assert all(torch.isfinite(torch.tensor(r["loss_total"])) for r in read_log(out))
+
+
+def test_explicit_bf16_on_a_cpu_layer_it_computes_wrong_is_refused_before_the_run_starts(tiny_manifest, tmp_path):
+    """test_resnet at 16 px feeds layer4's stride-2 convolution a 1 x 1 input: an explicit bf16 is
+    refused by name, before the run folder is written; `auto` trains in fp32 and records it."""
+    from test_train import tiny_cfg
+
+    from hsat.errors import HSATError
+    from hsat.train import load_checkpoint, pretrain
+
+    with pytest.raises(HSATError, match=r"backbone\.layer4\.0\.conv1.*precision: auto"):
+        pretrain(tiny_cfg(tiny_manifest, precision="bf16", train={"steps": 2}), tmp_path / "bf16")
+    assert not (tmp_path / "bf16" / "config.yaml").exists()
+    out = pretrain(tiny_cfg(tiny_manifest, precision="auto", train={"steps": 2, "checkpoint_every": 2}), tmp_path / "auto")
+    assert load_checkpoint(out / "checkpoint.pt")["precision"] == "fp32"
 
 
 def test_strided_convolutions_on_one_pixel_make_bf16_unsafe_on_the_cpu():
     """resnet10t at 16 px (DINO's local crops) feeds layer4's stride-2 convolution a 1 x 1 input,
     whose oneDNN bf16 weight gradient is garbage; at 32 px it sees 2 x 2 and bf16 stays."""
     from hsat.models import build_model
+    from hsat.errors import HSATError
     from hsat.precision import safe_precision, strided_convs_on_single_pixels
 
     model = build_model("resnet10t", head_hidden=(16,), embed_dim=8, image_size=32)
@@ -107,7 +125,8 @@ def test_strided_convolutions_on_one_pixel_make_bf16_unsafe_on_the_cpu():
     bad = strided_convs_on_single_pixels(model, (32, 16))
     assert "backbone.layer4.0.conv1" in bad
     assert safe_precision("bf16", "auto", "cpu", model, (32, 16)) == ("fp32", bad)
-    assert safe_precision("bf16", "bf16", "cpu", model, (32, 16)) == ("bf16", bad)  # asked for: kept, warned
+    with pytest.raises(HSATError, match="backbone.layer4.0.conv1"):  # asked for: refused, by name
+        safe_precision("bf16", "bf16", "cpu", model, (32, 16))
     assert safe_precision("bf16", "auto", "cpu", model, (32,)) == ("bf16", [])
     assert safe_precision("fp32", "auto", "cpu", model, (16,)) == ("fp32", [])
     assert model.training  # the dry forward leaves the mode as it was

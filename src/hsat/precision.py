@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from hsat.errors import HSATError
+
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
 
 
@@ -85,12 +87,19 @@ def strided_convs_on_single_pixels(model: torch.nn.Module, image_sizes: tuple[in
 def safe_precision(precision: str, requested: str, device: torch.device | str, model: torch.nn.Module,
                    image_sizes: tuple[int, ...]) -> tuple[str, list[str]]:
     """The precision to train in: `precision` (already resolved), unless it is bf16 on the CPU and a
-    strided convolution sees a 1 x 1 input (`strided_convs_on_single_pixels`); then fp32 when the
-    config asked for `auto`. An explicit `bf16` is kept (the caller warns). Returns (precision,
-    the offending layers)."""
+    strided convolution sees a 1 x 1 input (`strided_convs_on_single_pixels`). Then `auto` falls
+    back to fp32 (the caller warns) and an explicit `bf16` is refused: its weight gradients there
+    are uninitialised memory, so whether the run diverges depends on what ran before it, not on the
+    config. Returns (precision, the offending layers)."""
     if precision != "bf16" or torch.device(device).type != "cpu":
         return precision, []
     bad = strided_convs_on_single_pixels(model, image_sizes)
-    if bad and requested == "auto":
+    if bad and requested != "auto":
+        sizes = "/".join(str(s) for s in sorted(set(int(s) for s in image_sizes)))
+        raise HSATError(
+            f"precision: bf16 on the CPU gives wrong weight gradients for {', '.join(bad[:3])} "
+            f"(a strided convolution on a 1 x 1 input at {sizes} px); set precision: auto (falls back "
+            "to fp32 for this model) or fp32, or use larger images or crops")
+    if bad:
         return "fp32", bad
     return precision, bad

@@ -508,6 +508,23 @@ def _check_first_patch(cfg: Mapping[str, Any]) -> None:
                          cfg["data"]["allow_upscale"])
 
 
+def _image_sizes(cfg: Mapping[str, Any]) -> tuple[int, ...]:
+    """The input sizes the encoder sees in training: the global crop and, with multi-crop, the local one."""
+    crops = cfg["data"]["local_crops"]
+    return (int(cfg["data"]["image_size"]),) + ((int(crops["size"]),) if crops["number"] else ())
+
+
+def _checked_precision(cfg: Mapping[str, Any], precision: str, device: torch.device) -> tuple[str, list[str]]:
+    """`safe_precision` on a throwaway copy of the model, before the run folder is written: an
+    explicit bf16 that the CPU computes wrong is refused here, not at a NaN some steps in. The copy
+    is built under a forked RNG, so the run's own initialisation is what it was."""
+    if precision != "bf16" or device.type != "cpu":
+        return precision, []
+    with torch.random.fork_rng(devices=[]):
+        probe = model_from_config(cfg)
+    return safe_precision(precision, cfg["precision"], device, probe, _image_sizes(cfg))
+
+
 def restart_from_checkpoint(
     out_dir: Path, cfg: Mapping[str, Any], *, on_config_change: str = "error", code_version: str | None = None
 ) -> tuple[dict[str, Any] | None, bool]:
@@ -604,6 +621,11 @@ def pretrain(
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     precision = effective_precision(cfg["precision"], device)
+    precision, unsafe = _checked_precision(cfg, precision, device)  # refused before anything is written
+    if unsafe and is_main:
+        log.warning("bf16 on the CPU gives wrong weight gradients for strided convolutions on 1 x 1 inputs "
+                    "(%s at %s px); training in fp32 (precision: auto)", ", ".join(unsafe[:3]),
+                    "/".join(map(str, _image_sizes(cfg))))
 
     # ============ resume or start ... ============
     state, restart = restart_from_checkpoint(out_dir, cfg, on_config_change=on_config_change, code_version=code_version)
@@ -631,13 +653,6 @@ def pretrain(
     model = model.to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    sizes = (int(cfg["data"]["image_size"]),) + ((int(cfg["data"]["local_crops"]["size"]),)
-                                                 if cfg["data"]["local_crops"]["number"] else ())
-    precision, unsafe = safe_precision(precision, cfg["precision"], device, model, sizes)
-    if unsafe and is_main:
-        log.warning("bf16 on the CPU gives wrong weight gradients for strided convolutions on 1 x 1 inputs "
-                    "(%s at %s px); %s", ", ".join(unsafe[:3]), "/".join(map(str, sizes)),
-                    "training in fp32 (precision: auto)" if precision == "fp32" else "precision: bf16 was asked for, kept")
     autocast = autocast_factory(precision, device)
     choose_attention_kernel(model, device, precision)  # before DINO's teacher is copied from it
     freeze_unused_head(model, build_objective(method).output)
