@@ -505,6 +505,14 @@ def test_passed_or_missing_sanity(study):
     assert all(c["caveat"] is None for c in found)
 
 
+def test_attack_quality_names_the_models_whose_bf16_crafting_was_checked(study):
+    sanity = sanity_frame()
+    assert claims(whitebox_frame(), None, sanity, study)[-1]["numbers"]["precision_models"] == []
+    precision = sanity.iloc[:1].assign(model="hidisc_s0", check="precision", param="precision", value="bf16")
+    quality = claims(whitebox_frame(), None, pd.concat([sanity, precision]), study)[-1]
+    assert quality["numbers"]["precision_models"] == ["hidisc_s0"] and "fp32 on hidisc_s0" in quality["measured"]
+
+
 # ----------------------------------------------------------------------------- claims.md and the CLI
 
 

@@ -412,6 +412,11 @@ def attack_quality(sanity: pd.DataFrame | None) -> dict[str, Any]:
     failed = [" ".join(str(v) for v in row) for row in bad[cols].drop_duplicates().itertuples(index=False)]
     numbers = {"checks": int(len(sanity)), "failed": int(len(bad)), "failed_checks": failed}
     measured = f"{len(bad)} of {len(sanity)} sanity checks failed"
+    if "check" in sanity and "model" in sanity:
+        # bf16 crafting is compared with fp32 only on the models the `precision` rows name.
+        numbers["precision_models"] = sorted(map(str, set(sanity.loc[sanity["check"] == "precision", "model"])))
+        if numbers["precision_models"]:
+            measured += f"; bf16 crafting checked against fp32 on {', '.join(numbers['precision_models'])}"
     if bad.empty:
         return _claim("attack_quality", claim, "–", measured, numbers, HOLDS, "no check failed", rule, None, None)
     return _claim("attack_quality", claim, "–", measured, numbers, FAILS, f"failed: {', '.join(failed)}", rule, None, None)
