@@ -284,6 +284,9 @@ def test_sampling_term_widens_the_interval_with_n(study):
     assert c["verdict"] == HOLDS  # 30 points is beyond it too
     seeds_only = by_id(claims(whitebox_frame(), None, None, study))["whitebox_worst_case"]["numbers"]
     assert seeds_only["n_examples"] is None and seeds_only["threshold"] < n["threshold"]
+    # a cohort with fewer validation patches than max_val_patches: the caller passes the count
+    fewer = by_id(claims(whitebox_frame(), None, None, cfg, n_examples=56))["whitebox_worst_case"]["numbers"]
+    assert fewer["n_examples"] == 56 and fewer["threshold"] > n["threshold"]
     # 5 points with seed sd 1: beyond the seed noise alone, inside it once 210 patches' sampling counts
     values = with_(**{m: (70.0, 15.0 + i, 16.0 + i) for i, m in enumerate(SEEDED["hsat"])})
     assert by_id(claims(whitebox_frame(values), None, None, cfg))["whitebox_worst_case"]["verdict"] == UNJUDGED

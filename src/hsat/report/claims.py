@@ -12,10 +12,11 @@ a - b is judged by Welch's t-test (`welch_gap`), two-sided at ALPHA = 0.05:
   spread for it let one or two flipped patches decide a claim);
 - the variance of each side's mean is its seed variance sd^2 / n plus the binomial variance of its
   accuracy over the N validation examples every model was evaluated on, 100^2 p (1 - p) / N
-  (N = `evaluation.max_val_patches`; a transfer drop d counts as p = d / 100). The result files hold
+  (N: `claims(n_examples=...)`, which the CLI counts from the manifest, else
+  `evaluation.max_val_patches`; a transfer drop d counts as p = d / 100). The result files hold
   no per-example rows, so this component is taken as known (infinite degrees of freedom) in the
   Welch-Satterthwaite df, which thus counts the seeds only. Where N is unknown (null: every
-  validation patch) the interval covers the seeds only, and says so;
+  validation patch, and no manifest) the interval covers the seeds only, and says so;
 - the honest limit: the binomial term treats the N patches as independent draws, while they come
   from a few dozen patients (and are shared by every model, which makes a difference of two arms
   less noisy than the sum of their variances). A patient-level hierarchical bootstrap (seeds, then
@@ -83,8 +84,8 @@ RULES = (
     f"alpha {ALPHA:g}: it counts when |t| exceeds the t quantile at its df (its {_CONFIDENCE} interval excludes 0). "
     f"Both sides need >= {MIN_SEEDS} seeds; with fewer on either side the claim cannot be judged.",
     "The variance of each side is its seed variance sd^2/n plus the binomial variance of its accuracy over the N "
-    "validation examples (100^2 p(1-p)/N, N = evaluation.max_val_patches), taken as known in the df; without N the "
-    "interval covers the seeds only. This treats the patches as independent: it ignores their clustering by patient "
+    "validation examples the attacks ran on (100^2 p(1-p)/N; N = evaluation.max_val_patches or the cohort's validation "
+    "patches if fewer), taken as known in the df; without N the interval covers the seeds only. This treats the patches as independent: it ignores their clustering by patient "
     "(a patient-level hierarchical bootstrap needs per-example outputs, which the evaluation does not write yet).",
     "Same-method transfer: one unit per target seed (its mean drop over its same-method surrogates), since the "
     "ordered seed pairs that share a target are not independent.",
@@ -371,11 +372,11 @@ TRANSFER_UNIT = "target seeds"
 
 
 def _transfer_arms(transfer: pd.DataFrame | None, models: Sequence[str], study_cfg: Mapping[str, Any],
-                   methods: Sequence[str], seeds: Mapping[str, Any]) -> list[dict[str, Any]]:
+                   methods: Sequence[str], seeds: Mapping[str, Any], n_examples: int | None = None) -> list[dict[str, Any]]:
     """Same-method (other seed) transfer drop on each of `methods`, over the pairs of `models` only,
     clustered by target: one unit per target model, its mean drop over its same-method surrogates.
     `seeds` lists the (surrogate, target) seed pairs measured, `targets` the target seeds (the units)."""
-    n_examples = evaluated_examples(study_cfg)
+    n_examples = n_examples or evaluated_examples(study_cfg)
     empty = [_arm(m, pd.Series(dtype=float), [], n_examples) for m in methods]
     if transfer is None or transfer.empty:
         return empty
@@ -500,7 +501,7 @@ def hlss_claims(g: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[st
     out.append(c)
     tcfg = _transfer_cfg(study_cfg)
     models = sorted(set(g["model"]))
-    hlss_tr, robust_tr = _transfer_arms(transfer, models, study_cfg, ["hlss", "robust_hlss"], seeds)
+    hlss_tr, robust_tr = _transfer_arms(transfer, models, study_cfg, ["hlss", "robust_hlss"], seeds, setting.get("n_examples"))
     out.append(_comparison(
         "robust_hlss_transfer",
         f"a same-method surrogate (another seed) costs HLSS more accuracy than robust HLSS "
@@ -546,7 +547,7 @@ def dino_claims(df: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[s
         if worst_eps is None:
             c["verdict"], c["reason"] = UNJUDGED, "no worst_case rows"
         out.append(_same_attacks(c, [robust, plain], sets))
-        dino_tr, robust_tr = _transfer_arms(transfer, sorted(set(g["model"])), study_cfg, ["dino", "robust_dino"], seeds)
+        dino_tr, robust_tr = _transfer_arms(transfer, sorted(set(g["model"])), study_cfg, ["dino", "robust_dino"], seeds, setting.get("n_examples"))
         out.append(_comparison(
             "robust_dino_transfer",
             f"a same-method surrogate (another seed) costs DINO more accuracy than robust DINO "
@@ -641,8 +642,12 @@ def claims(
     sanity: pd.DataFrame | None,
     study_cfg: Mapping[str, Any],
     language: pd.DataFrame | None = None,
+    n_examples: int | None = None,
 ) -> list[dict[str, Any]]:
     """Every claim of the paper per (group, backbone), then the attack-quality precondition.
+
+    `n_examples`: the validation examples each attack ran on (`hsat.evaluate.runs.attacked_patch_count`);
+    None: `evaluation.max_val_patches` (`evaluated_examples`), which is exact unless the cohort has fewer.
 
     Each claim is a dict: id, claim, paper, measured (text), numbers (means, sds, ns and seeds per
     method, the difference, its 95 % interval, t, df and p-value, the interval's half-width as
@@ -665,7 +670,7 @@ def claims(
         # per paper claim, each "no rows": the ViT-vs-CNN claims below judge it.
         paper = {baseline, "hsat", *LEVEL_METHODS, *ABLATION_METHODS, *REFERENCES, *HLSS_METHODS}
         groups = [(k, g) for k, g in groups if g.empty or set(g["method"]) & paper] or groups[:1]
-    setting = {"level": LEVEL, "classifier": classifier, "n_examples": evaluated_examples(study_cfg)}
+    setting = {"level": LEVEL, "classifier": classifier, "n_examples": n_examples or evaluated_examples(study_cfg)}
     sets = attack_sets(whitebox, classifier, worst_eps)
     tcfg = _transfer_cfg(study_cfg)
     out: list[dict[str, Any]] = []
@@ -704,7 +709,7 @@ def claims(
         out.append(c)
 
         models = sorted(set(g["model"])) if not g.empty else []
-        base_tr, hsat_tr = _transfer_arms(transfer, models, study_cfg, [baseline, "hsat"], seeds)
+        base_tr, hsat_tr = _transfer_arms(transfer, models, study_cfg, [baseline, "hsat"], seeds, setting.get("n_examples"))
         out.append(_comparison(
             "blackbox_contrast",
             f"a same-method surrogate (another seed) costs {method_label(baseline)} more accuracy than HSAT "
