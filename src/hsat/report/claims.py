@@ -341,7 +341,8 @@ def _chain(cid, claim, paper, arms, group, backbone, **extra) -> dict[str, Any]:
 
 def clean_cost(base: Mapping[str, Any], hsat: Mapping[str, Any], group, backbone, **extra) -> dict[str, Any]:
     """Robustness costs about PAPER_CLEAN_COST points of clean accuracy: holds when the drop's
-    interval contains it, does not hold when the interval lies wholly above or below it."""
+    interval contains it, does not hold when the interval lies wholly above or below it.
+    `numbers.p_value` tests drop = PAPER_CLEAN_COST (>= ALPHA when it holds), `p_value_drop` drop = 0."""
     d = welch_gap(base, hsat)
     paper = f"HiDisc 83.1 -> HSAT 66.4 clean (ResNet-50 from scratch): a cost of about {PAPER_CLEAN_COST:g} points"
     claim = f"adversarial training costs about {PAPER_CLEAN_COST:g} points of clean accuracy"
