@@ -57,6 +57,7 @@ rule tables:
         transfer=f"{RESULTS}/transfer.csv",
         sanity=f"{RESULTS}/sanity.csv",
         language=[f"{RESULTS}/language.csv"] if LANGUAGE_MODELS else [],
+        manifest=MANIFEST,
     output:
         tables=[
             report(f"{RESULTS}/tables/{t}", caption="../workflow/report/tables.rst", category="Tables")
@@ -81,7 +82,7 @@ rule tables:
     shell:
         "hsat report tables --study {params.study} --whitebox {input.whitebox} --transfer {input.transfer}"
         " --sanity {input.sanity} --out-dir {params.out_dir} --metrics {output.metrics}"
-        " --claims {output.claims}{params.language} > {log} 2>&1"
+        " --claims {output.claims} --manifest {input.manifest}{params.language} > {log} 2>&1"
 
 
 rule figures:

@@ -210,3 +210,32 @@ def test_monotone_tolerance_is_the_noise_of_a_difference_of_two_estimates():
     assert run([30.0, 100 * 2 / n, 100 * 5 / n]) == [True, True, True]
     assert run([30.0, 100 * 2 / n, 100 * 14 / n]) == [True, True, False]
     assert run([30.0, 45.0, 1.0]) == [True, False, True]  # a rise is judged against the lowest before
+
+
+def test_the_first_point_of_a_sweep_is_checked_against_clean():
+    """With clean accuracy as `start`, the first point is a check that can fail (an attack that raises
+    accuracy above clean); without it, it is only the reference of the next point."""
+    from hsat.evaluate.sanity import check_monotone
+    from hsat.evaluate.sweep import AttackSpec
+
+    pts = [(AttackSpec("pgd", e, 5, "linear_ce"), a) for e, a in zip((8.0, 32.0), (45.0, 10.0))]
+    rows = check_monotone("m", "eps", "eps", pts, 210, 2.0, "linear", start=30.0)
+    assert [r["passed"] for r in rows] == [False, True] and "clean acc (30.00)" in rows[0]["criterion"]
+    assert [r["passed"] for r in check_monotone("m", "eps", "eps", pts, 210, 2.0, "linear", start=45.0)] == [True, True]
+    assert [r["passed"] for r in check_monotone("m", "eps", "eps", pts, 210, 2.0, "linear")] == [True, True]
+
+
+def test_above_clean_leaves_out_worst_case_rows():
+    """A worst case counts an example only when clean is correct too, so it can never exceed clean:
+    no above_clean row for it (patch level, and the ABMIL rows at slide level)."""
+    rows = []
+    for clf, level in (("knn", "patch"), ("linear", "patch"), ("abmil", "slide")):
+        for attack, acc in (("none", 50.0), ("pgd", 40.0), ("worst_case", 30.0)):
+            rows.append(dict(model="m", classifier=clf, level=level, attack=attack, eps=0.0 if attack == "none" else 8.0,
+                             steps=0 if attack == "none" else 5, objective="none" if attack == "none" else "feature", acc=acc))
+    wb = pd.DataFrame(rows)
+    df = study_checks(wb, pd.DataFrame(), 210, hard_cfg(), n_slides=70)
+    assert set(df["check"]) == {"above_clean"} and len(df) == 3  # the pgd rows of knn, linear and abmil
+    assert not df["attack"].eq("worst_case").any() and df["passed"].all()
+    wb.loc[wb["attack"] == "pgd", "acc"] = 80.0  # an attack above clean still fails
+    assert not study_checks(wb, pd.DataFrame(), 210, hard_cfg(), n_slides=70)["passed"].any()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from hsat.config import load_study_config
+from hsat.config import load_study_config, resolve_evaluation
 from hsat.errors import HSATError
 from hsat.io import write_json
 
@@ -27,7 +27,12 @@ def _tables(args: argparse.Namespace) -> int:
     write_tables(whitebox, transfer, cfg, args.out_dir)
     sanity = read_tidy(args.sanity) if args.sanity else None
     language = read_tidy(args.language) if args.language else None
-    found = claims(whitebox, transfer, sanity, cfg, language) if args.metrics or args.claims else []
+    n_examples = None
+    if args.manifest:
+        from hsat.evaluate.runs import attacked_patch_count
+
+        n_examples = attacked_patch_count(args.manifest, resolve_evaluation(cfg["evaluation"]))
+    found = claims(whitebox, transfer, sanity, cfg, language, n_examples=n_examples) if args.metrics or args.claims else []
     if args.claims:
         write_claims(found, args.claims)
     if args.metrics:
@@ -136,9 +141,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--metrics", default=None, help="also write the headline claims as JSON here (e.g. results/metrics.json)")
     t.add_argument("--sanity", default=None, help="results/sanity.csv: counts failed checks in --metrics and --claims")
     t.add_argument("--language", default=None, help="results/language.csv (HLSS models): the marker-similarity claims")
+    t.add_argument("--manifest", default=None,
+                   help="the study's manifest: the claims' sampling term counts the validation patches the attacks ran on "
+                        "(without it: evaluation.max_val_patches)")
     t.add_argument(
         "--claims", default=None,
-        help="also write each claim with its numbers, seeds, spread and verdict as Markdown here (e.g. results/claims.md)",
+        help="also write each claim with its numbers, seeds, spread, interval, p-value and verdict as Markdown here "
+             "(e.g. results/claims.md)",
     )
     t.set_defaults(func=_tables)
 

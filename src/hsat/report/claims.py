@@ -1,23 +1,37 @@
-"""The paper's claims as measured: numbers, seeds, spread and a verdict, from the result files only.
+"""The paper's claims as measured: numbers, seeds, an interval, a p-value and a verdict, from the result files only.
 
 Each claim is judged per group (initialisation) and backbone, at the patch level, with the primary
 classifier (the first of `evaluation.whitebox.classifiers`) and eps 8/255 (the largest eps an
 attack ran at when 8 is absent). A number is a mean over the models (seeds) of a method.
 
 Verdicts are `holds`, `does not hold` or `cannot be judged`, always with the reason. A difference
-a - b counts only when it is clear of the seed noise:
+a - b is judged by Welch's t-test (`welch_gap`), two-sided at ALPHA = 0.05:
 
-- both sides with at least 3 seeds: |a - b| > 2 x the combined standard error
-  sqrt(sd_a^2/n_a + sd_b^2/n_b) (sample sd over seeds; over seed pairs for transfer);
-- an ablation or reference model with fewer than 3 seeds: |a - b| > 3 x the sample sd of HSAT's
-  seeds at the same condition (the seed spread of a 3-seed model); without 3 HSAT seeds there is no
-  spread to compare with and the claim cannot be judged.
+- both sides need at least MIN_SEEDS = 3 seeds (units); with fewer on either side the claim cannot
+  be judged (a single ablation seed gives no estimate of its own seed noise, and borrowing HSAT's
+  spread for it let one or two flipped patches decide a claim);
+- the variance of each side's mean is its seed variance sd^2 / n plus the binomial variance of its
+  accuracy over the N validation examples every model was evaluated on, 100^2 p (1 - p) / N
+  (N: `claims(n_examples=...)`, which the CLI counts from the manifest, else
+  `evaluation.max_val_patches`; a transfer drop d counts as p = d / 100). The result files hold
+  no per-example rows, so this component is taken as known (infinite degrees of freedom) in the
+  Welch-Satterthwaite df, which thus counts the seeds only. Where N is unknown (null: every
+  validation patch, and no manifest) the interval covers the seeds only, and says so;
+- the honest limit: the binomial term treats the N patches as independent draws, while they come
+  from a few dozen patients (and are shared by every model, which makes a difference of two arms
+  less noisy than the sum of their variances). A patient-level hierarchical bootstrap (seeds, then
+  patients) would need per-example outputs, which the evaluation does not write yet;
+- the difference counts when |t| exceeds the t quantile at its df (equivalently: its 95 % interval
+  excludes 0); each claim records the interval, t, df and p-value in `numbers` (per gap for chains).
 
 A claim of an order (a > b, or a chain a < b < c) holds when every difference points its way
-beyond the noise, does not hold when one points the other way beyond the noise, and cannot be
-judged when a difference lies inside the noise, a side has no rows or too few seeds. The clean-cost
-claim has its own rule (see `clean_cost`). When a sanity check of the attacks failed, every
-robustness verdict carries a caveat.
+beyond the noise (for a chain: an intersection-union test, valid at ALPHA without correction),
+does not hold when one points the other way beyond the noise, and cannot be judged when a
+difference lies inside the noise, a side has no rows or too few seeds. Same-method transfer is
+clustered by target seed: the drops of the ordered seed pairs that share a target are not
+independent, so a unit is one target model (its mean drop over its same-method surrogates). The
+clean-cost claim has its own rule (see `clean_cost`). When a sanity check of the attacks failed,
+every robustness verdict carries a caveat.
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
+from scipy import stats
 
 from hsat.backbones import is_vit
 from hsat.evaluate.language import language_summary
@@ -42,16 +57,13 @@ from hsat.report.tables import (
     _select_transfer,
     _transfer_cfg,
     model_info,
-    transfer_summary,
 )
 
 HOLDS, FAILS, UNJUDGED = "holds", "does not hold", "cannot be judged"
 VERDICTS = (HOLDS, FAILS, UNJUDGED)
 MIN_SEEDS = 3
-SE_FACTOR = 2.0
-"""A difference between two methods with >= MIN_SEEDS seeds each must exceed this many combined SEs."""
-SPREAD_FACTOR = 3.0
-"""With fewer seeds, a difference must exceed this many sample sds of HSAT's seeds."""
+ALPHA = 0.05
+"""Two-sided significance level of every difference; intervals cover 1 - ALPHA (95 %)."""
 PAPER_CLEAN_COST = 17.0
 """Clean accuracy the paper gives up for robustness: HiDisc 83.1 -> HSAT 66.4 (16.7, 'about 17')."""
 LEVEL = "patch"
@@ -66,17 +78,22 @@ ROBUSTNESS_CLAIMS = (
     "robust_dino_worst_case", "robust_dino_transfer", "language_attack", "vit_vs_cnn_baseline", "vit_vs_cnn_dino",
 )
 """Claims about robust accuracy: a failed sanity check of the attacks puts a caveat on each."""
+_CONFIDENCE = f"{100 * (1 - ALPHA):g} %"
 RULES = (
-    f"A difference counts when both sides have >= {MIN_SEEDS} seeds and it exceeds {SE_FACTOR:g} x the combined "
-    "standard error sqrt(sd_a^2/n_a + sd_b^2/n_b) (sample sd over seeds; over seed pairs for transfer).",
-    f"An ablation or reference model with fewer than {MIN_SEEDS} seeds: the difference must exceed "
-    f"{SPREAD_FACTOR:g} x the sample sd of HSAT's seeds at the same condition; without {MIN_SEEDS} HSAT seeds "
-    "the claim cannot be judged.",
+    f"A difference a - b is judged by Welch's t-test with its Welch-Satterthwaite degrees of freedom, two-sided at "
+    f"alpha {ALPHA:g}: it counts when |t| exceeds the t quantile at its df (its {_CONFIDENCE} interval excludes 0). "
+    f"Both sides need >= {MIN_SEEDS} seeds; with fewer on either side the claim cannot be judged.",
+    "The variance of each side is its seed variance sd^2/n plus the binomial variance of its accuracy over the N "
+    "validation examples the attacks ran on (100^2 p(1-p)/N; N = evaluation.max_val_patches or the cohort's validation "
+    "patches if fewer), taken as known in the df; without N the interval covers the seeds only. This treats the patches as independent: it ignores their clustering by patient "
+    "(a patient-level hierarchical bootstrap needs per-example outputs, which the evaluation does not write yet).",
+    "Same-method transfer: one unit per target seed (its mean drop over its same-method surrogates), since the "
+    "ordered seed pairs that share a target are not independent.",
     "holds: every difference points the claimed way beyond the noise; does not hold: one points the other "
     "way beyond the noise; cannot be judged: a difference inside the noise, no rows or too few seeds.",
-    f"Clean cost: holds when the measured drop (HiDisc - HSAT) minus {SE_FACTOR:g} SE is at most "
-    f"{PAPER_CLEAN_COST:g} points (its interval contains {PAPER_CLEAN_COST:g}, or the cost is smaller than "
-    f"the paper's); does not hold when the drop exceeds {PAPER_CLEAN_COST:g} by more than {SE_FACTOR:g} SE.",
+    f"Clean cost: holds when the {_CONFIDENCE} interval of the drop (HiDisc - HSAT) contains the paper's "
+    f"{PAPER_CLEAN_COST:g} points; does not hold when it excludes {PAPER_CLEAN_COST:g} on either side (a much "
+    "smaller cost does not reproduce the paper's either).",
 )
 
 
@@ -106,8 +123,15 @@ def _plain_seed(seed: Any) -> Any:
     return None if math.isnan(value) else int(value) if value.is_integer() else value
 
 
-def _arm(method: str, values: pd.Series, seeds: Sequence[Any]) -> dict[str, Any]:
-    """One side of a comparison: mean, sample sd and count over its units (models or seed pairs)."""
+def evaluated_examples(study_cfg: Mapping[str, Any]) -> int | None:
+    """N behind every attacked accuracy: `evaluation.max_val_patches` (None when null or absent: unknown here)."""
+    value = (study_cfg.get("evaluation") or {}).get("max_val_patches")
+    return int(value) if value else None
+
+
+def _arm(method: str, values: pd.Series, seeds: Sequence[Any], n_examples: int | None = None) -> dict[str, Any]:
+    """One side of a comparison: mean, sample sd and count over its units (models, or target models for
+    transfer), and N, the validation examples behind each unit's accuracy (None: unknown)."""
     values = values.dropna()
     n = int(len(values))
     return {
@@ -117,15 +141,17 @@ def _arm(method: str, values: pd.Series, seeds: Sequence[Any]) -> dict[str, Any]
         "sd": float(values.std(ddof=1)) if n > 1 else None,
         "n": n,
         "seeds": list(seeds),
+        "n_examples": n_examples,
     }
 
 
-def _whitebox_arm(g: pd.DataFrame, method: str, attack: str, eps: float | None, seeds: Mapping[str, Any]) -> dict[str, Any]:
+def _whitebox_arm(g: pd.DataFrame, method: str, attack: str, eps: float | None, seeds: Mapping[str, Any],
+                  n_examples: int | None = None) -> dict[str, Any]:
     if eps is None or g.empty:
-        return _arm(method, pd.Series(dtype=float), [])
+        return _arm(method, pd.Series(dtype=float), [], n_examples)
     rows = g[(g["method"] == method) & (g["attack"] == attack) & (g["eps"] == eps)]
     per_model = rows.groupby("model")["acc"].mean().dropna()
-    arm = _arm(method, per_model, [seeds.get(str(m)) for m in per_model.index])
+    arm = _arm(method, per_model, [seeds.get(str(m)) for m in per_model.index], n_examples)
     arm["models"] = [str(m) for m in per_model.index]
     return arm
 
@@ -137,6 +163,7 @@ def _numbers(arms: Sequence[Mapping[str, Any]], **extra: Any) -> dict[str, Any]:
         "ns": {a["method"]: a["n"] for a in arms},
         "seeds": {a["method"]: a["seeds"] for a in arms},
         **({"models": {a["method"]: a["models"] for a in arms}} if all("models" in a for a in arms) else {}),
+        **({"targets": {a["method"]: a["targets"] for a in arms}} if all("targets" in a for a in arms) else {}),
         **extra,
     }
 
@@ -148,49 +175,91 @@ def _describe(arm: Mapping[str, Any]) -> str:
     return f"{arm['label']} {arm['mean']:.1f}{sd} (n={arm['n']})"
 
 
-def _reference_sd(hsat: Mapping[str, Any]) -> tuple[str, float] | None:
-    """HSAT's seed spread, the yardstick for models with fewer seeds (None without 3 HSAT seeds)."""
-    return (hsat["label"], hsat["sd"]) if hsat["n"] >= MIN_SEEDS and hsat["sd"] is not None else None
+# ----------------------------------------------------------------------------- statistics
 
 
-def gap(
-    a: Mapping[str, Any], b: Mapping[str, Any], reference: tuple[str, float] | None = None, unit: str = "seeds"
-) -> dict[str, Any]:
-    """a - b against the seed noise: `sign` +1 (a higher beyond it), -1 (lower beyond it), 0 (inside), None (unjudged).
+def sampling_variance(mean: float | None, n_examples: int | None) -> float:
+    """Binomial variance (points^2) of an accuracy (or drop) of `mean` % over `n_examples`
+    examples, 100^2 p (1 - p) / N; 0 when N is unknown."""
+    if not n_examples or mean is None:
+        return 0.0
+    p = min(max(mean / 100.0, 0.0), 1.0)
+    return 100.0 ** 2 * p * (1.0 - p) / n_examples
 
-    With >= MIN_SEEDS units on both sides the threshold is SE_FACTOR combined SEs; otherwise
-    SPREAD_FACTOR x `reference` (label, sd) when given; otherwise no threshold (`why` says so).
+
+def _arm_variance(arm: Mapping[str, Any]) -> tuple[float, float]:
+    """(seed part sd^2 / n, known sampling part) of the variance of an arm's mean."""
+    return arm["sd"] ** 2 / arm["n"], sampling_variance(arm["mean"], arm.get("n_examples"))
+
+
+def t_test(estimate: float, arms: Sequence[Mapping[str, Any]], null: float = 0.0) -> dict[str, Any]:
+    """Welch's t of `estimate` (a mean or a difference of the arms' means) against `null`: se, the
+    Welch-Satterthwaite df (the known sampling parts add to the variance, not to the df's
+    denominator), t, the two-sided p-value, the t quantile at 1 - ALPHA/2, the half-width of the
+    interval (`threshold`) and the interval around `estimate`. JSON-plain: an infinite t or df is None."""
+    parts = [_arm_variance(a) for a in arms]
+    var = sum(s + k for s, k in parts)
+    denom = sum(s ** 2 / (a["n"] - 1) for (s, _), a in zip(parts, arms))
+    df = var ** 2 / denom if denom > 0 else math.inf
+    se = math.sqrt(var)
+    diff = estimate - null
+    t = diff / se if se > 0 else (math.copysign(math.inf, diff) if diff else 0.0)
+    p = float(2 * stats.t.sf(abs(t), df))
+    q = float(stats.t.ppf(1 - ALPHA / 2, df))
+    half = q * se
+    return {"se": se, "df": df if math.isfinite(df) else None, "t": t if math.isfinite(t) else None, "p_value": p,
+            "quantile": q, "threshold": half, "interval": [estimate - half, estimate + half]}
+
+
+def _basis(arms: Sequence[Mapping[str, Any]], unit: str) -> str:
+    ns = sorted({a.get("n_examples") for a in arms if a.get("n_examples")})
+    if not ns:
+        return f"Welch t over {unit} (seeds only: no count of validation examples)"
+    return f"Welch t over {unit} + binomial sampling of N = {'/'.join(map(str, ns))} validation examples"
+
+
+def welch_gap(a: Mapping[str, Any], b: Mapping[str, Any], unit: str = "seeds") -> dict[str, Any]:
+    """a - b against the noise: `sign` +1 (a higher beyond it), -1 (lower beyond it), 0 (inside), None (unjudged).
+
+    Judged by `t_test` when both arms have >= MIN_SEEDS units; otherwise unjudged, `why` saying how
+    many units each side has. Also: gap, se, df, t, p_value, interval (95 %), threshold (its half-width), rule.
     """
-    out: dict[str, Any] = {"from": b["label"], "to": a["label"], "gap": None, "threshold": None, "rule": None, "sign": None, "why": None}
+    out: dict[str, Any] = {"from": b["label"], "to": a["label"], "gap": None, "threshold": None, "rule": None,
+                           "se": None, "df": None, "t": None, "p_value": None, "interval": None, "sign": None, "why": None}
     missing = [arm["label"] for arm in (a, b) if not arm["n"]]
     if missing:
         out["why"] = f"no rows for {' and '.join(missing)}"
         return out
     out["gap"] = a["mean"] - b["mean"]
-    few = [arm for arm in (a, b) if arm["n"] < MIN_SEEDS]
-    if not few:
-        se = math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"])
-        out["threshold"], out["rule"] = SE_FACTOR * se, f"{SE_FACTOR:g} x combined SE"
-    elif reference is not None:
-        counts = ", ".join(f"{arm['label']}: {arm['n']}" for arm in few)
-        out["threshold"] = SPREAD_FACTOR * reference[1]
-        out["rule"] = f"{SPREAD_FACTOR:g} x the sd of {reference[0]}'s seeds ({reference[1]:.1f}; fewer than {MIN_SEEDS} {unit} for {counts})"
-    else:
+    if any(arm["n"] < MIN_SEEDS for arm in (a, b)):
         counts = ", ".join(f"{arm['label']}: {arm['n']}" for arm in (a, b))
         out["why"] = f"fewer than {MIN_SEEDS} {unit} ({counts})"
-        if any(arm["method"] not in ("hsat", "hidisc") for arm in few):
-            out["why"] += f" and no {MIN_SEEDS}-seed HSAT spread to compare the gap with"
         return out
-    g, t = out["gap"], out["threshold"]
-    out["sign"] = 1 if g > t else -1 if g < -t else 0
+    test = t_test(out["gap"], [a, b])
+    out.update({k: test[k] for k in ("se", "df", "t", "p_value", "interval", "threshold")}, rule=_basis([a, b], unit))
+    lo, hi = test["interval"]
+    out["sign"] = 1 if lo > 0 else -1 if hi < 0 else 0
     return out
+
+
+def gap(a: Mapping[str, Any], b: Mapping[str, Any], reference: Any = None, unit: str = "seeds") -> dict[str, Any]:
+    """`welch_gap` under its earlier name; `reference` (the retired HSAT-spread yardstick) is ignored."""
+    return welch_gap(a, b, unit)
+
+
+def _stats_text(d: Mapping[str, Any]) -> str:
+    """'95 % interval lo to hi, t = .., df = .., p = ..' of a judged gap."""
+    lo, hi = d["interval"]
+    t = f"{d['t']:.2f}" if d["t"] is not None else "±∞"
+    df = f"{d['df']:.1f}" if d["df"] is not None else "∞"
+    return f"{_CONFIDENCE} interval {lo:+.1f} to {hi:+.1f}, t = {t}, df = {df}, p = {d['p_value']:.3g}"
 
 
 def _gap_text(d: Mapping[str, Any]) -> str:
     if d["gap"] is None:
         return f"{d['to']} - {d['from']}: {d['why']}"
     text = f"{d['to']} - {d['from']} = {d['gap']:+.1f}"
-    return text + (f" (threshold {d['threshold']:.1f}: {d['rule']})" if d["threshold"] is not None else f" ({d['why']})")
+    return text + (f" ({_stats_text(d)}; {d['rule']})" if d["interval"] is not None else f" ({d['why']})")
 
 
 def _order_verdict(gaps: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
@@ -201,8 +270,21 @@ def _order_verdict(gaps: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
     if any(d["sign"] is None for d in gaps):
         return UNJUDGED, "; ".join(d["why"] for d in gaps if d["sign"] is None)
     if any(d["sign"] == 0 for d in gaps):
-        return UNJUDGED, f"the difference is inside the seed spread: {detail}"
-    return HOLDS, f"every difference exceeds the noise: {detail}"
+        return UNJUDGED, f"the difference is inside the seed spread and sampling noise (p >= {ALPHA:g}): {detail}"
+    return HOLDS, f"every difference exceeds the noise (p < {ALPHA:g}): {detail}"
+
+
+_TEST_KEYS = ("from", "to", "gap", "se", "df", "t", "p_value", "interval", "threshold", "rule")
+
+
+def _test_record(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: d[k] for k in _TEST_KEYS}
+
+
+def _test_numbers(record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A single test's interval, p-value, df, t, se and threshold as top-level `numbers`, and `tests`."""
+    keys = ("threshold", "interval", "p_value", "df", "t", "se")
+    return {**{k: record[k] if record else None for k in keys}, "tests": [dict(record)] if record else []}
 
 
 def _claim(cid: str, claim: str, paper: str, measured: str, numbers: Mapping[str, Any], verdict: str, reason: str,
@@ -212,10 +294,9 @@ def _claim(cid: str, claim: str, paper: str, measured: str, numbers: Mapping[str
             "reason": reason, "rule": rule, "group": group, "backbone": backbone, "caveat": None}
 
 
-_GAP_RULE = (
-    f">= {MIN_SEEDS} seeds each and a difference beyond {SE_FACTOR:g} x combined SE; otherwise "
-    f"{SPREAD_FACTOR:g} x HSAT's seed sd for a model with fewer seeds"
-)
+def _gap_rule(unit: str = "seeds") -> str:
+    return (f">= {MIN_SEEDS} {unit} each and Welch's t beyond its quantile at the Welch-Satterthwaite df "
+            f"(two-sided, alpha {ALPHA:g}; seeds + binomial sampling of the validation examples)")
 
 
 # ----------------------------------------------------------------------------- the claims
@@ -237,71 +318,85 @@ def _require_margin(c: dict[str, Any], margin: float = ROBUST_MARGIN) -> dict[st
     return c
 
 
-def _comparison(cid, claim, paper, a, b, group, backbone, reference=None, unit="seeds", spread_rule=False, **extra) -> dict[str, Any]:
-    """Claim "a > b" judged on one gap; `spread_rule`: models with fewer seeds are judged against `reference`."""
-    d = gap(a, b, reference if spread_rule else None, unit)
+def _comparison(cid, claim, paper, a, b, group, backbone, unit="seeds", **extra) -> dict[str, Any]:
+    """Claim "a > b" judged on one gap (`welch_gap`)."""
+    d = welch_gap(a, b, unit)
     verdict, reason = _order_verdict([d])
     measured = f"{_describe(a)} vs {_describe(b)}" + (f": {d['gap']:+.1f} points" if d["gap"] is not None else "")
-    rule = _GAP_RULE if spread_rule else f">= {MIN_SEEDS} {unit} each and a difference beyond {SE_FACTOR:g} x combined SE"
-    numbers = _numbers([a, b], difference=d["gap"], threshold=d["threshold"], **extra)
-    return _claim(cid, claim, paper, measured, numbers, verdict, reason, rule, group, backbone)
+    numbers = _numbers([a, b], difference=d["gap"], **_test_numbers(_test_record(d)), **extra)
+    return _claim(cid, claim, paper, measured, numbers, verdict, reason, _gap_rule(unit), group, backbone)
 
 
-def _chain(cid, claim, paper, arms, group, backbone, reference, **extra) -> dict[str, Any]:
-    """Claim "arms[0] < arms[1] < ...", judged on each adjacent gap."""
-    gaps = [gap(hi, lo, reference) for lo, hi in zip(arms, arms[1:])]
+def _chain(cid, claim, paper, arms, group, backbone, **extra) -> dict[str, Any]:
+    """Claim "arms[0] < arms[1] < ...", judged on each adjacent gap; `p_value` is the largest of the
+    gaps' (the chain holds at ALPHA when every gap does), each gap's interval and df are in `gaps`."""
+    gaps = [welch_gap(hi, lo) for lo, hi in zip(arms, arms[1:])]
     verdict, reason = _order_verdict(gaps)
     measured = " / ".join(_describe(a) for a in arms)
-    numbers = _numbers(arms, gaps=[{k: d[k] for k in ("from", "to", "gap", "threshold", "rule")} for d in gaps],
-                       reference_sd=None if reference is None else reference[1], **extra)
-    return _claim(cid, claim, paper, measured, numbers, verdict, reason, _GAP_RULE, group, backbone)
+    ps = [d["p_value"] for d in gaps]
+    records = [_test_record(d) for d in gaps]
+    numbers = _numbers(arms, gaps=records, tests=records, p_value=max(ps) if None not in ps else None, **extra)
+    return _claim(cid, claim, paper, measured, numbers, verdict, reason, _gap_rule(), group, backbone)
 
 
 def clean_cost(base: Mapping[str, Any], hsat: Mapping[str, Any], group, backbone, **extra) -> dict[str, Any]:
-    """Robustness costs about PAPER_CLEAN_COST points of clean accuracy (or less)."""
-    d = gap(base, hsat)
+    """Robustness costs about PAPER_CLEAN_COST points of clean accuracy: holds when the drop's
+    interval contains it, does not hold when the interval lies wholly above or below it.
+    `numbers.p_value` tests drop = PAPER_CLEAN_COST (>= ALPHA when it holds), `p_value_drop` drop = 0."""
+    d = welch_gap(base, hsat)
     paper = f"HiDisc 83.1 -> HSAT 66.4 clean (ResNet-50 from scratch): a cost of about {PAPER_CLEAN_COST:g} points"
-    claim = f"adversarial training costs about {PAPER_CLEAN_COST:g} points of clean accuracy (or less)"
+    claim = f"adversarial training costs about {PAPER_CLEAN_COST:g} points of clean accuracy"
     measured = f"{_describe(base)} -> {_describe(hsat)}"
-    if d["threshold"] is None:
+    vs_paper: dict[str, Any] = {}
+    if d["interval"] is None:
         verdict, reason = UNJUDGED, d["why"]
     else:
-        drop, t = d["gap"], d["threshold"]
-        lo, hi = drop - t, drop + t
-        measured += f": a drop of {drop:.1f} points ({SE_FACTOR:g} SE interval {lo:.1f} to {hi:.1f})"
+        drop, (lo, hi) = d["gap"], d["interval"]
+        vs_paper = t_test(drop, [base, hsat], null=PAPER_CLEAN_COST)
+        measured += f": a drop of {drop:.1f} points ({_CONFIDENCE} interval {lo:.1f} to {hi:.1f})"
+        text = f"{_stats_text(d)}; against {PAPER_CLEAN_COST:g}: p = {vs_paper['p_value']:.3g}; {d['rule']}"
         if lo <= PAPER_CLEAN_COST <= hi:
-            verdict, reason = HOLDS, f"the {SE_FACTOR:g}-SE interval of the drop contains {PAPER_CLEAN_COST:g}"
+            verdict, reason = HOLDS, f"the {_CONFIDENCE} interval of the drop contains {PAPER_CLEAN_COST:g} ({text})"
         elif hi < PAPER_CLEAN_COST:
-            verdict, reason = HOLDS, f"the drop is below {PAPER_CLEAN_COST:g} beyond {SE_FACTOR:g} SE: a cost no larger than the paper's"
+            verdict, reason = FAILS, (f"the drop is smaller than {PAPER_CLEAN_COST:g} beyond the noise: its {_CONFIDENCE} "
+                                      f"interval lies below it ({text})")
         else:
-            verdict, reason = FAILS, f"the drop exceeds {PAPER_CLEAN_COST:g} by more than {SE_FACTOR:g} SE ({lo:.1f} > {PAPER_CLEAN_COST:g})"
-    numbers = _numbers([base, hsat], drop=d["gap"], threshold=d["threshold"], paper_drop=PAPER_CLEAN_COST, **extra)
-    return _claim("clean_cost", claim, paper, measured, numbers, verdict, reason, RULES[3], group, backbone)
+            verdict, reason = FAILS, (f"the drop exceeds {PAPER_CLEAN_COST:g} beyond the noise: its {_CONFIDENCE} "
+                                      f"interval lies above it ({text})")
+    numbers = _numbers([base, hsat], drop=d["gap"], threshold=d["threshold"], interval=d["interval"], df=d["df"],
+                       t=d["t"], se=d["se"], p_value=vs_paper.get("p_value"), p_value_drop=d["p_value"],
+                       paper_drop=PAPER_CLEAN_COST, tests=[_test_record(d)], **extra)
+    return _claim("clean_cost", claim, paper, measured, numbers, verdict, reason, RULES[4], group, backbone)
+
+
+TRANSFER_UNIT = "target seeds"
 
 
 def _transfer_arms(transfer: pd.DataFrame | None, models: Sequence[str], study_cfg: Mapping[str, Any],
-                   methods: Sequence[str], seeds: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Same-method (other seed) transfer drop on each of `methods`, over the pairs of `models` only."""
-    empty = [_arm(m, pd.Series(dtype=float), []) for m in methods]
+                   methods: Sequence[str], seeds: Mapping[str, Any], n_examples: int | None = None) -> list[dict[str, Any]]:
+    """Same-method (other seed) transfer drop on each of `methods`, over the pairs of `models` only,
+    clustered by target: one unit per target model, its mean drop over its same-method surrogates.
+    `seeds` lists the (surrogate, target) seed pairs measured, `targets` the target seeds (the units)."""
+    n_examples = n_examples or evaluated_examples(study_cfg)
+    empty = [_arm(m, pd.Series(dtype=float), [], n_examples) for m in methods]
     if transfer is None or transfer.empty:
         return empty
     tr = transfer[transfer["surrogate"].isin(models) & transfer["target"].isin(models)]
     if tr.empty:
         return empty
-    summ = transfer_summary(tr, study_cfg)
     info = model_info(study_cfg)
     method_of = dict(zip(info["model"], info["cfg_method"]))
     cells = _select_transfer(tr, _transfer_cfg(study_cfg))
     cells = cells[(cells["level"] == LEVEL) & (cells["surrogate"] != cells["target"])]
+    cells = cells.groupby(["surrogate", "target"], sort=False)["acc_drop"].mean().reset_index()
     arms = []
     for method in methods:
-        row = summ[(summ["target_method"] == method) & (summ["surrogate_kind"] == "same_method") & (summ["level"] == LEVEL)]
-        pairs = cells[(cells["surrogate"].map(lambda m: method_of.get(m, m)) == method) & (cells["target"].map(lambda m: method_of.get(m, m)) == method)]
-        pairs = pairs[["surrogate", "target"]].drop_duplicates()
-        arm = _arm(method, pd.Series(dtype=float), [[seeds.get(s), seeds.get(t)] for s, t in pairs.itertuples(index=False)])
-        if not row.empty:
-            r = row.iloc[0]
-            arm.update(mean=_float(r["acc_drop_mean"]), sd=_float(r["acc_drop_std"]), n=int(r["n_pairs"]))
+        pairs = cells[(cells["surrogate"].map(lambda m: method_of.get(m, m)) == method)
+                      & (cells["target"].map(lambda m: method_of.get(m, m)) == method)]
+        per_target = pairs.groupby("target", sort=False)["acc_drop"].mean()
+        arm = _arm(method, per_target, [[seeds.get(s), seeds.get(t)] for s, t in pairs[["surrogate", "target"]].itertuples(index=False)],
+                   n_examples)
+        arm["targets"] = [seeds.get(str(t)) for t in per_target.index]
         arms.append(arm)
     return arms
 
@@ -319,6 +414,11 @@ def attack_quality(sanity: pd.DataFrame | None) -> dict[str, Any]:
     failed = [" ".join(str(v) for v in row) for row in bad[cols].drop_duplicates().itertuples(index=False)]
     numbers = {"checks": int(len(sanity)), "failed": int(len(bad)), "failed_checks": failed}
     measured = f"{len(bad)} of {len(sanity)} sanity checks failed"
+    if "check" in sanity and "model" in sanity:
+        # bf16 crafting is compared with fp32 only on the models the `precision` rows name.
+        numbers["precision_models"] = sorted(map(str, set(sanity.loc[sanity["check"] == "precision", "model"])))
+        if numbers["precision_models"]:
+            measured += f"; bf16 crafting checked against fp32 on {', '.join(numbers['precision_models'])}"
     if bad.empty:
         return _claim("attack_quality", claim, "–", measured, numbers, HOLDS, "no check failed", rule, None, None)
     return _claim("attack_quality", claim, "–", measured, numbers, FAILS, f"failed: {', '.join(failed)}", rule, None, None)
@@ -347,20 +447,24 @@ def _same_attacks(c: dict[str, Any], arms: Sequence[Mapping[str, Any]], sets: Ma
     return c
 
 
-def _above(arm: Mapping[str, Any], value: float) -> tuple[str, str, float | None]:
-    """Verdict on "the arm's mean exceeds `value`": beyond SE_FACTOR SE with >= MIN_SEEDS units."""
+def _above(arm: Mapping[str, Any], value: float) -> tuple[str, str, dict[str, Any] | None]:
+    """Verdict on "the arm's mean exceeds `value`": a one-sample t-test (`t_test`) with >= MIN_SEEDS
+    units; also the test's record (interval of mean - value, t, df, p-value), None when unjudged."""
     if not arm["n"]:
         return UNJUDGED, "no rows", None
     if arm["n"] < MIN_SEEDS or arm["sd"] is None:
         return UNJUDGED, f"fewer than {MIN_SEEDS} seeds ({arm['label']}: {arm['n']})", None
-    threshold = SE_FACTOR * arm["sd"] / math.sqrt(arm["n"])
     d = arm["mean"] - value
-    text = f"{arm['label']} - {value:.1f} = {d:+.1f} (threshold {threshold:.1f}: {SE_FACTOR:g} x SE)"
-    if d > threshold:
-        return HOLDS, f"above beyond the noise: {text}", threshold
-    if d < -threshold:
-        return FAILS, f"below beyond the noise: {text}", threshold
-    return UNJUDGED, f"inside the seed spread: {text}", threshold
+    test = t_test(d, [arm])
+    record = {"from": f"{value:.1f}", "to": arm["label"], "gap": d, "rule": _basis([arm], "seeds"),
+              **{k: test[k] for k in ("se", "df", "t", "p_value", "interval", "threshold")}}
+    text = f"{arm['label']} - {value:.1f} = {d:+.1f} ({_stats_text(record)}; {record['rule']})"
+    lo, hi = test["interval"]
+    if lo > 0:
+        return HOLDS, f"above beyond the noise: {text}", record
+    if hi < 0:
+        return FAILS, f"below beyond the noise: {text}", record
+    return UNJUDGED, f"inside the seed spread: {text}", record
 
 
 def hlss_claims(g: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[str, Any], baseline: str,
@@ -373,48 +477,47 @@ def hlss_claims(g: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[st
     clean = dict(setting, attack="none", eps=0.0)
     at_worst = dict(setting, attack=WORST_CASE, eps=worst_eps)
     eps_text = f"eps {worst_eps:g}/255" if worst_eps is not None else "eps –"
-    hlss_clean = _whitebox_arm(g, "hlss", "none", 0.0, seeds)
+    n_examples = setting.get("n_examples")
+    arm = lambda method, attack, eps: _whitebox_arm(g, method, attack, eps, seeds, n_examples)  # noqa: E731
+    hlss_clean = arm("hlss", "none", 0.0)
     out = [_comparison(
         "hlss_clean", f"HLSS's clean accuracy is higher than {method_label(baseline)}'s",
         "HLSS 84.1 / 89.5 / 91.7 vs HiDisc 82.0 / 87.6 / 88.3 kNN accuracy (patch / slide / patient) on OpenSRH "
         "(Watawana et al. 2024)",
-        hlss_clean, _whitebox_arm(g, baseline, "none", 0.0, seeds), group, backbone, **clean,
+        hlss_clean, arm(baseline, "none", 0.0), group, backbone, **clean,
     )]
-    # Fewer seeds without the alignment term: judged against HLSS's own seed spread.
     out.append(_comparison(
         "hlss_alignment", "the cross-modal alignment term raises HLSS's clean accuracy (HLSS vs HLSS without it)",
         "HLSS's alignment term; the reference code takes it with .item(), so it never trains anything",
-        hlss_clean, _whitebox_arm(g, "hlss_noalign", "none", 0.0, seeds), group, backbone,
-        reference=_reference_sd(hlss_clean), spread_rule=True, **clean,
+        hlss_clean, arm("hlss_noalign", "none", 0.0), group, backbone, **clean,
     ))
     c = _comparison(
         "robust_hlss_worst_case",
         f"Robust HLSS's worst-case accuracy (every attack and objective, {eps_text}) is higher than HLSS's",
         "not reported: HSAT's min-max around HLSS's loss is this study's",
-        _whitebox_arm(g, "robust_hlss", WORST_CASE, worst_eps, seeds),
-        _whitebox_arm(g, "hlss", WORST_CASE, worst_eps, seeds), group, backbone, **at_worst,
+        arm("robust_hlss", WORST_CASE, worst_eps), arm("hlss", WORST_CASE, worst_eps), group, backbone, **at_worst,
     )
     if worst_eps is None:
         c["verdict"], c["reason"] = UNJUDGED, "no worst_case rows"
     out.append(c)
     tcfg = _transfer_cfg(study_cfg)
     models = sorted(set(g["model"]))
-    hlss_tr, robust_tr = _transfer_arms(transfer, models, study_cfg, ["hlss", "robust_hlss"], seeds)
+    hlss_tr, robust_tr = _transfer_arms(transfer, models, study_cfg, ["hlss", "robust_hlss"], seeds, setting.get("n_examples"))
     out.append(_comparison(
         "robust_hlss_transfer",
         f"a same-method surrogate (another seed) costs HLSS more accuracy than robust HLSS "
         f"({str(tcfg.get('attack', 'pgd')).upper()} transfer, drop in points)",
         "not reported: the HSAT paper's black-box contrast (25-30 % vs 3-4 %) asked of HLSS",
-        hlss_tr, robust_tr, group, backbone, unit="seed pairs",
-        level=LEVEL, attack=tcfg.get("attack"), eps=tcfg.get("eps"), metric="acc_drop",
+        hlss_tr, robust_tr, group, backbone, unit=TRANSFER_UNIT,
+        level=LEVEL, attack=tcfg.get("attack"), eps=tcfg.get("eps"), metric="acc_drop", n_examples=setting.get("n_examples"),
     ))
     return out
 
 
 def _backbone_arm(g: pd.DataFrame, method: str, key: str, attack: str, eps: float | None,
-                  seeds: Mapping[str, Any]) -> dict[str, Any]:
+                  seeds: Mapping[str, Any], n_examples: int | None = None) -> dict[str, Any]:
     """A method's arm on some backbones, keyed `key` so two arms of one method can be compared."""
-    arm = _whitebox_arm(g, method, attack, eps, seeds)
+    arm = _whitebox_arm(g, method, attack, eps, seeds, n_examples)
     backbones = sorted(set(g.loc[g["method"] == method, "backbone"].astype(str))) if not g.empty else []
     arm["method"], arm["label"] = key, f"{method_label(method)} ({', '.join(backbones) or '–'})"
     return arm
@@ -434,7 +537,8 @@ def dino_claims(df: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[s
     for (group, backbone), g in df.groupby(["group", "backbone"], sort=True):
         if not (g["method"] == "robust_dino").any():
             continue
-        robust, plain = (_whitebox_arm(g, m, WORST_CASE, worst_eps, seeds) for m in ("robust_dino", "dino"))
+        robust, plain = (_whitebox_arm(g, m, WORST_CASE, worst_eps, seeds, setting.get("n_examples"))
+                         for m in ("robust_dino", "dino"))
         c = _comparison(
             "robust_dino_worst_case",
             f"Robust DINO's worst-case accuracy (every attack and objective, {eps_text}) is higher than DINO's",
@@ -444,14 +548,14 @@ def dino_claims(df: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[s
         if worst_eps is None:
             c["verdict"], c["reason"] = UNJUDGED, "no worst_case rows"
         out.append(_same_attacks(c, [robust, plain], sets))
-        dino_tr, robust_tr = _transfer_arms(transfer, sorted(set(g["model"])), study_cfg, ["dino", "robust_dino"], seeds)
+        dino_tr, robust_tr = _transfer_arms(transfer, sorted(set(g["model"])), study_cfg, ["dino", "robust_dino"], seeds, setting.get("n_examples"))
         out.append(_comparison(
             "robust_dino_transfer",
             f"a same-method surrogate (another seed) costs DINO more accuracy than robust DINO "
             f"({str(tcfg.get('attack', 'pgd')).upper()} transfer, drop in points)",
             "not reported: the HSAT paper's black-box contrast (25-30 % vs 3-4 %) asked of DINO",
-            dino_tr, robust_tr, group, backbone, unit="seed pairs",
-            level=LEVEL, attack=tcfg.get("attack"), eps=tcfg.get("eps"), metric="acc_drop",
+            dino_tr, robust_tr, group, backbone, unit=TRANSFER_UNIT,
+            level=LEVEL, attack=tcfg.get("attack"), eps=tcfg.get("eps"), metric="acc_drop", n_examples=setting.get("n_examples"),
         ))
     return out
 
@@ -460,8 +564,8 @@ def vit_cnn_claims(df: pd.DataFrame, seeds: Mapping[str, Any], baseline: str, wo
                    setting: Mapping[str, Any], sets: Mapping[str, frozenset]) -> list[dict[str, Any]]:
     """ViTs vs CNNs under the same attacks (Ghaffari Laleh et al. 2022), per group across
     backbones: DINO on a ViT vs the baseline on a CNN, and vs DINO on a CNN (the architecture
-    alone). Empty when no DINO model has a ViT backbone. Models with fewer than 3 seeds are
-    judged against the 3-seed HSAT spread of the same group, as every ablation."""
+    alone). Empty when no DINO model has a ViT backbone. As every comparison, each side needs
+    MIN_SEEDS seeds to be judged."""
     if df.empty or "backbone" not in df:
         return []
     out = []
@@ -469,17 +573,17 @@ def vit_cnn_claims(df: pd.DataFrame, seeds: Mapping[str, Any], baseline: str, wo
     eps_text = f"eps {worst_eps:g}/255" if worst_eps is not None else "eps –"
     for group, g in df.groupby("group", sort=True):
         vit, cnn = g[g["backbone"].map(is_vit)], g[~g["backbone"].map(is_vit)]
-        dino_vit = _backbone_arm(vit, "dino", "dino_vit", WORST_CASE, worst_eps, seeds)
+        n_examples = setting.get("n_examples")
+        dino_vit = _backbone_arm(vit, "dino", "dino_vit", WORST_CASE, worst_eps, seeds, n_examples)
         if not dino_vit["n"]:
             continue
-        reference = _reference_sd(_whitebox_arm(cnn, "hsat", WORST_CASE, worst_eps, seeds))
-        for cid, other in (("vit_vs_cnn_baseline", _backbone_arm(cnn, baseline, f"{baseline}_cnn", WORST_CASE, worst_eps, seeds)),
-                           ("vit_vs_cnn_dino", _backbone_arm(cnn, "dino", "dino_cnn", WORST_CASE, worst_eps, seeds))):
+        for cid, other in (("vit_vs_cnn_baseline", _backbone_arm(cnn, baseline, f"{baseline}_cnn", WORST_CASE, worst_eps, seeds, n_examples)),
+                           ("vit_vs_cnn_dino", _backbone_arm(cnn, "dino", "dino_cnn", WORST_CASE, worst_eps, seeds, n_examples))):
             c = _comparison(
                 cid, f"{dino_vit['label']}'s worst-case accuracy ({eps_text}) is higher than {other['label']}'s",
                 "ViTs far more robust than CNNs to white- and black-box attacks in computational pathology "
                 "(Ghaffari Laleh et al., Nat. Commun. 2022)",
-                dino_vit, other, group, "ViT vs CNN", reference=reference, spread_rule=True, **at_worst,
+                dino_vit, other, group, "ViT vs CNN", **at_worst,
             )
             if worst_eps is None:
                 c["verdict"], c["reason"] = UNJUDGED, "no worst_case rows"
@@ -507,14 +611,16 @@ def language_claims(language: pd.DataFrame | None, seeds: Mapping[str, Any]) -> 
     hl = per_model[per_model["method"] == "hlss"]
     rb = per_model[per_model["method"] == "robust_hlss"]
     a = arm("hlss", hl.get("clean", pd.Series(dtype=float)), hl["model"])
-    verdict, reason, threshold = _above(a, chance)
+    verdict, reason, test = _above(a, chance)
     out.append(_claim(
         "language_own_markers",
         f"HLSS's language-aligned representation lies nearest its own class's markers: zero-shot marker MCA "
         f"above chance ({chance:.1f} %)",
         "a sample is most similar to its own class's markers (Watawana et al. 2024, Figs. 3-5)",
-        f"{_describe(a)} vs chance {chance:.1f}", _numbers([a], chance=chance, threshold=threshold),
-        verdict, reason, f">= {MIN_SEEDS} seeds and above chance by more than {SE_FACTOR:g} x SE", None, None,
+        f"{_describe(a)} vs chance {chance:.1f}",
+        _numbers([a], chance=chance, **_test_numbers(test)),
+        verdict, reason, f">= {MIN_SEEDS} seeds and above chance by a one-sample t-test (two-sided, alpha {ALPHA:g}; "
+        "seeds only)", None, None,
     ))
     if "pgd" in per_model:
         drop_h = arm("hlss", hl["clean"] - hl["pgd"], hl["model"])
@@ -537,12 +643,18 @@ def claims(
     sanity: pd.DataFrame | None,
     study_cfg: Mapping[str, Any],
     language: pd.DataFrame | None = None,
+    n_examples: int | None = None,
 ) -> list[dict[str, Any]]:
     """Every claim of the paper per (group, backbone), then the attack-quality precondition.
 
+    `n_examples`: the validation examples each attack ran on (`hsat.evaluate.runs.attacked_patch_count`);
+    None: `evaluation.max_val_patches` (`evaluated_examples`), which is exact unless the cohort has fewer.
+
     Each claim is a dict: id, claim, paper, measured (text), numbers (means, sds, ns and seeds per
-    method, the difference and its threshold), verdict, reason, rule, group, backbone and caveat
-    (a line when a sanity check failed and the claim is about robust accuracy, else None).
+    method, the difference, its 95 % interval, t, df and p-value, the interval's half-width as
+    `threshold`, N as `n_examples`, and `tests`: one record per judged difference), verdict, reason,
+    rule, group, backbone and caveat (a line when a sanity check failed and the claim is about
+    robust accuracy, else None).
     """
     baseline = ((study_cfg.get("tables") or {}).get("baseline")) or "hidisc"
     seeds = _seed_of(whitebox, study_cfg)
@@ -559,12 +671,12 @@ def claims(
         # per paper claim, each "no rows": the ViT-vs-CNN claims below judge it.
         paper = {baseline, "hsat", *LEVEL_METHODS, *ABLATION_METHODS, *REFERENCES, *HLSS_METHODS}
         groups = [(k, g) for k, g in groups if g.empty or set(g["method"]) & paper] or groups[:1]
-    setting = {"level": LEVEL, "classifier": classifier}
+    setting = {"level": LEVEL, "classifier": classifier, "n_examples": n_examples or evaluated_examples(study_cfg)}
     sets = attack_sets(whitebox, classifier, worst_eps)
     tcfg = _transfer_cfg(study_cfg)
     out: list[dict[str, Any]] = []
     for (group, backbone), g in groups:
-        arm = lambda method, attack, eps: _whitebox_arm(g, method, attack, eps, seeds)  # noqa: E731
+        arm = lambda method, attack, eps: _whitebox_arm(g, method, attack, eps, seeds, setting["n_examples"])  # noqa: E731
         worst = {m: arm(m, WORST_CASE, worst_eps) for m in {baseline, *LEVEL_METHODS, *ABLATION_METHODS, *REFERENCES}}
         clean = {m: arm(m, "none", 0.0) for m in {baseline, *LEVEL_METHODS}}
         hsat_worst = worst["hsat"]
@@ -598,34 +710,33 @@ def claims(
         out.append(c)
 
         models = sorted(set(g["model"])) if not g.empty else []
-        base_tr, hsat_tr = _transfer_arms(transfer, models, study_cfg, [baseline, "hsat"], seeds)
+        base_tr, hsat_tr = _transfer_arms(transfer, models, study_cfg, [baseline, "hsat"], seeds, setting.get("n_examples"))
         out.append(_comparison(
             "blackbox_contrast",
             f"a same-method surrogate (another seed) costs {method_label(baseline)} more accuracy than HSAT "
             f"({str(tcfg.get('attack', 'pgd')).upper()} transfer, drop in points)",
             "same-method transfer drops 25-30 % for HiDisc, 3-4 % for HSAT",
-            base_tr, hsat_tr, group, backbone, unit="seed pairs",
-            level=LEVEL, attack=tcfg.get("attack"), eps=tcfg.get("eps"), metric="acc_drop",
+            base_tr, hsat_tr, group, backbone, unit=TRANSFER_UNIT,
+            level=LEVEL, attack=tcfg.get("attack"), eps=tcfg.get("eps"), metric="acc_drop", n_examples=setting["n_examples"],
         ))
 
-        reference = _reference_sd(hsat_worst)
         out.append(_same_attacks(_chain(
             "level_order_worst_case",
             f"worst-case accuracy ({eps_text}) rises with the level of adversarial training: HSAT-Patch < HSAT-Slide < HSAT",
             "HSAT-Patch < HSAT-Slide < HSAT-Patient (Table 3)",
-            [worst[m] for m in LEVEL_METHODS], group, backbone, reference, **at_worst,
+            [worst[m] for m in LEVEL_METHODS], group, backbone, **at_worst,
         ), [worst[m] for m in LEVEL_METHODS], sets))
         out.append(_chain(
             "level_order_clean",
             "clean accuracy rises with the level of adversarial training: HSAT-Patch < HSAT-Slide < HSAT",
             "HSAT-Patch < HSAT-Slide < HSAT-Patient (Table 3)",
-            [clean[m] for m in LEVEL_METHODS], group, backbone, _reference_sd(clean["hsat"]), **dict(setting, attack="none", eps=0.0),
+            [clean[m] for m in LEVEL_METHODS], group, backbone, **dict(setting, attack="none", eps=0.0),
         ))
         out.append(_same_attacks(_chain(
             "lmax_ablation",
             f"worst-case accuracy ({eps_text}) rises with the levels the attack maximises: L_max patch < patch+slide < all three",
             "L_max: patch < patch + slide < patient + slide + patch (Table 4)",
-            [worst[m] for m in ABLATION_METHODS], group, backbone, reference, **at_worst,
+            [worst[m] for m in ABLATION_METHODS], group, backbone, **at_worst,
         ), [worst[m] for m in ABLATION_METHODS], sets))
 
         sup, sup_at = worst["supervised"], worst["supervised_at"]
@@ -633,7 +744,7 @@ def claims(
             ("reference_learnable", f"supervised adversarial training is more robust than supervised training ({eps_text}): robustness is learnable on the cohort", sup_at, sup),
             ("reference_ceiling", f"supervised adversarial training bounds HSAT's worst-case accuracy ({eps_text}) from above: the robust ceiling", sup_at, hsat_worst),
         ):
-            c = _comparison(cid, claim, "reference, not a paper claim", a, b, group, backbone, reference, spread_rule=True, **at_worst)
+            c = _comparison(cid, claim, "reference, not a paper claim", a, b, group, backbone, **at_worst)
             missing = [arm["label"] for arm in (sup, sup_at) if not arm["n"]]
             if missing:
                 c["verdict"], c["reason"] = UNJUDGED, f"no reference rows ({', '.join(missing)})"
@@ -668,6 +779,17 @@ def _seeds_text(numbers: Mapping[str, Any]) -> str:
         shown = ", ".join("->".join(map(str, s)) if isinstance(s, (list, tuple)) else str(s) for s in seeds)
         parts.append(f"{method_label(method)}: {shown or '–'}")
     return "; ".join(parts) or "–"
+
+
+def _statistics_lines(numbers: Mapping[str, Any]) -> list[str]:
+    """One line per judged difference: its interval, t, df and p-value, and what the interval covers."""
+    out = []
+    for d in numbers.get("tests") or []:
+        if d.get("interval") is not None:
+            out.append(f"{d['to']} - {d['from']} = {d['gap']:+.1f}, {_stats_text(d)} ({d['rule']})")
+    if numbers.get("paper_drop") is not None and numbers.get("p_value") is not None:
+        out.append(f"drop vs the paper's {numbers['paper_drop']:g}: p = {numbers['p_value']:.3g}")
+    return out
 
 
 def write_claims(found: Sequence[Mapping[str, Any]], path_md: str | Path) -> Path:
@@ -707,6 +829,7 @@ def write_claims(found: Sequence[Mapping[str, Any]], path_md: str | Path) -> Pat
             f"- measured: {c['measured']}",
             f"- seeds: {_seeds_text(c['numbers'])}",
             f"- rule: {c['rule']}",
+            *[f"- statistics: {line}" for line in _statistics_lines(c["numbers"])],
             f"- verdict: **{c['verdict']}**: {c['reason']}",
         ]
         if c.get("caveat"):
