@@ -302,7 +302,7 @@ def training_curves(runs_dir: str | Path, models: Sequence[str] | None = None, n
             ax.plot(run["step"], values, color=row["colour"], ls=row["linestyle"], lw=1.2,
                     marker=row["marker"], markevery=max(1, len(run) // 6), ms=3)
         title, ylabel = _series_title(name)
-        ax.set_title(title, fontsize=8)
+        ax.set_title(_short(title, 30), fontsize=7)
         ax.set_ylabel(ylabel, fontsize=7)
         ax.set_xlabel("step", fontsize=7)
         ax.tick_params(labelsize=6)
