@@ -281,7 +281,7 @@ def model_outputs(model):
 
 
 FIGURES = ["robust_accuracy", "transfer_heatmap", "training_curves", "embedding_map", "attack_steps"]
-TABLES = [f"table{i}.{ext}" for i in range(1, 6) for ext in ("csv", "md", "tex")] + ["table2_summary.csv"]
+TABLES = [f"table{i}.{ext}" for i in range(1, 6) for ext in ("csv", "md", "tex")] + ["table1_full.csv", "table2_summary.csv"]
 
 
 def report_outputs():

@@ -280,7 +280,7 @@ def test_write_tables_files_and_long_table1(whitebox, transfer, study_aa, tmp_pa
     for i in range(1, 6):
         for ext in ("csv", "md", "tex"):
             assert (tmp_path / f"table{i}.{ext}").stat().st_size > 0
-    assert len(paths) == 16 and (tmp_path / "table2_summary.csv") in paths
+    assert len(paths) == 17 and (tmp_path / "table2_summary.csv") in paths and (tmp_path / "table1_full.csv") in paths
     assert "\\begin{table}" in (tmp_path / "table1.tex").read_text()
     md = (tmp_path / "table1.md").read_text()
     assert "patch Worst case 8/255" in md and "patient BIM 4/255" in md and "MCA" not in md.split("\n\n")[1]
@@ -501,3 +501,155 @@ def test_table5_puts_every_method_side_by_side_per_classifier(whitebox, study_aa
     mil = mil[mil["objective"].isin(["none", "abmil_ce", "all"])]
     _, caption = table5(pd.concat([whitebox, mil], ignore_index=True), study_aa)
     assert "abmil_ce for abmil" in caption and "feature for knn" in caption, caption
+
+
+# ----------------------------------------------------------------------------- names and colours
+
+
+def test_compact_table1_has_the_papers_columns_and_the_full_one_is_kept(whitebox, transfer, study_aa, tmp_path):
+    from hsat.report.tables import table1_compact
+
+    table, caption = table1_compact(whitebox, study_aa)
+    assert list(table.columns) == ["n", "Clean", "PGD 4/255", "PGD 8/255", "BIM 4/255", "BIM 8/255", "MI-FGSM 4/255",
+                                   "MI-FGSM 8/255", "Worst case 8/255"]
+    assert table.index.name == "Method" and table["n"].tolist() == [3, 3, 1, 1, 1, 1]
+    # Methods in registry order, seeds pooled; patch level of the kNN classifier.
+    assert list(table.index) == ["HiDisc", "HSAT", "HSAT-Patch", "HSAT-Slide",
+                                                            "HSAT (L_max: patch)", "HSAT (L_max: patch+slide)"]
+    assert "patch level" in caption and "knn" in caption
+    cell = table.loc["HSAT", "PGD 8/255"]
+    assert cell == _cell(_sel(whitebox, method="hsat", attack="pgd", objective="feature", classifier="knn", level="patch", eps=8)["acc"])
+
+    write_tables(whitebox, transfer, study_aa, tmp_path)
+    tex = (tmp_path / "table1.tex").read_text()
+    tabular = tex.split("\\end{table}")[0].split("\\begin{tabular}")[1]
+    assert "MI-FGSM 8/255" in tabular and tabular.count("Clean") == 1  # one level, not three
+    full = pd.read_csv(tmp_path / "table1_full.csv")
+    assert {"patch Clean", "patient Worst case 8/255"} <= set(full.columns) and len(full) == len(table)
+
+
+def test_table2_names_models_by_method_then_seed(transfer, study, tmp_path, whitebox):
+    from hsat.report.tables import with_model_labels
+
+    # hidisc_s0's pairs last in the file: the table must not follow the file's order.
+    late = transfer["surrogate"].eq("hidisc_s0") | transfer["target"].eq("hidisc_s0")
+    shuffled = pd.concat([transfer[~late].iloc[::-1], transfer[late]], ignore_index=True)
+    table, caption = table2(shuffled, study)
+    assert list(table.xs("patch", level="Level").index) == [*SEEDED, "Average"]
+    shown = with_model_labels(table, {"hidisc_s0": "HiDisc s0", "hsat_s2": "HSAT s2"})
+    assert list(shown.xs("patch", level="Level").index)[:1] == ["HiDisc s0"]
+    assert "HSAT s2" in shown.columns.get_level_values("Target")
+
+    write_tables(whitebox, shuffled, study, tmp_path)
+    md = (tmp_path / "table2.md").read_text()
+    rows = [line.split("|")[2].strip() for line in md.split("\n\n")[1].splitlines()[2:]]
+    expected = ["HiDisc s0", "HiDisc s1", "HiDisc s2", "HSAT s0", "HSAT s1", "HSAT s2", "Average"]
+    assert rows == expected * 3  # one block per level
+    assert "seed" in caption
+
+
+def test_model_names_and_the_canonical_model_of_each_method():
+    from hsat.report.style import model_names
+
+    info = pd.DataFrame([
+        # A variant of HSAT listed first (and first by name): not the method's canonical model.
+        ("hsat_clean_adv", "hsat", "scratch, clean+adv", "resnet10t", 0, 2),
+        ("hsat_s1", "hsat", "scratch", "resnet10t", 1, 0),
+        ("hsat_s0", "hsat", "scratch", "resnet10t", 0, 0),
+        ("dino_r10_s0", "dino", "scratch", "resnet10t", 0, 9),
+        ("dino_vit_s0", "dino", "scratch", "vit_tiny", 0, 11),
+        ("dino_vit_s1", "dino", "scratch", "vit_tiny", 1, 11),
+        ("hidisc_s0", "hidisc", "scratch", "resnet10t", 0, 0),
+    ], columns=["model", "method", "group", "backbone", "seed", "custom"])
+    names = model_names(info)
+    assert list(names["model"]) == ["hidisc_s0", "hsat_s0", "hsat_s1", "hsat_clean_adv", "dino_vit_s0", "dino_vit_s1",
+                                    "dino_r10_s0"]
+    labels = dict(zip(names["model"], names["label"]))
+    assert labels["hsat_s1"] == "HSAT s1" and labels["hsat_clean_adv"] == "HSAT (scratch, clean+adv) s0"
+    assert labels["dino_vit_s0"] == "DINO s0" and labels["dino_r10_s0"] == "DINO (resnet10t) s0"
+    assert set(names.loc[names["canonical"], "model"]) == {"hidisc_s0", "hsat_s0", "dino_vit_s0"}
+
+
+def test_embedding_map_shows_each_methods_canonical_model(tmp_path):
+    from safetensors.numpy import save_file
+
+    from hsat.report.figures import embedding_map, embedding_models
+
+    models = {"hsat_clean_adv": {"method": {"name": "hsat"}, "attack": {"only_adversarial": False}, "seed": 0,
+                                 "group": "scratch, clean+adv"},
+              "hsat_s1": {"method": {"name": "hsat"}, "seed": 1, "group": "scratch"},
+              "hsat_s0": {"method": {"name": "hsat"}, "seed": 0, "group": "scratch"},
+              "hidisc_s0": {"method": {"name": "hidisc"}, "seed": 0, "group": "scratch"}}
+    study = validate({"models": models, "pretrain": {"model": {"backbone": "test_resnet"}}}, "study")
+    from hsat.report.tables import model_names_for
+
+    names = model_names_for(study)
+    assert embedding_models(names, sorted(models)) == ["hidisc_s0", "hsat_s0"]
+    assert embedding_models(names, sorted(models), max_models=1) == ["hidisc_s0"]
+    rng = np.random.default_rng(0)
+    for model in models:
+        (tmp_path / model).mkdir()
+        save_file({"train_features": rng.normal(size=(4, 8)).astype(np.float32),
+                   "val_features": rng.normal(size=(24, 8)).astype(np.float32)}, str(tmp_path / model / "features.safetensors"))
+        pd.DataFrame({"patient": [f"p{i % 3}" for i in range(28)], "label": [f"c{i % 2}" for i in range(28)],
+                      "split": ["train"] * 4 + ["val"] * 24}).to_csv(tmp_path / model / "index.csv", index=False)
+    fig = embedding_map(tmp_path, names=names)
+    assert [ax.get_title() for ax in fig.axes] == ["HiDisc s0", "HSAT s0"]
+    # A legend of the classes, one of the patients (their markers).
+    assert [[t.get_text() for t in legend.get_texts()] for legend in fig.legends] == [["c0", "c1"], ["p0", "p1", "p2"]]
+
+
+def test_a_method_keeps_its_colour_in_every_figure(whitebox, sanity, study, tmp_path):
+    from matplotlib.colors import to_hex
+
+    from hsat.report.figures import robust_accuracy, training_curves
+    from hsat.report.style import PALETTE, method_colours
+    from hsat.report.tables import model_names_for
+
+    colours = method_colours()
+    assert len(set(colours.values())) == len(colours)  # every registered method distinguishable
+    assert colours == {k: v for k, v in method_colours(["My variant"]).items() if k != "My variant"}
+    assert method_colours(["My variant"])["My variant"] == method_colours(["Other", "My variant"])["My variant"]
+    assert colours["HSAT"] in PALETTE and colours["HSAT"] != colours["HSAT-Patch"]
+
+    names = model_names_for(study)
+    # robust accuracy: the legend's HSAT entry; its facets read as titles, never "attack = pgd".
+    fig = robust_accuracy(whitebox, study, names)
+    legend = {t.get_text(): h for t, h in zip(fig.legends[0].get_texts(), fig.legends[0].legend_handles)}
+    assert to_hex(legend["HSAT"].get_color()) == colours["HSAT"] and to_hex(legend["HiDisc"].get_color()) == colours["HiDisc"]
+    titles = {ax.get_title() for ax in fig.axes} | {t.get_text() for ax in fig.axes for t in ax.texts}
+    assert "patch level" in titles and "Worst case" in titles and not any("=" in t for t in titles)
+    # sanity checks: hsat_s0's line.
+    fig = attack_steps(sanity, names)
+    eps = next(ax for ax in fig.axes if ax.get_title().startswith("eps:"))
+    assert {to_hex(line.get_color()) for line in eps.get_lines()} == {colours["HSAT"], colours["HiDisc"]}
+    # training curves: HSAT seeds share HSAT's colour and differ in line style.
+    for model in ("hsat_s0", "hsat_s1", "hidisc_s0"):
+        (tmp_path / model).mkdir()
+        (tmp_path / model / "log.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss_adv_patch": 5 - s / 10 + (s % 3)}) + "\n" for s in range(40)))
+    fig = training_curves(tmp_path, names=names)
+    ax = fig.axes[0]
+    assert ax.get_title() == "adversarial loss, patch level" and ax.get_ylabel() == "loss"
+    bold = [line for line in ax.get_lines() if line.get_linewidth() > 1]
+    by_colour = {}
+    for line in bold:
+        by_colour.setdefault(to_hex(line.get_color()), set()).add(line.get_linestyle())
+    assert by_colour == {colours["HSAT"]: {"-", "--"}, colours["HiDisc"]: {"-"}}
+    smoothed = np.asarray(bold[0].get_ydata())
+    assert np.std(np.diff(smoothed)) < np.std(np.diff(np.asarray(ax.get_lines()[0].get_ydata())))
+
+
+def test_sanity_legend_names_the_models_of_the_sweeps_only(sanity, study):
+    from hsat.report.tables import model_names_for
+
+    many = pd.DataFrame([dict(model=m, check="above_clean", param="pgd/feature/knn", value=8, acc=40.0, passed=True,
+                              criterion="attacked acc <= clean acc") for m in MODELS])
+    fig = attack_steps(pd.concat([sanity, many], ignore_index=True), model_names_for(study))
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["HiDisc", "HSAT", "failed"]
+    above = next(ax for ax in fig.axes if ax.get_title().startswith("above_clean"))
+    assert [t.get_text() for t in above.get_xticklabels()][:2] == ["HiDisc s0", "HiDisc s1"]
+    # A check at one value (large_eps_label: eps 64 only) is drawn per model, not on a one-value axis.
+    large = next(ax for ax in fig.axes if ax.get_title().startswith("large_eps_label"))
+    assert [t.get_text() for t in large.get_xticklabels()] == ["HiDisc s0", "HSAT s0"]

@@ -1,7 +1,9 @@
 """Figures of the study (seaborn; PNG and PDF), drawn from the tidy CSVs and the run logs.
 
 Every figure is always written -- with a "no data" note when its inputs are empty -- so the
-workflow's outputs are the same for every study config.
+workflow's outputs are the same for every study config. Figures are sized for a paper's page
+(`PAGE_WIDTH` inches wide, or a column of it) so their text stays legible when printed; a method
+has one colour and a model one name in all of them (`hsat.report.style`).
 """
 
 from __future__ import annotations
@@ -26,14 +28,19 @@ from sklearn.manifold import TSNE  # noqa: E402
 
 from hsat import LEVELS  # noqa: E402
 from hsat.io import atomic_path  # noqa: E402
-from hsat.methods import METHODS  # noqa: E402
 from hsat.report import method_label  # noqa: E402
-from hsat.report.tables import _prepare_whitebox, _select_transfer, _transfer_cfg  # noqa: E402
+from hsat.report.style import method_colours, method_order, model_names, model_styles  # noqa: E402
+from hsat.report.tables import (  # noqa: E402
+    ATTACK_LABELS, _prepare_whitebox, _select_transfer, _transfer_cfg, model_names_for, transfer_order,
+)
 
 log = logging.getLogger(__name__)
 
 FIGURES = ("robust_accuracy", "transfer_heatmap", "training_curves", "embedding_map", "attack_steps")
 """Figure names; each is written as results/figures/<name>.png and .pdf."""
+
+PAGE_WIDTH = 7.0
+"""Inches: a two-column paper's text width; a figure drawn at it prints at 100 %."""
 
 
 def save_figure(fig: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
@@ -42,7 +49,7 @@ def save_figure(fig: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
     for ext in ("png", "pdf"):
         path = out_dir / f"{name}.{ext}"
         with atomic_path(path, suffix=f".{ext}") as tmp:
-            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+            fig.savefig(tmp, format=ext, dpi=200, bbox_inches="tight")
         paths.append(path)
     plt.close(fig)
     return paths
@@ -56,37 +63,52 @@ def _no_data(title: str, why: str) -> plt.Figure:
     return fig
 
 
-# ----------------------------------------------------------------------------- figures
+def _names(names: pd.DataFrame | None, data: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`names` when given, else display names from `data`'s own columns (model, method, group,
+    seed): a figure drawn without its study config still colours and orders by method."""
+    if names is not None:
+        return names
+    cols = ["model", "method", "group", "seed"]
+    if data is None or data.empty or "model" not in data:
+        return model_names(pd.DataFrame(columns=[*cols, "backbone"]))
+    info = data.drop_duplicates("model")[[c for c in cols if c in data]].copy()
+    for col, default in (("method", ""), ("group", ""), ("seed", 0)):
+        if col not in info:
+            info[col] = info["model"] if col == "method" else default
+    return model_names(info.assign(backbone=""))
 
 
-def robust_accuracy(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> plt.Figure:
-    """Accuracy against eps (clean at eps 0) per method, one panel per attack x level; sd over seeds."""
-    if whitebox.empty:
-        return _no_data("Robust accuracy", "no white-box results")
-    df, classifier, objective = _prepare_whitebox(whitebox, study_cfg)
-    clean = df[df["attack"] == "none"]
-    attacks = [a for a in dict.fromkeys(df["attack"]) if a != "none"]
-    # The clean point starts every attack's curve.
-    parts = [df[df["attack"] != "none"]] + [clean.assign(attack=a) for a in attacks]
-    plot = pd.concat(parts, ignore_index=True)
-    plot["Method"] = plot["method"].map(method_label)
-    plot["Level"] = plot["level"]
-    levels = [lvl for lvl in LEVELS[::-1] if lvl in set(plot["level"])]
-    g = sns.relplot(
-        data=plot, x="eps", y="acc", hue="Method", style="group", col="Level", row="attack",
-        col_order=levels, kind="line", marker="o", errorbar="sd", height=2.6, aspect=1.2,
-        facet_kws={"margin_titles": True},
-    )
-    g.set_axis_labels("eps (1/255)", "accuracy (%)")
-    g.figure.suptitle(f"Robust accuracy ({classifier} classifier, {objective} objective)", y=1.02)
-    return g.figure
+def _styles(names: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
+    """`model_styles` of `models`, indexed by model, in display order; a model `names` lacks is
+    drawn under its own name in a colour of its own."""
+    known = model_styles(names).set_index("model")
+    others = [m for m in dict.fromkeys(map(str, models)) if m not in known.index]
+    if others:
+        extra = model_styles(model_names(pd.DataFrame(
+            {"model": others, "method": others, "group": "", "backbone": "", "seed": 0}))).set_index("model")
+        extra["label"] = extra.index
+        known = pd.concat([known, extra])
+    return known.loc[[m for m in known.index if m in set(map(str, models))]]
+
+
+def _model_legend(styles: pd.DataFrame) -> list[Line2D]:
+    """One entry per series (method colour, variant marker), then one per seed (line style) when
+    the models drawn have several seeds."""
+    handles = [Line2D([], [], color=row["colour"], marker=row["marker"], ms=4, lw=1.4, label=series)
+               for series, row in styles.drop_duplicates("series").set_index("series").iterrows()]
+    seeds = styles.drop_duplicates("seed").sort_values("seed")
+    if len(seeds) > 1:
+        handles += [Line2D([], [], color="0.3", ls=row["linestyle"], lw=1.2, label=f"seed {row['seed']}")
+                    for _, row in seeds.iterrows()]
+    return handles
 
 
 def _wrap_name(name: str, width: int = 10) -> str:
-    """Break a long model name at underscores so tick labels stay narrow and never overlap."""
+    """Break a long name at spaces or underscores so tick labels stay narrow and never overlap."""
+    sep = " " if " " in str(name) else "_"
     lines, line = [], ""
-    for part in str(name).split("_"):
-        piece = part if not line else f"_{part}"
+    for part in str(name).split(sep):
+        piece = part if not line else f"{sep}{part}"
         if line and len(line) + len(piece) > width:
             lines.append(line)
             line = part
@@ -95,11 +117,63 @@ def _wrap_name(name: str, width: int = 10) -> str:
     return "\n".join([*lines, line])
 
 
-def transfer_heatmap(transfer: pd.DataFrame, study_cfg: Mapping[str, Any] | None = None) -> plt.Figure:
+# ----------------------------------------------------------------------------- figures
+
+
+def robust_accuracy(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any], names: pd.DataFrame | None = None) -> plt.Figure:
+    """Accuracy against eps (clean at eps 0) per method, one panel per attack x level; sd over seeds.
+
+    A method's colour is its own (`method_colours`); a second series of a method (another group or
+    backbone) is dashed.
+    """
+    if whitebox.empty:
+        return _no_data("Robust accuracy", "no white-box results")
+    df, classifier, objective = _prepare_whitebox(whitebox, study_cfg)
+    names = model_names_for(study_cfg, df) if names is None else names
+    clean = df[df["attack"] == "none"]
+    attacks = [a for a in dict.fromkeys(df["attack"]) if a != "none"]
+    # The clean point starts every attack's curve.
+    parts = [df[df["attack"] != "none"]] + [clean.assign(attack=a) for a in attacks]
+    plot = pd.concat(parts, ignore_index=True)
+    plot["Method"] = plot["method"].map(method_label)
+    series = dict(zip(names["model"], names["series"]))
+    plot["series"] = plot["model"].map(series).fillna(plot["Method"])
+    plot["Variant"] = [s[len(m):].strip(" ()") if s.startswith(m) and s != m else ("main" if s == m else s)
+                       for s, m in zip(plot["series"], plot["Method"])]
+    plot["Attack"] = plot["attack"].map(lambda a: ATTACK_LABELS.get(a, a.upper()))
+    levels = [lvl for lvl in LEVELS[::-1] if lvl in set(plot["level"])]
+    plot["Level"] = plot["level"].map(lambda lvl: f"{lvl} level")
+    hue_order = method_order(plot["Method"])
+    variants = list(dict.fromkeys(["main", *plot["Variant"]])) if plot["Variant"].nunique() > 1 else None
+    ncols = len(levels)
+    width = min(PAGE_WIDTH, 2.3 * ncols)
+    g = sns.relplot(
+        data=plot, x="eps", y="acc", hue="Method", hue_order=hue_order, palette=method_colours(hue_order),
+        style="Variant" if variants else None, style_order=[v for v in (variants or []) if v in set(plot["Variant"])] or None,
+        col="Level", row="Attack", col_order=[f"{lvl} level" for lvl in levels],
+        row_order=[ATTACK_LABELS.get(a, a.upper()) for a in attacks],
+        kind="line", marker="o", markersize=3.5, linewidth=1.2, errorbar="sd", err_kws={"alpha": 0.12},
+        height=width / ncols / 1.25, aspect=1.25,
+        facet_kws={"margin_titles": True},
+    )
+    g.set_titles(row_template="{row_name}", col_template="{col_name}")
+    g.set_axis_labels("eps (1/255)", "accuracy (%)")
+    eps = sorted(plot["eps"].unique())
+    for ax in g.axes.flat:
+        ax.set_xticks(eps)
+        ax.set_xticklabels([f"{e:g}" for e in eps])
+    g.figure.suptitle(f"Robust accuracy: {classifier} classifier, attacks on the {objective} objective "
+                      "(mean ± sd over seeds)", y=1.01, fontsize=9)
+    return g.figure
+
+
+def transfer_heatmap(transfer: pd.DataFrame, study_cfg: Mapping[str, Any] | None = None,
+                     names: pd.DataFrame | None = None) -> plt.Figure:
     """Accuracy drop on each target (columns) of examples crafted on each surrogate (rows), per level.
 
+    Models are named and ordered as in Table 2 (method, then seed); white lines part the methods.
     The colour scale is diverging and centred at 0 so a negative drop (the attack helped) never
-    shares the colour of no effect; the size follows the number of models so labels stay legible.
+    shares the colour of no effect; cells carry their numbers while they are large enough to read.
     """
     if transfer.empty:
         return _no_data("Transfer", "no transfer results (evaluation.transfer.enabled is false?)")
@@ -107,34 +181,48 @@ def transfer_heatmap(transfer: pd.DataFrame, study_cfg: Mapping[str, Any] | None
         transfer = _select_transfer(transfer, _transfer_cfg(study_cfg))
     df = transfer.groupby(["level", "surrogate", "target"], sort=False)["acc_drop"].mean().reset_index()
     levels = [lvl for lvl in LEVELS[::-1] if lvl in set(df["level"])]
-    models = sorted(set(df["surrogate"]) | set(df["target"]))
-    side = 1.6 + 0.62 * len(models)
+    if names is None and study_cfg is not None:
+        names = model_names_for(study_cfg)
+    models = transfer_order(df, study_cfg) if study_cfg is not None else sorted(set(df["surrogate"]) | set(df["target"]))
+    styles = _styles(_names(names), models)
+    labels = [styles.loc[m, "label"] for m in models]
+    series = [styles.loc[m, "series"] for m in models]
+    # Cells as large as the page allows (labels and colour bar aside), numbers in them while they fit.
+    cell = min(0.42, (PAGE_WIDTH - 1.4 - 0.25 * len(levels)) / (len(levels) * len(models)))
+    annotate = cell >= 0.3
+    side = cell * len(models)
+    font = float(np.clip(cell * 72 * 0.75, 4.5, 7.0))
     fig, axes = plt.subplots(
-        1, len(levels) + 1, figsize=(side * len(levels) + 1.0, side), squeeze=False,
+        1, len(levels) + 1, figsize=(side * len(levels) + 0.25 * len(levels) + 1.4, side + 1.4), squeeze=False,
         gridspec_kw={"width_ratios": [1.0] * len(levels) + [0.05]},
     )
     cbar_ax = axes[0][-1]
     vmax = float(np.nanmax(np.abs(df["acc_drop"]))) if df["acc_drop"].notna().any() else 0.0
     vmax = vmax or 1.0
-    font = max(5.0, min(9.0, 60.0 / max(len(models), 1)))
-    labels = [_wrap_name(m) for m in models]
+    bounds = [i for i in range(1, len(models)) if series[i] != series[i - 1]]
     for i, (ax, level) in enumerate(zip(axes[0], levels)):
         mat = df[df["level"] == level].pivot(index="surrogate", columns="target", values="acc_drop")
         mat = mat.reindex(index=models, columns=models)
         sns.heatmap(
-            mat, ax=ax, annot=True, fmt=".1f", annot_kws={"fontsize": font}, cmap="RdBu_r", center=0,
+            mat, ax=ax, annot=annotate, fmt=".1f", annot_kws={"fontsize": font - 1}, cmap="RdBu_r", center=0,
             vmin=-vmax, vmax=vmax, cbar=i == 0, cbar_ax=cbar_ax if i == 0 else None,
             cbar_kws={"label": "accuracy drop (points)"},
-            xticklabels=labels, yticklabels=labels, square=True, linewidths=0.5, linecolor="white",
+            xticklabels=labels, yticklabels=labels if i == 0 else False, square=True,
+            linewidths=0.3 if annotate else 0.0, linecolor="white",
         )
+        ax.hlines(bounds, 0, len(models), colors="white", lw=1.5, zorder=3)
+        ax.vlines(bounds, 0, len(models), colors="white", lw=1.5, zorder=3)
         ax.grid(False)
         ax.set_facecolor("0.85")  # a pair not run (the diagonal) is grey, never the white of a zero drop
-        ax.tick_params(axis="both", labelsize=font)
-        ax.set_yticklabels(ax.get_yticklabels(), rotation=0, va="center")
-        ax.set_xticklabels(ax.get_xticklabels(), rotation=0, ha="center")
-        ax.set_xlabel("target")
-        ax.set_ylabel("surrogate" if i == 0 else "")
-        ax.set_title(f"{level}: accuracy drop (points)")
+        ax.tick_params(axis="both", labelsize=font, length=0)
+        if i == 0:
+            ax.set_yticklabels(ax.get_yticklabels(), rotation=0, va="center")
+        ax.set_xticklabels(ax.get_xticklabels(), rotation=90 if len(models) > 4 else 0, ha="center")
+        ax.set_xlabel("target", fontsize=8)
+        ax.set_ylabel("surrogate" if i == 0 else "", fontsize=8)
+        ax.set_title(f"{level} level", fontsize=9)
+    cbar_ax.tick_params(labelsize=font)
+    cbar_ax.yaxis.label.set_size(font + 1)
     fig.tight_layout()
     return fig
 
@@ -161,24 +249,71 @@ def read_run_logs(runs_dir: str | Path, models: Sequence[str] | None = None) -> 
     return pd.DataFrame(rows)
 
 
-def training_curves(runs_dir: str | Path, models: Sequence[str] | None = None) -> plt.Figure:
-    """Clean and adversarial loss per level, and the eps schedule, against the optimiser step."""
+def _series_title(name: str) -> tuple[str, str]:
+    """(panel title, y label) of a logged series: loss_adv_patch -> adversarial loss, patch level;
+    a method's own term keeps its name (loss_clean_align_slide -> clean align loss, slide level)."""
+    parts = name.split("_")
+    if len(parts) >= 3 and parts[0] == "loss" and parts[1] in ("clean", "adv"):
+        kind = "clean" if parts[1] == "clean" else "adversarial"
+        level = parts[-1] if parts[-1] in LEVELS else None
+        term = " ".join(parts[2:-1] if level else parts[2:])
+        return f"{kind} {term + ' ' if term else ''}loss" + (f", {level} level" if level else ""), "loss"
+    if name == "eps":
+        return "attack eps during training", "eps (1/255)"
+    return name.replace("_", " "), name.replace("_", " ")
+
+
+def smooth(values: pd.Series, window: int) -> pd.Series:
+    """Trailing rolling mean over `window` logged steps (the first ones over what there is)."""
+    return values.rolling(max(1, int(window)), min_periods=1).mean()
+
+
+def training_curves(runs_dir: str | Path, models: Sequence[str] | None = None, names: pd.DataFrame | None = None,
+                    smoothing: float = 0.1) -> plt.Figure:
+    """Clean and adversarial loss per level, and the eps schedule, against the optimiser step.
+
+    Each run is drawn raw (faint) and as a rolling mean over `smoothing` of its logged steps; a
+    method has its colour, a seed its line style, a method's second series a marker.
+    """
     logs = read_run_logs(runs_dir, models)
     series = [c for c in logs.columns if c.startswith(("loss_clean_", "loss_adv_"))] + (["eps"] if "eps" in logs else [])
     if logs.empty or not series:
         return _no_data("Training curves", "no run logs with losses")
+    # The hierarchy's levels first (clean, then adversarial), then the methods' own terms as logged.
     order = [f"loss_{kind}_{lvl}" for kind in ("clean", "adv") for lvl in LEVELS if f"loss_{kind}_{lvl}" in series]
-    order += [s for s in series if s not in order]
-    long = logs.melt(id_vars=["model", "step"], value_vars=order, var_name="series", value_name="value").dropna()
-    if long.empty:
+    order += sorted((s for s in series if s not in order and s != "eps"), key=lambda s: not s.startswith("loss_clean_"))
+    order += ["eps"] if "eps" in series else []
+    order = [s for s in order if logs[s].notna().any()]
+    if not order:
         return _no_data("Training curves", "run logs hold no loss values")
-    g = sns.relplot(
-        data=long, x="step", y="value", hue="model", col="series", col_order=[s for s in order if s in set(long["series"])],
-        col_wrap=min(4, len(order)), kind="line", height=2.3, aspect=1.3,
-        facet_kws={"sharey": False},
-    )
-    g.set_titles("{col_name}")
-    return g.figure
+    styles = _styles(_names(names, logs[["model"]]), logs["model"].unique())
+    ncols = min(4 if len(order) > 6 else 3, len(order))
+    nrows = math.ceil(len(order) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(PAGE_WIDTH, 1.9 * nrows + 0.4), squeeze=False)
+    for ax, name in zip(axes.flat, order):
+        for model, row in styles.iterrows():
+            run = logs[logs["model"] == model].dropna(subset=[name]).sort_values("step")
+            if run.empty:
+                continue
+            schedule = name == "eps"  # set, not measured: nothing to smooth
+            if not schedule:
+                ax.plot(run["step"], run[name], color=row["colour"], lw=0.6, alpha=0.25)
+            values = run[name] if schedule else smooth(run[name], round(smoothing * len(run)))
+            ax.plot(run["step"], values, color=row["colour"], ls=row["linestyle"], lw=1.2,
+                    marker=row["marker"], markevery=max(1, len(run) // 6), ms=3)
+        title, ylabel = _series_title(name)
+        ax.set_title(_short(title, 30), fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=7)
+        ax.set_xlabel("step", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(order):]:
+        ax.axis("off")
+    drawn = styles[styles.index.isin(set(logs["model"]))]
+    fig.legend(handles=_model_legend(drawn), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(5, len(drawn) + 3),
+               fontsize=7, frameon=False)
+    fig.suptitle(f"Training curves (faint: as logged; bold: rolling mean over {smoothing:.0%} of the steps)", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def _load_embedding(emb_dir: Path, max_points: int, seed: int) -> pd.DataFrame | None:
@@ -212,47 +347,66 @@ def _load_embedding(emb_dir: Path, max_points: int, seed: int) -> pd.DataFrame |
     return out
 
 
+def embedding_models(names: pd.DataFrame, available: Sequence[str], max_models: int = 4) -> list[str]:
+    """The models an embedding map shows: each method's canonical model (its plainest series'
+    lowest seed, `model_names`), methods in registry order, those with embeddings, at most
+    `max_models`; the first available models when no method has its canonical one."""
+    available = set(available)
+    picked = [m for m in names.loc[names["canonical"], "model"] if m in available]
+    return (picked or sorted(available))[:max_models]
+
+
+MAX_PATIENT_MARKERS = 8
+"""Above this many validation patients in a panel, patients are not told apart (markers would not be)."""
+
+
 def embedding_map(
     embeddings_dir: str | Path, whitebox: pd.DataFrame | None = None, max_models: int = 4, max_points: int = 400, seed: int = 0,
-    models: Sequence[str] | None = None,
+    models: Sequence[str] | None = None, names: pd.DataFrame | None = None,
 ) -> plt.Figure:
-    """t-SNE of clean validation features (a subsample), coloured by class (top) and patient (bottom).
+    """t-SNE of clean validation features (a subsample) of one model per method, coloured by class,
+    one marker per patient while there are few (`MAX_PATIENT_MARKERS`).
 
-    One model per method (the first by name), methods in `hsat.methods.METHODS` order (HiDisc,
-    HSAT, HSAT-Patch, ...), so the panels compare methods, at most `max_models`; only `models`
-    when given.
+    The models are `embedding_models`: each method's canonical model, methods in registry order
+    (HiDisc, HSAT, HSAT-Patch, ...), at most `max_models`; only `models` when given.
     """
     emb_root = Path(embeddings_dir)
-    study = models
-    models = sorted(p.name for p in emb_root.iterdir() if p.is_dir()) if emb_root.is_dir() else []
-    if study is not None:
-        models = [m for m in models if m in study]
-    if whitebox is not None and not whitebox.empty and {"model", "method"} <= set(whitebox.columns):
-        order = {name: i for i, name in enumerate(METHODS)}  # registry order: baseline and full HSAT first
-        firsts = whitebox.sort_values("model").drop_duplicates("method")
-        firsts = firsts.assign(_rank=firsts["method"].map(order).fillna(len(order))).sort_values(["_rank", "model"])
-        picked = [m for m in firsts["model"] if m in models]
-        models = picked or models
+    available = sorted(p.name for p in emb_root.iterdir() if p.is_dir()) if emb_root.is_dir() else []
+    if models is not None:
+        available = [m for m in available if m in models]
+    names = _names(names, whitebox)
     panels = []
-    for model in models[:max_models]:
+    for model in embedding_models(names, available, max_models):
         emb = _load_embedding(emb_root / model, max_points, seed)
         if emb is not None:
             panels.append((model, emb))
     if not panels:
         return _no_data("Embedding map", "no embeddings found")
-    fig, axes = plt.subplots(2, len(panels), figsize=(3.6 * len(panels), 7), squeeze=False)
-    for j, (model, emb) in enumerate(panels):
-        for i, colour in enumerate(("label", "patient")):
-            ax = axes[i][j]
-            if colour in emb:
-                sns.scatterplot(data=emb, x="x", y="y", hue=colour, s=8, ax=ax, legend=(colour == "label" and j == len(panels) - 1), linewidth=0)
-            else:
-                ax.scatter(emb["x"], emb["y"], s=8)
-            ax.set_title(f"{model}: by {'class' if colour == 'label' else 'patient'}")
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_xlabel(""), ax.set_ylabel("")
-    if axes[0][-1].get_legend() is not None:
-        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1, 1), fontsize=7)
+    labels = dict(zip(names["model"], names["label"]))
+    classes = sorted({str(c) for _, emb in panels for c in emb.get("label", pd.Series(dtype=str))})
+    class_colours = dict(zip(classes, sns.color_palette("colorblind", n_colors=max(len(classes), 1))))
+    patients = sorted({str(p) for _, emb in panels for p in emb.get("patient", pd.Series(dtype=str))})
+    markers = dict(zip(patients, ("o", "s", "^", "D", "v", "P", "X", "*"))) if 0 < len(patients) <= MAX_PATIENT_MARKERS else {}
+    side = min(PAGE_WIDTH / len(panels), 2.4)
+    fig, axes = plt.subplots(1, len(panels), figsize=(side * len(panels), side + 0.3), squeeze=False)
+    for ax, (model, emb) in zip(axes[0], panels):
+        colour = emb["label"].astype(str).map(class_colours) if "label" in emb else pd.Series(["0.3"] * len(emb))
+        marker = emb["patient"].astype(str).map(markers) if markers and "patient" in emb else pd.Series(["o"] * len(emb))
+        for m in dict.fromkeys(marker):
+            at = (marker == m).to_numpy()
+            ax.scatter(emb["x"][at], emb["y"][at], c=list(colour[at]), marker=m, s=9, linewidths=0, alpha=0.85)
+        ax.set_title(labels.get(model, model), fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_xlabel(""), ax.set_ylabel("")
+    handles = [Line2D([], [], color=c, marker="o", ls="", ms=5, label=k) for k, c in class_colours.items()]
+    fig.legend(handles=handles, loc="upper right" if markers else "upper center",
+               bbox_to_anchor=(0.5 if markers else 0.5, 0.0), ncol=min(len(handles), 4), fontsize=7, frameon=False,
+               title="class", title_fontsize=7)
+    if markers:
+        handles = [Line2D([], [], color="0.3", marker=m, ls="", ms=4, label=p) for p, m in markers.items()]
+        fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.52, 0.0), ncol=min(len(handles), 3), fontsize=7,
+                   frameon=False, title="patient", title_fontsize=7)
+    fig.suptitle("t-SNE of clean validation features, by class" + (" (marker: patient)" if markers else ""), fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -273,58 +427,99 @@ def _criterion(sub: pd.DataFrame) -> str:
 
 
 def _is_sweep(sub: pd.DataFrame) -> bool:
-    """A check sweeps one numeric parameter (steps, eps, restart): draw accuracy against it."""
-    if not sub["value_num"].notna().all():
+    """A check sweeps one numeric parameter (steps, eps, restart) over at least two values: draw
+    accuracy against it (one value makes a degenerate axis: drawn per model instead)."""
+    if not sub["value_num"].notna().all() or sub["value_num"].nunique() < 2:
         return False
     return "param" not in sub or sub["param"].astype(str).nunique() <= 1
 
 
-def _sweep_panel(ax: plt.Axes, sub: pd.DataFrame, palette: Mapping[str, Any]) -> pd.Series:
+def _sweep_panel(ax: plt.Axes, sub: pd.DataFrame, styles: pd.DataFrame) -> pd.Series:
     """Accuracy against the swept value, a line per model; returns each row's x."""
-    for model, g in sub.groupby("model", sort=True):
+    for model, g in sub.groupby("model", sort=False):
         g = g.sort_values("value_num")
-        ax.plot(g["value_num"], g["acc"], marker="o", color=palette[model], lw=1.2, ms=4)
+        s = styles.loc[model]
+        ax.plot(g["value_num"], g["acc"], marker=s["marker"] or "o", color=s["colour"], ls=s["linestyle"], lw=1.2, ms=3.5)
+    values = sorted(sub["value_num"].unique())
+    if len(values) <= 6:
+        if values[0] > 0 and values[-1] / values[0] >= 8:  # 1, 2, 5, 10 steps or 4 ... 64 eps: spread them out
+            ax.set_xscale("log")
+            ax.minorticks_off()
+        ax.set_xticks(values)
+        ax.set_xticklabels([f"{v:g}" for v in values])
     ax.set_xlabel(str(sub["param"].iloc[0]) if "param" in sub and sub["param"].notna().any() else "value")
     return sub["value_num"]
 
 
-def _restarts_panel(ax: plt.Axes, sub: pd.DataFrame, palette: Mapping[str, Any]) -> pd.Series:
+def _restarts_panel(ax: plt.Axes, sub: pd.DataFrame, styles: pd.DataFrame) -> pd.Series:
     """Each restart's accuracy, then the worst over restarts at its own tick (and dashed across)."""
     worst = (sub["param"].astype(str) == "worst_of") if "param" in sub else pd.Series(False, index=sub.index)
-    x = _sweep_panel(ax, sub[~worst], palette).reindex(sub.index)
+    x = _sweep_panel(ax, sub[~worst], styles).reindex(sub.index)
+    ax.set_xscale("linear")
     restarts = sorted(sub.loc[~worst, "value_num"].dropna().unique())
     at = (restarts[-1] if restarts else 0) + 1
     x[worst] = at
     for _, row in sub[worst].iterrows():
-        ax.axhline(row["acc"], ls="--", lw=0.8, color=palette[row["model"]])
-        ax.scatter([at], [row["acc"]], marker="v", s=40, color=palette[row["model"]], zorder=4)
+        colour = styles.loc[row["model"], "colour"]
+        ax.axhline(row["acc"], ls="--", lw=0.8, color=colour)
+        ax.scatter([at], [row["acc"]], marker="v", s=30, color=colour, zorder=4)
     ax.set_xticks([*restarts, at] if worst.any() else restarts)
     ax.set_xticklabels([f"{r:g}" for r in restarts] + (["worst"] if worst.any() else []))
     ax.set_xlabel("restart")
     return x
 
 
-def _category_panel(ax: plt.Axes, sub: pd.DataFrame, palette: Mapping[str, Any]) -> pd.Series:
+def _category_panel(ax: plt.Axes, sub: pd.DataFrame, styles: pd.DataFrame) -> pd.Series:
     """Points per model, one per row of the check (a surrogate, an attack setting); returns each row's x."""
-    models = sorted(set(sub["model"]))
+    models = [m for m in styles.index if m in set(sub["model"])]
     x = pd.Series(np.nan, index=sub.index)
     for i, model in enumerate(models):
         g = sub[sub["model"] == model]
         x[g.index] = i + (np.linspace(-0.3, 0.3, len(g)) if len(g) > 1 else 0.0)
-        ax.scatter(x[g.index], g["acc"], color=palette[model], s=18, zorder=3)
+        ax.scatter(x[g.index], g["acc"], color=styles.loc[model, "colour"], marker=styles.loc[model, "marker"] or "o",
+                   s=14, zorder=3)
     ax.set_xticks(range(len(models)))
-    ax.set_xticklabels([_wrap_name(m) for m in models], fontsize=7)
+    texts = [str(styles.loc[m, "label"]) for m in models]
+    if len(models) > MAX_MODELS_IN_A_PANEL:  # a row of its own: names upright
+        ax.set_xticklabels(texts, fontsize=6, rotation=90)
+    elif max(map(len, texts), default=0) > 10 or len(models) > 3:
+        ax.set_xticklabels(texts, fontsize=6, rotation=40, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticklabels([_wrap_name(t) for t in texts], fontsize=6)
     ax.set_xlim(-0.6, len(models) - 0.4)
-    ax.set_xlabel("model (one point per setting)")
+    ax.set_xlabel("")
     return x
 
 
-def attack_steps(sanity: pd.DataFrame) -> plt.Figure:
+MAX_MODELS_IN_A_PANEL = 6
+"""A check drawn per model over more models than this takes a row of its own (room for their names)."""
+
+
+def _panel_places(df: pd.DataFrame, checks: Sequence[str], ncols: int) -> dict[str, tuple[int, int | None]]:
+    """(row, column) of each check's panel, in order, `ncols` a row; column None: the whole row."""
+    places: dict[str, tuple[int, int | None]] = {}
+    row = col = 0
+    for check in checks:
+        sub = df[df["check"] == check]
+        per_model = check != "restarts" and not _is_sweep(sub)
+        if per_model and sub["model"].nunique() > MAX_MODELS_IN_A_PANEL:
+            row, col = (row + 1, 0) if col else (row, 0)
+            places[check] = (row, None)
+            row += 1
+            continue
+        places[check] = (row, col)
+        row, col = (row + 1, 0) if col + 1 == ncols else (row, col + 1)
+    return places
+
+
+def attack_steps(sanity: pd.DataFrame, names: pd.DataFrame | None = None) -> plt.Figure:
     """One panel per sanity check, showing its criterion; failed points marked with a red x.
 
     Sweeps (steps, eps, noise, restarts) are drawn against their parameter; checks whose rows are
-    settings rather than a number (whitebox_vs_transfer, above_clean) as points per model. A
-    panel's title says passed or FAILED (how many rows), so a failed check cannot hide in a grid.
+    settings rather than a number (whitebox_vs_transfer, above_clean), or a single number, as points
+    per model, named on the axis. A panel's title says passed or FAILED (how many rows), so a failed
+    check cannot hide in a grid. The legend names the models of the sweeps. Without `names`,
+    models are named by their ids.
     """
     if sanity.empty or not {"model", "check", "value", "acc"} <= set(sanity.columns):
         return _no_data("Attack sanity checks", "no sanity results")
@@ -334,31 +529,43 @@ def attack_steps(sanity: pd.DataFrame) -> plt.Figure:
     df["acc"] = pd.to_numeric(df["acc"], errors="coerce")
     df["model"] = df["model"].astype(str)
     checks = list(dict.fromkeys(df["check"]))
-    models = sorted(set(df["model"]))
-    palette = dict(zip(models, sns.color_palette(n_colors=max(len(models), 1))))
-    ncols = min(3, len(checks))
-    nrows = math.ceil(len(checks) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.6 * nrows), squeeze=False)
-    for ax, check in zip(axes.flat, checks):
+    styles = _styles(_names(names, df), df["model"].unique())
+    if names is None:
+        styles["label"] = styles.index
+    ncols = min(4, len(checks))
+    places = _panel_places(df, checks, ncols)
+    nrows = max(row for row, _ in places.values()) + 1
+    wide = {row for row, col in places.values() if col is None}  # these rows hold the models' names too
+    heights = [1.6 if row in wide else 1.0 for row in range(nrows)]
+    fig = plt.figure(figsize=(PAGE_WIDTH * ncols / 4, 2.1 * sum(heights) + 0.3))
+    grid = fig.add_gridspec(nrows, ncols, height_ratios=heights)
+    swept: set[str] = set()
+    for check in checks:  # axes in the checks' order
+        row, col = places[check]
+        ax = fig.add_subplot(grid[row, :] if col is None else grid[row, col])
         sub = df[df["check"] == check]
         if check == "restarts":
-            x = _restarts_panel(ax, sub, palette)
+            x = _restarts_panel(ax, sub, styles)
+            swept |= set(sub["model"])
         elif _is_sweep(sub):
-            x = _sweep_panel(ax, sub, palette)
+            x = _sweep_panel(ax, sub, styles)
+            swept |= set(sub["model"])
         else:
-            x = _category_panel(ax, sub, palette)
+            x = _category_panel(ax, sub, styles)
         failed = ~sub["passed"]
-        ax.scatter(x[failed], sub.loc[failed, "acc"], marker="x", s=80, color="red", zorder=5)
+        ax.scatter(x[failed], sub.loc[failed, "acc"], marker="x", s=50, color="red", zorder=5)
         n_failed = int((~sub["passed"]).sum())
         status = f"FAILED ({n_failed})" if n_failed else "passed"
         criterion = _criterion(sub)
-        ax.set_title(f"{check}: {status}" + (f"\n{criterion}" if criterion else ""), fontsize=9, color="red" if n_failed else "black")
-        ax.set_ylabel("accuracy (%)")
-    for ax in list(axes.flat)[len(checks):]:
-        ax.axis("off")
-    handles = [Line2D([], [], color=palette[m], marker="o", lw=1.2, ms=4, label=m) for m in models]
-    handles.append(Line2D([], [], color="red", marker="x", ls="", ms=8, label="failed"))
-    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+        ax.set_title(f"{check}: {status}" + (f"\n{_short(criterion, 34)}" if criterion else ""), fontsize=7,
+                     color="red" if n_failed else "black")
+        ax.set_ylabel("accuracy (%)", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.xaxis.label.set_size(7)
+    handles = _model_legend(styles[styles.index.isin(swept)]) if swept else []
+    handles.append(Line2D([], [], color="red", marker="x", ls="", ms=6, label="failed"))
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 6), fontsize=7,
+               frameon=False)
     fig.tight_layout()
     failed_rows = df[~df["passed"]]
     if not failed_rows.empty:
@@ -376,15 +583,17 @@ def write_figures(
     out_dir: str | Path,
 ) -> list[Path]:
     """Write every figure of FIGURES as PNG and PDF under `out_dir`; return the paths. Run logs and
-    embeddings are read for the study's models only (`study_cfg["models"]`, when it names them)."""
+    embeddings are read for the study's models only (`study_cfg["models"]`, when it names them);
+    every figure names, orders and colours models alike (`model_names_for`)."""
     study_models = list(study_cfg["models"]) if study_cfg.get("models") else None
     sns.set_theme(style="whitegrid", context="paper")
+    names = model_names_for(study_cfg, whitebox if not whitebox.empty else None)
     figs = {
-        "robust_accuracy": lambda: robust_accuracy(whitebox, study_cfg),
-        "transfer_heatmap": lambda: transfer_heatmap(transfer, study_cfg),
-        "training_curves": lambda: training_curves(runs_dir, study_models),
-        "embedding_map": lambda: embedding_map(embeddings_dir, whitebox, models=study_models),
-        "attack_steps": lambda: attack_steps(sanity),
+        "robust_accuracy": lambda: robust_accuracy(whitebox, study_cfg, names),
+        "transfer_heatmap": lambda: transfer_heatmap(transfer, study_cfg, names),
+        "training_curves": lambda: training_curves(runs_dir, study_models, names),
+        "embedding_map": lambda: embedding_map(embeddings_dir, whitebox, models=study_models, names=names),
+        "attack_steps": lambda: attack_steps(sanity, names),
     }
     written: list[Path] = []
     for name in FIGURES:

@@ -16,11 +16,12 @@ from typing import Any, Callable, Mapping, Sequence
 import pandas as pd
 
 from hsat import LEVELS
-from hsat.config import run_config_for_model
+from hsat.config import run_config_for_model, validate
 from hsat.errors import HSATError
 from hsat.io import write_csv, write_text
 from hsat.methods import VARIANTS, methods_with_role
 from hsat.report import method_label
+from hsat.report.style import model_names
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ ATTACK_LABELS = {
     "autoattack": "AutoAttack",
     WORST_CASE: "Worst case",
 }
+TABLE1_FULL = "table1_full.csv"
+"""Table 1 at every level, as `table1` lays it out (table1.md/.tex are the compact one)."""
 SUMMARY_COLUMNS = [
     "target_method", "surrogate_kind", "surrogate_method", "level",
     "acc_drop_mean", "acc_drop_std", "mca_drop_mean", "mca_drop_std", "n_pairs",
@@ -72,9 +75,12 @@ def _whitebox_cfg(study_cfg: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def model_info(study_cfg: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per model of the study: backbone, pretrained flag, group and resolved method levels."""
+    """One row per model of the study: backbone, pretrained flag, group, resolved method levels,
+    seed, and `custom`: how many settings of its entry differ from its method's plain entry."""
     rows = []
-    for name, spec in (study_cfg.get("models") or {}).items():
+    models = study_cfg.get("models") or {}
+    custom = _custom_settings(models)
+    for name, spec in models.items():
         run = run_config_for_model(study_cfg, name)
         rows.append(
             {
@@ -86,10 +92,39 @@ def model_info(study_cfg: Mapping[str, Any]) -> pd.DataFrame:
                 "min_levels": "+".join(run["method"]["min_levels"]),
                 "max_levels": "+".join(run["method"]["max_levels"]),
                 "positives": (run["method"].get("dino") or {}).get("positives"),
+                "cfg_seed": int(run["seed"]),
+                "custom": custom.get(name, 0),
             }
         )
     return pd.DataFrame(rows, columns=["model", "backbone", "pretrained", "cfg_group", "cfg_method", "min_levels",
-                                       "max_levels", "positives"])
+                                       "max_levels", "positives", "cfg_seed", "custom"])
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _custom_settings(models: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """Per model, the settings of its entry (seed and group aside) that its method's plain entry
+    (`{method: {name: ...}}`, validated the same way) lacks or sets otherwise."""
+    methods = {str((spec.get("method") or {}).get("name")) for spec in models.values()} & set(VARIANTS)
+    if not methods:
+        return {}
+    plain = validate({"models": {m: {"method": {"name": m}} for m in methods}}, "study")["models"]
+    out = {}
+    for name, spec in models.items():
+        method = str((spec.get("method") or {}).get("name"))
+        if method in plain:
+            own = _leaves({k: v for k, v in spec.items() if k not in ("seed", "group")})
+            base = _leaves({k: v for k, v in plain[method].items() if k not in ("seed", "group")})
+            out[name] = sum(own.get(k) != base.get(k) for k in set(own) | set(base))
+    return out
 
 
 def primary_setting(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[str, str]:
@@ -109,6 +144,33 @@ def autoattack_version(study_cfg: Mapping[str, Any]) -> str | None:
     aa = _whitebox_cfg(study_cfg).get("autoattack")
     version = aa.get("version") if isinstance(aa, Mapping) else None
     return str(version) if version else None
+
+
+def model_names_for(study_cfg: Mapping[str, Any], data: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Display names of the study's models (`hsat.report.style.model_names`), in display order;
+    models only `data` names (rows of another study config) follow under their own names."""
+    info = model_info(study_cfg).rename(columns={"cfg_method": "method", "cfg_group": "group", "cfg_seed": "seed"})
+    names = model_names(info[["model", "method", "group", "backbone", "seed", "custom"]])
+    if data is None or "model" not in data:
+        return names
+    others = data.drop_duplicates("model")
+    others = others[~others["model"].astype(str).isin(set(names["model"]))]
+    if others.empty:
+        return names
+    extra = pd.DataFrame({"model": others["model"].astype(str)})
+    for col, default in (("method", ""), ("group", ""), ("seed", 0)):
+        extra[col] = others[col].to_numpy() if col in others else default
+    extra = model_names(extra.assign(backbone=""))
+    extra["series"] = extra["label"] = extra["model"]  # not in the config: its seed and variant are unknown
+    extra["canonical"] = False
+    return pd.concat([names, extra], ignore_index=True)
+
+
+def with_model_labels(table: pd.DataFrame, labels: Mapping[str, str]) -> pd.DataFrame:
+    """Table 2 with display labels for the model ids of its Surrogate rows and Target columns."""
+    if table.empty:
+        return table
+    return table.rename(index=dict(labels), level="Surrogate").rename(columns=dict(labels), level="Target")
 
 
 def _with_model_info(df: pd.DataFrame, study_cfg: Mapping[str, Any]) -> pd.DataFrame:
@@ -252,17 +314,19 @@ def save_table(
     caption: str,
     long: pd.DataFrame | None = None,
     blocks: Sequence[tuple[str, pd.DataFrame]] = (),
+    notes: Sequence[tuple[str, pd.DataFrame]] = (),
 ) -> list[Path]:
     """Write `name`.csv, `name`.md and `name`.tex; return the three paths.
 
     The CSV is the flattened table, or `long` (tidy rows) when given; `blocks` are further
-    (title, table) pairs appended to the Markdown and LaTeX (a summary under the main table).
+    (title, table) pairs appended to the Markdown and LaTeX (a summary under the main table),
+    `notes` to the Markdown only (what a reader of the results wants beside a paper's table).
     """
     out_dir = Path(out_dir)
     paths = [out_dir / f"{name}.csv", out_dir / f"{name}.md", out_dir / f"{name}.tex"]
     write_csv(paths[0], _flat(table) if long is None else long)
     md = [f"{caption}\n\n{_flat(table).to_markdown(index=False)}\n"]
-    md += [f"\n{title}\n\n{_flat(block).to_markdown(index=False)}\n" for title, block in blocks]
+    md += [f"\n{title}\n\n{_flat(block).to_markdown(index=False)}\n" for title, block in [*blocks, *notes]]
     write_text(paths[1], "".join(md))
     latex = [table.to_latex(caption=caption, label=f"tab:{name}", multicolumn=True, multicolumn_format="c", escape=True)]
     latex += [
@@ -305,6 +369,38 @@ def table1(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[pd.Dat
         caption += f" AutoAttack version: {version or 'not recorded in the study config'}."
     caption += " Mean ± std over n models (seeds); every classifier, objective, attack and MCA are in table1.csv."
     return _split_index(table, ["Group", "Method", "Backbone", "n"], ["Level", "Condition"]), caption
+
+
+def table1_compact(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
+    """Table 1 as a paper prints it: accuracy at the finest level (patch) of the primary classifier,
+    clean, each attack at each eps and the worst case at the largest eps; one row per method (a
+    method's other group or backbone on a row of its own), methods in registry order."""
+    df, classifier, objective = _prepare_whitebox(whitebox, study_cfg)
+    level = _levels(df)[0]
+    df = df[df["level"] == level].copy()
+    names = model_names_for(study_cfg, df)
+    rank = {m: i for i, m in enumerate(names["model"])}
+    df["series"] = df["model"].map(dict(zip(names["model"], names["series"])))
+    df = df.assign(_rank=df["model"].map(rank)).sort_values("_rank", kind="stable").drop(columns="_rank")
+    attacked = [(a, e) for a, e in condition_order(study_cfg, df) if a != WORST_CASE]
+    worst = _pick_eps(df, WORST_CASE, max((e for a, e in attacked if a != "none"), default=None))
+    conditions = attacked + ([(WORST_CASE, worst)] if worst is not None else [])
+    table = _wide_table(df, conditions, ["series"], lambda k: {"Method": k["series"]}, metrics=("acc",), level_outer=True)
+    table.columns = [c[1] if isinstance(c, tuple) else c for c in table.columns]  # one level: no level row
+    caption = (
+        f"Table 1: white-box robustness at {level} level, accuracy (Acc, %) of the {classifier} classifier; "
+        f"attacks optimise the {objective} objective; eps in 1/255."
+    )
+    if df["attack_raw"].isin(list(RANDOM_START.values())).any():
+        caption += " BIM and MI-FGSM start from a uniform random point in the eps-ball here (label-free objective)."
+    if worst is not None:
+        caption += (
+            f" Worst case: a {level} counts as robust only if it is classified correctly under every attack and "
+            f"objective at eps {worst:g} or below."
+        )
+    caption += (" Mean ± std over n models (seeds). Every level is in the full table, every classifier, objective, "
+                "attack and MCA in the long one (CSV files beside this one).")
+    return table.set_index("Method"), caption
 
 
 def table1_long(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> pd.DataFrame:
@@ -505,20 +601,29 @@ def _eps_text(eps: Any) -> str:
     return ", ".join(f"{float(e):g}" for e in values)
 
 
+def transfer_order(transfer: pd.DataFrame, study_cfg: Mapping[str, Any]) -> list[str]:
+    """The surrogate and target models of `transfer` in display order: by method, then seed."""
+    present = list(dict.fromkeys([*transfer["surrogate"].astype(str), *transfer["target"].astype(str)]))
+    ranked = [m for m in model_names_for(study_cfg)["model"] if m in set(present)]
+    return ranked + [m for m in present if m not in ranked]
+
+
 def table2(transfer: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
     """Transfer matrix: accuracy drop (Acc-D, MCA-D) on each target per surrogate and level, with averages."""
     tcfg = _transfer_cfg(study_cfg)
     caption = (
         f"Table 2: transferability of {str(tcfg.get('attack', 'pgd')).upper()} eps {_eps_text(tcfg.get('eps', 8))}/255 "
         "examples crafted on a surrogate (rows) and classified by a target (columns): drop in accuracy "
-        "(Acc-D) and mean class accuracy (MCA-D), percentage points; Average is over surrogates."
+        "(Acc-D) and mean class accuracy (MCA-D), percentage points; Average is over surrogates; "
+        "a model is named by its method and seed (s1: seed 1)."
     )
     if transfer is None or transfer.empty:
         return pd.DataFrame(), caption
     df = _select_transfer(transfer, tcfg)
     df = df.groupby(["level", "surrogate", "target"], sort=False)[["acc_drop", "mca_drop"]].mean().reset_index()
-    # Targets in the surrogates' order, so the (absent) diagonal runs corner to corner.
-    order = list(dict.fromkeys([*df["surrogate"], *df["target"]]))
+    # Models by method (registry order), then seed; targets in the surrogates' order, so the
+    # (absent) diagonal runs corner to corner.
+    order = transfer_order(df, study_cfg)
     targets = [m for m in order if m in set(df["target"])]
     surrogates = [m for m in order if m in set(df["surrogate"])]
     blocks = []
@@ -603,22 +708,32 @@ def table2_summary(transfer: pd.DataFrame | None, study_cfg: Mapping[str, Any]) 
 def write_tables(
     whitebox: pd.DataFrame, transfer: pd.DataFrame, study_cfg: Mapping[str, Any], out_dir: str | Path
 ) -> list[Path]:
-    """Write results/tables/table{1..5}.{csv,md,tex} and table2_summary.csv; return every path written.
+    """Write results/tables/table{1..5}.{csv,md,tex}, table1_full.csv and table2_summary.csv; return
+    every path written.
 
-    table1.csv is the long form (every classifier, objective and attack); table2.md/.tex carry
-    the same-method vs other-method summary under the matrix.
+    table1.md/.tex are the paper's compact Table 1 (patch level), table1_full.csv every level as
+    `table1` lays it out (the Markdown shows it too), table1.csv the long form (every classifier,
+    objective and attack); table2.md/.tex name models by method and seed and carry the
+    same-method vs other-method summary under the matrix.
     """
     if whitebox.empty:
         raise HSATError("whitebox results are empty: nothing to tabulate")
     summary, summary_caption = table2_summary(transfer, study_cfg)
+    full, full_caption = table1(whitebox, study_cfg)
+    matrix, matrix_caption = table2(transfer, study_cfg)
+    names = model_names_for(study_cfg)
+    labels = dict(zip(names["model"], names["label"]))
+    shown = [m for m in names["model"] if not matrix.empty and m in set(matrix.index.get_level_values("Surrogate"))]
+    runs = pd.DataFrame({"Model": [labels[m] for m in shown], "Run (results/runs/...)": shown}).set_index("Model")
     extras: dict[str, dict[str, Any]] = {
-        "table1": {"long": table1_long(whitebox, study_cfg)},
-        "table2": {"blocks": [(summary_caption, summary)] if not summary.empty else []},
+        "table1": {"long": table1_long(whitebox, study_cfg), "notes": [(f"Table 1 at every level ({TABLE1_FULL}): {full_caption.removeprefix('Table 1: ')}", full)]},
+        "table2": {"blocks": [(summary_caption, summary)] if not summary.empty else [],
+                   "notes": [("The models' runs:", runs)] if shown else []},
     }
     written: list[Path] = []
     for name, (table, caption) in (
-        ("table1", table1(whitebox, study_cfg)),
-        ("table2", table2(transfer, study_cfg)),
+        ("table1", table1_compact(whitebox, study_cfg)),
+        ("table2", (with_model_labels(matrix, labels), matrix_caption)),
         ("table3", table3(whitebox, study_cfg)),
         ("table4", table4(whitebox, study_cfg)),
         ("table5", table5(whitebox, study_cfg)),
@@ -627,9 +742,11 @@ def write_tables(
             log.warning("%s: no matching results; writing an empty table", name)
             table = pd.DataFrame({"note": ["no matching results in this study"]})
         written += save_table(table, out_dir, name, caption, **extras.get(name, {}))
+    full_path = Path(out_dir) / TABLE1_FULL
+    write_csv(full_path, _flat(full))
     summary_path = Path(out_dir) / "table2_summary.csv"
     write_csv(summary_path, transfer_summary(transfer, study_cfg))
-    return written + [summary_path]
+    return written + [full_path, summary_path]
 
 
 # ----------------------------------------------------------------------------- headline claims
