@@ -84,7 +84,8 @@ def test_slurm_profile_takes_cpus_from_threads_and_shares_no_key_with_the_overla
     for path, profile in (("profiles/slurm/config.yaml", slurm), (SITE, site)):
         text = (REPO / path).read_text(encoding="utf-8")
         assert not re.search(r"^\s*(cpus_per_task|cpus_per_gpu)\s*:", text, re.M), path
-        assert "set-threads" not in profile and "cores" not in profile, path
+        assert "cores" not in profile and "max-threads" not in profile, path
+    assert "set-threads" not in slurm
     assert not set(slurm) & set(site), sorted(set(slurm) & set(site))
     assert slurm["executor"] == "slurm" and slurm["slurm-status-command"] == "squeue"
     assert slurm["retries"] >= 1 and slurm["rerun-incomplete"] is True
@@ -162,7 +163,8 @@ def test_cluster_command_line_caps_no_threads(workflow_with_profiles, monkeypatc
     _, args = parse_args(["all", "--profile", "profiles/slurm", *overlay, "--configfile", "config/tiny.yaml"])
     read = capsys.readouterr().err
     assert ("workflow specific profile profiles/default" in read) == (not overlay), read
-    assert args.cores is None and not args.set_threads and args.max_threads is None
+    assert args.cores is None and args.max_threads is None
+    assert set(args.set_threads or {}) == set(_load(SITE).get("set-threads", {}) if overlay else {})
     resources = [set(args.default_resources or {}), *map(set, (args.set_resources or {}).values())]
     assert not any(name.startswith("cpus_per") for names in resources for name in names), resources
     assert args.slurm_status_command == "squeue" and args.executor == "slurm"
