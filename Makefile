@@ -11,7 +11,7 @@ CORES ?= 2
 # pip's extra indexes on some machines print one warning per package; keep the log readable.
 QUIET_PIP := { grep -v '^WARNING: Location' || true; }
 
-.PHONY: setup study study-all test lint bench cost clean-results
+.PHONY: setup study study-all test lint bench cost clean-results slurm-check
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ study-all: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The study through profiles/slurm on a throwaway one-node SLURM, checked against a local run
+# (tests/slurm_check.py: as root it installs Debian's slurm-wlm and munge when missing; exit 77 =
+# skipped, with the reason). `make test` runs it too.
+slurm-check: $(STAMP)
+	$(BIN)/python tests/slurm_check.py
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import hsat
 from hsat.backbones import is_vit
+from hsat.cluster import job_gpus
 from hsat.config import resolve_study, run_config_for_model
 from hsat.errors import HSATError
 from hsat.io import write_yaml
@@ -295,6 +296,12 @@ def report_outputs():
            if LANGUAGE_MODELS else [])
         + ([f"{RESULTS}/figures/attention.{ext}" for ext in ("png", "pdf")] if ATTENTION_MODELS else [])
     )
+
+
+def model_gpus(model, per_job=1):
+    """GPUs a job of `model` asks for (resource `gpu`: `--gpus` under the SLURM executor, a cap
+    under `--resources gpu=N` locally): `per_job` when the model runs on CUDA, else none."""
+    return job_gpus(RUN_CONFIGS[model]["device"], per_job)
 
 
 def pretrain_launcher():

@@ -23,7 +23,7 @@ rule evaluate:
         ),
     threads: 1
     resources:
-        gpu=1,
+        gpu=lambda wildcards: model_gpus(wildcards.model),
     log:
         f"{RESULTS}/logs/evaluate/{{model}}.log",
     benchmark:
@@ -53,7 +53,7 @@ rule sanity:
         code=CODE_VERSION["evaluate"],
     threads: 1
     resources:
-        gpu=1,
+        gpu=lambda wildcards: model_gpus(wildcards.model),
     log:
         f"{RESULTS}/logs/sanity/{{model}}.log",
     benchmark:
@@ -84,7 +84,7 @@ if not MIL_IN_EVALUATE:
                 wildcards, output, str(Path(input.features).parent), run_dir(wildcards.model), input.manifest),
         threads: 1
         resources:
-            gpu=1 if MIL_ATTACK else 0,
+            gpu=lambda wildcards: model_gpus(wildcards.model) if MIL_ATTACK else 0,
         log:
             f"{RESULTS}/logs/mil/{{model}}.log",
         benchmark:
@@ -110,6 +110,8 @@ rule attention:
         settings=lambda wildcards: eval_settings("attention", wildcards),
         code=CODE_VERSION["evaluate"],
     threads: 1
+    resources:
+        gpu=lambda wildcards: model_gpus(wildcards.model),
     log:
         f"{RESULTS}/logs/attention/{{model}}.log",
     benchmark:
@@ -136,7 +138,7 @@ rule language:
         code=CODE_VERSION["evaluate"],
     threads: 1
     resources:
-        gpu=1,
+        gpu=lambda wildcards: model_gpus(wildcards.model),
     log:
         f"{RESULTS}/logs/language/{{model}}.log",
     benchmark:

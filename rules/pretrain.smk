@@ -49,7 +49,8 @@ rule pretrain:
         model=MODEL_RE,
     threads: 1
     resources:
-        gpu=NPROC,
+        gpu=lambda wildcards: model_gpus(wildcards.model, NPROC),
+        nodes=1,  # torchrun --standalone: every process on the node that holds the GPUs
     log:
         f"{RESULTS}/logs/pretrain/{{model}}.log",
     benchmark:

@@ -17,7 +17,7 @@ rule transfer_craft:
         code=CODE_VERSION["transfer"],
     threads: 1
     resources:
-        gpu=1,
+        gpu=lambda wildcards: model_gpus(wildcards.surrogate),
     log:
         f"{RESULTS}/logs/transfer/craft_{{surrogate}}.log",
     benchmark:
@@ -49,7 +49,7 @@ rule transfer_evaluate:
         target=MODEL_RE,
     threads: 1
     resources:
-        gpu=1,
+        gpu=lambda wildcards: model_gpus(wildcards.target),
     log:
         f"{RESULTS}/logs/transfer/{{target}}.log",
     benchmark:
