@@ -34,7 +34,7 @@ from hsat.evaluate.metrics import aggregate, classification_metrics
 from hsat.evaluate.sweep import WHITEBOX_COLUMNS, AttackSpec, attack_name, eval_frozen, sweep_alpha
 from hsat.evaluate.worst_case import WORST_CASE, WORST_CASE_OBJECTIVE, mean_class_accuracy, worst_case_correct
 from hsat.io import atomic_path
-from hsat.precision import autocast_factory
+from hsat.precision import autocast_factory, exact_fp32
 
 MIL_OBJECTIVES: tuple[str, ...] = ("abmil_ce", "feature")
 """Objectives of the attack on a bag: the MIL head's cross-entropy, or backbone-feature distance."""
@@ -210,8 +210,9 @@ def craft_bags(model: nn.Module, mil: GatedAttentionMIL, x: torch.Tensor, sizes:
 
     fn = attacks.ATTACKS[spec.attack.removesuffix("_r")]
     kw = {"decay": 1.0} if spec.attack.startswith("mifgsm") else {}
-    return fn(x, obj, spec.eps / 255.0, spec.alpha / 255.0, spec.steps, random_start=spec.random_start,
-              generator=generator, **kw).detach()
+    with exact_fp32():  # TF32 off on a GPU: fp32 crafting in fp32 (hsat.precision)
+        return fn(x, obj, spec.eps / 255.0, spec.alpha / 255.0, spec.steps, random_start=spec.random_start,
+                  generator=generator, **kw).detach()
 
 
 def mil_specs(cfg_eval: Mapping[str, Any], seed: int = 0) -> list[Any]:

@@ -41,7 +41,7 @@ from hsat.evaluate.classifiers import LinearProbe, SoftKNN, classify
 from hsat.evaluate.embeddings import dataset_labels, loader
 from hsat.evaluate.metrics import level_metrics, stratified_subset
 from hsat.evaluate.worst_case import worst_case_rows
-from hsat.precision import autocast_factory
+from hsat.precision import autocast_factory, exact_fp32
 
 WHITEBOX_COLUMNS: tuple[str, ...] = (
     "model", "method", "group", "seed", "attack", "eps", "steps", "objective",
@@ -192,7 +192,8 @@ def craft_batch(
     """Adversarial (or noisy) version of the batch `x` under `spec`; the model must be frozen.
 
     `autocast` wraps the objective's forward passes (the iterative attacks; AutoAttack runs as
-    torchattacks calls it, in fp32)."""
+    torchattacks calls it, in fp32). What runs in fp32 runs in full fp32 on a GPU too (TF32 off:
+    `hsat.precision.exact_fp32`)."""
     eps, alpha = spec.eps / 255.0, spec.alpha / 255.0
     if spec.attack == "noise":
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
@@ -201,7 +202,8 @@ def craft_batch(
         if probe is None:
             raise HSATError("autoattack needs a linear probe")
         aa = autoattack(model, probe, eps, spec.version or "standard", spec.steps, spec.seed)
-        return aa(x, y).detach()
+        with exact_fp32():
+            return aa(x, y).detach()
     base = spec.attack.removesuffix("_r")
     fn = attacks.ATTACKS.get(base)
     if fn is None:
@@ -213,7 +215,8 @@ def craft_batch(
         with autocast():
             return objective(xa).float()
 
-    x_adv = fn(x, obj, eps, alpha, spec.steps, random_start=spec.random_start, generator=generator, **kw)
+    with exact_fp32():
+        x_adv = fn(x, obj, eps, alpha, spec.steps, random_start=spec.random_start, generator=generator, **kw)
     return x_adv.detach()
 
 
