@@ -62,7 +62,7 @@ else:
             root=DATASET_PATH,
             # A user's OpenSRH root: the folder's own time stamp does not change when its metadata
             # does, so the files the reader walks are inputs (the synthetic cohort is one output).
-            meta=[f"{DATASET_PATH}/meta/{config['dataset'][k]}" for k in ("meta_json", "split_json")]
+            meta=[str(Path(DATASET_PATH) / "meta" / config["dataset"][k]) for k in ("meta_json", "split_json")]
             if DATASET_KIND == "root"
             else [],
         output:
