@@ -77,3 +77,30 @@ def test_halving_keeps_the_smaller_size_and_gives_up_at_one_row():
         HalvingBatches("test")(always, 4)
     with pytest.raises(ValueError):  # other errors are not retried
         HalvingBatches("test")(lambda sl: (_ for _ in ()).throw(ValueError("bad")), 4)
+
+
+def test_mil_bag_attack_halves_its_backbone_chunk_on_out_of_memory():
+    """A slide whose bag attack runs out of memory goes on through the backbone in smaller chunks:
+    the same slide-level results."""
+    import pandas as pd
+    from test_evaluate import ToyPatches
+
+    from hsat.config import resolve_evaluation
+    from hsat.evaluate.mil import GatedAttentionMIL, mil_whitebox_rows
+
+    class Slides(ToyPatches):
+        def __init__(self):
+            super().__init__(n_patients=6, slides=2, patches=6, seed=3)
+            self.rows = pd.DataFrame({"slide": [it[3] for it in self.items], "patient": [it[2] for it in self.items]})
+
+    torch.manual_seed(0)
+    mil = GatedAttentionMIL(3, 3)
+    cfg = resolve_evaluation({"batch_size": 16, "attack_precision": "fp32",
+                              "whitebox": {"eps": [8], "steps": 3, "alpha": 2},
+                              "mil": {"attacks": ["pgd"], "objectives": ["abmil_ce", "feature"]}})
+    info = {"model": "m", "method": "hsat", "group": "g", "seed": 0}
+    plain = mil_whitebox_rows(ToyModel(), mil, Slides(), info, cfg)
+    small = OutOfMemoryAbove(4)
+    halved = mil_whitebox_rows(small, mil, Slides(), info, cfg)
+    assert small.failures > 0
+    pd.testing.assert_frame_equal(plain, halved)

@@ -24,6 +24,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
 
 
+def free_cached_memory() -> None:
+    """After an out-of-memory error: drop unreachable tensors and return the allocator's cache."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class HalvingBatches:
     """Call as `halving(fn, n)`: `fn(slice)` over rows [0, n) in pieces, halved on out of memory."""
 
@@ -47,9 +54,7 @@ class HalvingBatches:
             if failed:  # outside the except block: its traceback no longer holds the piece's tensors
                 self.limit = size // 2
                 log.warning("%s: out of memory at %d rows; going on in pieces of %d", self.what, size, self.limit)
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                free_cached_memory()
                 continue
             start += size
         return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -17,6 +17,7 @@ with the per-slide worst case over every attack at each eps.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,10 +32,13 @@ from torch import nn
 from hsat import attacks
 from hsat.errors import HSATError
 from hsat.evaluate.metrics import aggregate, classification_metrics
-from hsat.evaluate.sweep import WHITEBOX_COLUMNS, AttackSpec, attack_name, eval_frozen, sweep_alpha
+from hsat.evaluate.sweep import WHITEBOX_COLUMNS, AttackSpec, attack_name, eval_frozen, start_draw, sweep_alpha
 from hsat.evaluate.worst_case import WORST_CASE, WORST_CASE_OBJECTIVE, mean_class_accuracy, worst_case_correct
 from hsat.io import atomic_path
+from hsat.oom import free_cached_memory, is_out_of_memory
 from hsat.precision import autocast_factory, exact_fp32
+
+log = logging.getLogger(__name__)
 
 MIL_OBJECTIVES: tuple[str, ...] = ("abmil_ce", "feature")
 """Objectives of the attack on a bag: the MIL head's cross-entropy, or backbone-feature distance."""
@@ -228,7 +232,7 @@ class _ChunkedBagLoss(torch.autograd.Function):
 def craft_bags(model: nn.Module, mil: GatedAttentionMIL, x: torch.Tensor, sizes: Sequence[int],
                bag_labels: torch.Tensor, spec: Any, clean_features: torch.Tensor,
                generator: torch.Generator | None = None, autocast: Any = None,
-               chunk: int | None = None) -> torch.Tensor:
+               chunk: int | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
     """Adversarial patches of the bags in `x` (concatenated, `sizes` patches each) under `spec`
     (`hsat.evaluate.sweep.AttackSpec`, objective in `MIL_OBJECTIVES`). The objective is summed
     over bags, so a bag's perturbation does not depend on which bags share its chunk. With
@@ -257,6 +261,8 @@ def craft_bags(model: nn.Module, mil: GatedAttentionMIL, x: torch.Tensor, sizes:
 
     fn = attacks.ATTACKS[spec.attack.removesuffix("_r")]
     kw = {"decay": 1.0} if spec.attack.startswith("mifgsm") else {}
+    if start is not None:  # the random start drawn by the caller (hsat.evaluate.sweep.start_draw)
+        kw["start"] = start
     with exact_fp32():  # TF32 off on a GPU: fp32 crafting in fp32 (hsat.precision)
         return fn(x, obj, spec.eps / 255.0, spec.alpha / 255.0, spec.steps, random_start=spec.random_start,
                   generator=generator, **kw).detach()
@@ -313,7 +319,18 @@ def mil_whitebox_rows(model: nn.Module, mil: GatedAttentionMIL, val_dataset: Any
                 f_clean = encode_chunked(model, x, chunk).float()
                 clean.append(_bag_probs(mil, f_clean, sizes).cpu())
             for i, spec in enumerate(specs):
-                x_adv = craft_bags(model, mil, x, sizes, y, spec, f_clean, gens[i], autocast, chunk=chunk)
+                u = start_draw(spec, x, gens[i])
+                while True:  # out of GPU memory: the backbone chunk halves (kept for later slides)
+                    try:
+                        x_adv = craft_bags(model, mil, x, sizes, y, spec, f_clean, gens[i], autocast, chunk=chunk,
+                                           start=u)
+                        break
+                    except Exception as exc:
+                        if not is_out_of_memory(exc) or chunk == 1:
+                            raise
+                    chunk = max(1, min(chunk, len(x)) // 2)
+                    log.warning("MIL bag attack: out of memory; the backbone now takes %d patches at a time", chunk)
+                    free_cached_memory()
                 with torch.no_grad():
                     adv[i].append(_bag_probs(mil, encode_chunked(model, x_adv, chunk).float(), sizes).cpu())
     if not order:
