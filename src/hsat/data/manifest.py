@@ -33,6 +33,10 @@ COLUMNS: tuple[str, ...] = ("patient", "slide", "path", "label", "split")
 SPLITS: tuple[str, ...] = ("train", "val")
 VAL_FRACTION = 0.33
 """Default fraction of each class's patients held out for val where `hsat` makes the split."""
+PREPARE_REPORT = "prepare_report.csv"
+REPORT_COLUMNS: tuple[str, ...] = ("patient", "slide", "label", "split", "listed", "missing", "used", "status")
+"""The prepare report: one row per slide, patches listed (for an OpenSRH root: of the patient's
+class), missing on disk, used; `status` is used | partial | skipped: none listed | skipped: all missing."""
 _MAX_LISTED = 5  # offending items quoted in one message
 PROGRESS_MIN_IMAGES = 500
 """`check_images` shows a progress bar (on a terminal) from this many images on."""
@@ -300,12 +304,6 @@ def prepare_manifest(
         write_source_record(record, root=root, manifest=manifest, folders=folders, opensrh=opensrh)
     write_manifest(df, out)
     return df
-
-
-PREPARE_REPORT = "prepare_report.csv"
-REPORT_COLUMNS: tuple[str, ...] = ("patient", "slide", "label", "split", "listed", "missing", "used", "status")
-"""The prepare report: one row per slide, patches listed (for an OpenSRH root: of the patient's
-class), missing on disk, used; `status` is used | partial | skipped: none listed | skipped: all missing."""
 
 
 def report_path(out: str | os.PathLike) -> Path:
