@@ -98,10 +98,10 @@ def _dataset_source():
         return "manifest", ds["manifest"]
     if ds["root"]:
         root = Path(ds["root"])
-        for meta in ("opensrh.json", "train_val_split.json"):
-            if not (root / "meta" / meta).is_file():
+        for key in ("meta_json", "split_json"):
+            if not (root / "meta" / ds[key]).is_file():
                 config_error(
-                    f"dataset.root: {root} does not hold meta/{meta}. Point dataset.root of "
+                    f"dataset.root: {root} does not hold meta/{ds[key]} (dataset.{key}). Point dataset.root of "
                     f"{_CONFIG_SOURCE} at your OpenSRH download, or set dataset.manifest to a manifest CSV."
                 )
         return "root", str(root)
@@ -117,6 +117,18 @@ try:
 except HSATError as exc:
     config_error(exc)
 MANIFEST = f"{RESULTS}/manifest.csv"
+PREPARE_REPORT = f"{RESULTS}/prepare_report.csv"
+
+
+def opensrh_options():
+    """`hsat prepare` options of a user's OpenSRH root (the meta file names, what is skipped); one
+    string, so the rule's params rerun the manifest when they change. The synthetic cohort has
+    the default names and nothing to skip."""
+    if DATASET_KIND != "root":
+        return ""
+    ds = config["dataset"]
+    return (f"--meta-json {shlex.quote(ds['meta_json'])} --split-json {shlex.quote(ds['split_json'])}"
+            f" --max-missing-fraction {ds['max_missing_fraction']}" + (" --strict" if ds["strict"] else ""))
 
 
 # ---------------------------------------------------------------- rerun keys

@@ -205,3 +205,47 @@ def test_study_check_flags_an_abmil_attack_above_clean_at_slide_level():
     assert len(out) == 1 and not bool(out["passed"].iloc[0])
     wb.loc[1, "acc"] = 40.0
     assert bool(study_checks(wb, pd.DataFrame(), 400, {}, n_slides=28)["passed"].iloc[0])
+
+
+class _ConvFeatures(torch.nn.Module):
+    """A small convolutional backbone in eval mode (batch norm on running statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                       torch.nn.Conv2d(8, 8, 3, stride=2), torch.nn.AdaptiveAvgPool2d(1),
+                                       torch.nn.Flatten()).eval()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return 20.0 * self.net(x)
+
+
+@pytest.mark.parametrize("backbone_cls", [_PixelFeatures, _ConvFeatures])
+@pytest.mark.parametrize("objective", ["abmil_ce", "feature"])
+def test_a_bag_through_the_backbone_in_chunks_is_attacked_as_a_whole(objective, backbone_cls):
+    """A bag larger than the chunk goes through the backbone a few patches at a time (dL/dfeatures
+    first, then each chunk): the same perturbation as the whole-bag attack."""
+    from hsat.evaluate.mil import craft_bags
+    from hsat.evaluate.sweep import AttackSpec
+
+    backbone = backbone_cls()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    x, sizes, ys = _image_bags(3, 2)  # 3 bags of 6 patches
+    head = _trained_head(backbone, x, sizes, ys)
+    for p in head.parameters():
+        p.requires_grad_(False)
+    clean = backbone.encode(x).detach()
+    calls = []
+    encode = backbone.encode
+    backbone.encode = lambda xa: (calls.append(len(xa)), encode(xa))[1]
+    for spec in (AttackSpec("bim", 4.0, 3, objective, 1.0), AttackSpec("pgd", 8.0, 3, objective, 2.0, 3)):
+        whole = craft_bags(backbone, head, x, sizes, ys, spec, clean, torch.Generator().manual_seed(0))
+        assert max(calls) == len(x)
+        calls.clear()
+        chunked = craft_bags(backbone, head, x, sizes, ys, spec, clean, torch.Generator().manual_seed(0), chunk=4)
+        assert max(calls) == 4  # never more than a chunk through the backbone
+        calls.clear()
+        assert not torch.equal(whole, x)
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 
@@ -126,9 +127,9 @@ CASES = {
     "invalid json": (_invalid_json, False),
     "patient in both splits": (_leakage, False),
     "split patient not in metadata": (_split_patient_unknown, False),
-    "patient without slides": (_patient_no_slides, False),
-    "slide without patches": (_slide_no_patches, False),
-    "listed patch missing": (_patch_missing, False),
+    "patient without slides": (_patient_no_slides, "strict"),
+    "slide without patches": (_slide_no_patches, "strict"),
+    "listed patch missing": (_patch_missing, "strict"),
     "unknown class": (_unknown_class, False),
     "corrupt tiff": (_corrupt_tiff, True),
     "truncated tiff": (_truncated_tiff, True),
@@ -144,7 +145,8 @@ def test_bad_input_clear_error_and_nothing_written(cohort, tmp_path, capsys, cas
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "manifest.csv"
-    rc = main(["prepare", "--root", str(cohort), "--out", str(out)] + (["--check-images"] if check else []))
+    extra = {True: ["--check-images"], False: [], "strict": ["--strict"]}[check]
+    rc = main(["prepare", "--root", str(cohort), "--out", str(out)] + extra)
     err = capsys.readouterr().err
     assert rc == 2
     for piece in expected:
@@ -177,3 +179,131 @@ def test_manifest_rows(cohort):
     assert df["slide"].nunique() == 14  # qualified by patient: "<patient>-<slide>"
     normal = [p for p, m in meta.items() if m["class"] == "normal"][0]
     assert (df[df["patient"] == normal]["path"].str.contains(f"studies/{normal}/")).all()
+
+
+# ---------------------------------------------------------------- OpenSRH as downloaded (the fake release)
+from hsat.data.fake_opensrh import write_fake_opensrh  # noqa: E402
+from hsat.data.manifest import read_manifest  # noqa: E402
+from hsat.data.opensrh import read_opensrh  # noqa: E402
+from hsat.data.srh import read_srh_raw  # noqa: E402
+
+
+def test_fake_opensrh_has_the_release_format(tmp_path):
+    fake = write_fake_opensrh(tmp_path / "opensrh", patients_per_class=1, slides=1, patches=1, val_per_class=0,
+                              excluded_patients=1)
+    meta = json.loads((fake.root / "meta" / "opensrh.json").read_text())
+    split = json.loads((fake.root / "meta" / "train_val_split.json").read_text())
+    assert set(split) == {"train", "val"} and sorted(split["train"]) == sorted(fake.patients)
+    assert {m["class"] for p, m in meta.items() if p in fake.patients} == {
+        "hgg", "lgg", "mening", "metast", "normal", "pituita", "schwan"}
+    excluded = [p for p in meta if p not in fake.patients]
+    assert len(excluded) == 1 and meta[excluded[0]]["class"] not in fake.patients.values()
+    for patient, info in meta.items():
+        assert set(info) == {"class", "slides"}
+        for slide, lists in info["slides"].items():
+            assert set(lists) == {"normal_patches", "tumor_patches", "nondiagnostic_patches"}
+            for rel in sum(lists.values(), []):
+                assert rel.startswith(f"studies/{patient}/{slide}/patches/{patient}-{slide}-") and rel.endswith(".tif")
+    tumour = next(p for p, c in fake.patients.items() if c == "hgg")
+    lists = meta[tumour]["slides"]["1"]
+    assert lists["normal_patches"] and lists["nondiagnostic_patches"]  # listed, never used
+    raw = read_srh_raw(fake.root / lists["tumor_patches"][0])
+    assert raw.shape == (2, 300, 300) and raw.dtype == np.uint16
+    df = build_manifest(fake.root, check_images=True)
+    assert len(df) == fake.usable_patches == 7 and set(df["patient"]) == set(fake.patients)
+
+
+def test_download_as_is_is_read_with_skips_counted_per_slide(tmp_path, caplog):
+    fake = write_fake_opensrh(tmp_path / "opensrh", size=16, patches=4, empty_slides=2, missing_patches=3)
+    out = tmp_path / "study" / "manifest.csv"
+    with caplog.at_level(logging.WARNING):
+        assert main(["prepare", "--root", str(fake.root), "--out", str(out), "--check-images"]) == 0
+    err = caplog.text
+    df = read_manifest(out)
+    assert len(df) == fake.usable_patches == 14 * 2 * 4 - 2 * 4 - 3
+    for patient, slide in fake.empty_slides:
+        assert f"{patient}-{slide}" not in set(df["slide"]) and f"{patient}-{slide} (class" in err
+    assert "2 slide(s) without patches" in err and "3 of 104 listed patch file(s) missing" in err
+    for rel in fake.missing_patches:
+        patient, slide = rel.split("/")[1:3]
+        assert f"{patient}-{slide}: 1 of 4" in err
+    report = pd.read_csv(out.parent / "prepare_report.csv")
+    assert list(report.columns) == ["patient", "slide", "label", "split", "listed", "missing", "used", "status"]
+    assert len(report) == 14 * 2 and report["used"].sum() == len(df) and report["missing"].sum() == 3
+    assert (report["status"] == "skipped: none listed").sum() == 2 and (report["status"] == "partial").sum() == 3
+    assert report.set_index("slide")["used"].to_dict() == df.groupby("slide").size().reindex(report["slide"], fill_value=0).to_dict()
+
+
+def test_missing_above_the_limit_or_strict_is_an_error_and_nothing_is_written(tmp_path, capsys):
+    fake = write_fake_opensrh(tmp_path / "opensrh", size=16, patches=2, empty_slides=1, missing_patches=3)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "manifest.csv"
+    # 3 of 54 listed patches missing (5.6 %): above the default limit of 5 %
+    assert main(["prepare", "--root", str(fake.root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "3 listed patch file(s) missing" in err and "dataset.max_missing_fraction" in err
+    assert list(out_dir.iterdir()) == []
+    assert main(["prepare", "--root", str(fake.root), "--out", str(out), "--max-missing-fraction", "0.1", "--strict"]) == 2
+    assert "--strict" in capsys.readouterr().err and list(out_dir.iterdir()) == []
+    assert main(["prepare", "--root", str(fake.root), "--out", str(out), "--max-missing-fraction", "0.1"]) == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == ["manifest.csv", "prepare_report.csv"]
+
+
+def test_a_patient_left_without_patches_is_skipped(tmp_path, caplog):
+    fake = write_fake_opensrh(tmp_path / "opensrh", size=16, patches=1, missing_patches=2)
+    meta_path = fake.root / "meta" / "opensrh.json"
+    meta = json.loads(meta_path.read_text())
+    lost = fake.split["train"][0]
+    meta[lost]["slides"] = {}
+    meta_path.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING):
+        df, report = read_opensrh(fake.root, max_missing_fraction=0.1)
+    assert lost not in set(df["patient"]) and lost not in set(report["patient"])
+    assert "1 patient(s) without any usable patch" in caplog.text and lost in caplog.text
+    assert len(df) == fake.usable_patches - 2
+
+
+def test_meta_files_can_be_named(tmp_path, capsys):
+    """HLSS ships pruned metadata under other names; the names are options (dataset.meta_json / split_json)."""
+    fake = write_fake_opensrh(tmp_path / "opensrh", size=16, patches=1)
+    meta = fake.root / "meta"
+    pruned = json.loads((meta / "opensrh.json").read_text())
+    dropped = fake.split["train"][0]
+    del pruned[dropped]
+    (meta / "updated2_opensrh.json").write_text(json.dumps(pruned))
+    split = dict(fake.split, train=fake.split["train"][1:])
+    (meta / "updated2_train_val_split.json").write_text(json.dumps(split))
+    out = tmp_path / "m.csv"
+    assert main(["prepare", "--root", str(fake.root), "--out", str(out), "--meta-json", "updated2_opensrh.json",
+                 "--split-json", "updated2_train_val_split.json"]) == 0
+    assert dropped not in set(read_manifest(out)["patient"]) and len(read_manifest(out)) == 14 * 2 - 2
+    assert main(["prepare", "--root", str(fake.root), "--out", str(out), "--meta-json", "pruned.json"]) == 2
+    assert "meta/pruned.json: metadata file not found" in capsys.readouterr().err
+    assert main(["prepare", "--folders", str(fake.root), "--out", str(out), "--meta-json", "x.json"]) == 2
+    assert "--meta-json applies to --root only" in capsys.readouterr().err
+
+
+def test_source_record_names_the_meta_files_and_their_hashes(tmp_path):
+    import hashlib
+
+    fake = write_fake_opensrh(tmp_path / "opensrh", size=16, patches=1)
+    out, record = tmp_path / "study" / "manifest.csv", tmp_path / "study" / "dataset"
+    assert main(["prepare", "--root", str(fake.root), "--out", str(out), "--record", str(record)]) == 0
+    source = json.loads((record / "source.json").read_text())
+    assert source["source"] == "opensrh" and source["root"] == str(fake.root.resolve())
+    assert source["meta_json"] == "opensrh.json" and source["split_json"] == "train_val_split.json"
+    meta = fake.root / "meta" / "opensrh.json"
+    assert source["sha256"]["opensrh.json"] == hashlib.sha256(meta.read_bytes()).hexdigest()
+
+
+def test_embedded_cohort_manifest_is_unchanged_by_the_report(cohort, tmp_path):
+    """The default study's cohort has nothing to skip: the same manifest as before, and a report of full slides."""
+    out = tmp_path / "manifest.csv"
+    assert main(["prepare", "--root", str(cohort), "--out", str(out)]) == 0
+    from hsat.data.manifest import write_manifest
+
+    write_manifest(build_manifest(cohort), tmp_path / "direct.csv")
+    assert out.read_bytes() == (tmp_path / "direct.csv").read_bytes()
+    report = pd.read_csv(tmp_path / "prepare_report.csv")
+    assert (report["status"] == "used").all() and report["used"].sum() == 7 * 2 * 2

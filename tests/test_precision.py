@@ -130,3 +130,66 @@ def test_strided_convolutions_on_one_pixel_make_bf16_unsafe_on_the_cpu():
     assert safe_precision("bf16", "auto", "cpu", model, (32,)) == ("bf16", [])
     assert safe_precision("fp32", "auto", "cpu", model, (16,)) == ("fp32", [])
     assert model.training  # the dry forward leaves the mode as it was
+
+
+def _fake_cuda(monkeypatch, native: bool):
+    """A CUDA device as torch would report it, on a CPU-only machine: bf16 native (compute
+    capability >= 8) or only emulated (torch's is_bf16_supported() says yes unless emulation is excluded)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+
+
+def test_auto_picks_bf16_on_a_gpu_only_where_it_is_native(monkeypatch):
+    _fake_cuda(monkeypatch, native=False)  # e.g. a V100 or T4: bf16 emulated, slower than fp32
+    assert not precision_mod.native_bf16("cuda") and effective_precision("auto", "cuda") == "fp32"
+    _fake_cuda(monkeypatch, native=True)  # A100, H100
+    assert precision_mod.native_bf16("cuda") and effective_precision("auto", "cuda") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not precision_mod.native_bf16("cuda")
+
+
+@pytest.fixture
+def tf32_on():
+    """TF32 allowed for matmuls and cuDNN (the flags are process-wide: put back after the test)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_exact_fp32_turns_tf32_off_and_restores_it(tf32_on):
+    """TF32 on: PyTorch's default for cuDNN convolutions; a user may enable it for matmuls too."""
+    from hsat.precision import exact_fp32
+
+    with exact_fp32():
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    with pytest.raises(RuntimeError, match="boom"), exact_fp32():
+        raise RuntimeError("boom")
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize("attack", ["pgd", "autoattack"])
+def test_crafting_gradient_passes_run_without_tf32(monkeypatch, tf32_on, attack):
+    """Every forward/backward pass of an attack sees TF32 off; the setting is back after it."""
+    from hsat.evaluate.sweep import craft_batch
+
+    model, probe, bank, val = hard_setup()
+    seen = []
+    encode = model.encode
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(model, "encode", spy)
+    x = torch.stack([val[i]["image"] for i in range(8)])
+    y = torch.tensor([int(val[i]["label"]) for i in range(8)])
+    spec = AttackSpec(attack, 8.0, 2, "linear_ce", 2.0, 0, version="apgd-ce+apgd-t") if attack == "autoattack" \
+        else AttackSpec(attack, 8.0, 2, "linear_ce", 2.0, 0)
+    with torch.no_grad():
+        f_clean = model.encode(x)
+    seen.clear()
+    craft_batch(model, probe, x, y, spec, f_clean)
+    assert seen and all(flags == (False, False) for flags in seen)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32

@@ -218,3 +218,45 @@ def test_report_code_is_not_part_of_training_or_evaluation():
     for entry in ("hsat.cli.data", "hsat.cli.train", "hsat.cli.evaluate"):
         report = [p.name for p in module_closure([entry]) if "report" in p.parts]
         assert not report, f"{entry} imports report modules {report}: editing a table would rerun that stage"
+
+
+def test_opensrh_root_data_stage_runs_and_dvc_outputs_exist(workdir):
+    """With dataset.root (a fake OpenSRH as downloaded: an empty slide, a missing patch, pruned meta
+    files under other names) the data stage writes every output the DVC `pretrain` stage declares
+    for it (the dataset folder holds the record of the root), and the rest of the DAG plans."""
+    from hsat.data.fake_opensrh import write_fake_opensrh
+
+    fake = write_fake_opensrh(workdir / "opensrh", size=32, patches=3, empty_slides=1, missing_patches=1)
+    for name in ("opensrh.json", "train_val_split.json"):
+        (fake.root / "meta" / name).rename(fake.root / "meta" / f"updated2_{name}")
+    cfg = yaml.safe_load((workdir / "config/tiny.yaml").read_text())
+    cfg["dataset"] = {"root": "opensrh", "meta_json": "updated2_opensrh.json", "split_json": "updated2_train_val_split.json"}
+    (workdir / "config/root.yaml").write_text(yaml.safe_dump(cfg))
+    res = workdir / "results" / "tiny"
+    proc = snakemake("--cores", "1", "results/tiny/manifest.csv", "--configfile", "config/root.yaml", cwd=workdir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(pd.read_csv(res / "manifest.csv")) == fake.usable_patches
+    report = pd.read_csv(res / "prepare_report.csv")
+    assert (report["status"] == "skipped: none listed").sum() == 1 and report["missing"].sum() == 1
+    assert "updated2_opensrh.json" in (res / "dataset" / "source.json").read_text()
+
+    stages = yaml.safe_load((workdir / "dvc.yaml").read_text())["stages"]
+    data_outs = [next(iter(o)) if isinstance(o, dict) else o for o in stages["pretrain"]["outs"]]
+    data_outs = [o.replace("${study.results_dir}", "results/tiny") for o in data_outs]
+    for out in data_outs:
+        if not out.endswith(("/runs", "/training")):
+            assert (workdir / out).exists(), f"dvc.yaml declares {out}, which the data stage did not write"
+
+    proc = snakemake("-n", "all", "--configfile", "config/root.yaml", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = planned_jobs(proc)
+    assert "synth" not in jobs and "prepare" not in jobs and jobs["pretrain"] == len(cfg["models"])
+
+    params = workdir / "params.yaml"
+    p = yaml.safe_load(params.read_text())
+    p["study"].update(configfile="config/root.yaml", results_dir="results/tiny")
+    params.write_text(yaml.safe_dump(p))
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    assert subprocess.run(dvc + ["init", "--no-scm", "-q"], cwd=workdir, env=_env(workdir)).returncode == 0
+    proc = subprocess.run(dvc + ["repro", "--dry", "pretrain"], cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "config/root.yaml" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

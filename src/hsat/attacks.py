@@ -13,6 +13,9 @@ runs in: "eval" uses batch-norm running statistics and leaves them untouched (th
 for evaluation and our training default); "train" uses batch statistics like the training
 forward does, but then every attack step also updates BN running statistics.
 
+`start` (optional) is the random start's uniform draw in [0, 1) of x's shape, made by the caller
+instead of from `generator`: a batch crafted in pieces then starts where the whole batch would.
+
 Shapes are free ((N, C, H, W) or the hierarchical (P, S, K, V, C, H, W)): all operations are
 elementwise, except MI-FGSM's normalisation, which is per image over the last three dims.
 """
@@ -90,13 +93,14 @@ def _iterate(
     random_start: bool,
     generator: torch.Generator | None,
     decay: float | None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     _check(eps, alpha, steps)
     x = x.detach()
     if eps == 0 or steps == 0:
         return x.clone()
     if random_start:
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = start if start is not None else torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_adv = (x + (2 * noise - 1) * eps).clamp(0, 1)
     else:
         x_adv = x.clone()
@@ -130,11 +134,12 @@ def pgd(
     steps: int,
     random_start: bool = True,
     generator: torch.Generator | None = None,
+    start: torch.Tensor | None = None,
     **kw: Any,
 ) -> torch.Tensor:
     """Projected gradient ascent (Madry et al. 2018): uniform start in the ball, signed steps, projection."""
     _no_extra("pgd", kw)
-    return _iterate(x, objective, eps, alpha, steps, random_start, generator, decay=None)
+    return _iterate(x, objective, eps, alpha, steps, random_start, generator, decay=None, start=start)
 
 
 def bim(
@@ -145,11 +150,12 @@ def bim(
     steps: int,
     random_start: bool = False,
     generator: torch.Generator | None = None,
+    start: torch.Tensor | None = None,
     **kw: Any,
 ) -> torch.Tensor:
     """Basic iterative method (Kurakin et al. 2017): PGD from the clean image (no random start)."""
     _no_extra("bim", kw)
-    return _iterate(x, objective, eps, alpha, steps, random_start, generator, decay=None)
+    return _iterate(x, objective, eps, alpha, steps, random_start, generator, decay=None, start=start)
 
 
 def mifgsm(
@@ -161,6 +167,7 @@ def mifgsm(
     random_start: bool = False,
     generator: torch.Generator | None = None,
     decay: float = 1.0,
+    start: torch.Tensor | None = None,
     **kw: Any,
 ) -> torch.Tensor:
     """Momentum iterative FGSM (Dong et al. 2018): g <- decay*g + grad / mean|grad| per image; step sign(g).
@@ -168,7 +175,7 @@ def mifgsm(
     No random start by default, as in the original method and torchattacks.
     """
     _no_extra("mifgsm", kw)
-    return _iterate(x, objective, eps, alpha, steps, random_start, generator, decay=float(decay))
+    return _iterate(x, objective, eps, alpha, steps, random_start, generator, decay=float(decay), start=start)
 
 
 ATTACKS: dict[str, Callable[..., torch.Tensor]] = {"pgd": pgd, "bim": bim, "mifgsm": mifgsm}

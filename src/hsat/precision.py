@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -22,10 +22,13 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
 
 
 def native_bf16(device: torch.device | str) -> bool:
-    """Whether `device` runs bf16 convolutions and matmuls natively (not emulated)."""
+    """Whether `device` runs bf16 convolutions and matmuls natively (not emulated).
+
+    On a GPU, `torch.cuda.is_bf16_supported()` also says yes where bf16 is only emulated (before
+    Ampere, compute capability < 8.0: slower than fp32), so emulation is excluded."""
     device = torch.device(device)
     if device.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
     if device.type == "cpu":
         try:
             return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -41,6 +44,23 @@ def effective_precision(precision: str, device: torch.device | str) -> str:
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return precision
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """fp32 matmuls and convolutions really in fp32 inside the block: TF32 off for cuBLAS and cuDNN
+    (PyTorch lets cuDNN convolutions use TF32 by default, 10 mantissa bits on Ampere and later),
+    the previous flags restored after. For crafting attacks, whose gradient signs near zero
+    TF32 can flip, so that "fp32 crafting" means the same on a GPU as on a CPU. No effect on
+    a CPU, nor on ops autocast runs in bf16."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def autocast_factory(precision: str, device: torch.device | str) -> Callable[[], Any]:

@@ -39,13 +39,18 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from hsat.data.manifest import VAL_FRACTION, format_split_report, prepare_manifest, summary
+    from hsat.data.manifest import VAL_FRACTION, format_split_report, prepare_manifest, report_path, summary
 
     if args.folders is None and (args.val_fraction is not None or args.seed is not None):
         raise HSATError(
             "--val-fraction and --seed apply to --folders only (--root takes its split from "
             "meta/train_val_split.json, --manifest from its split column)"
         )
+    given = {"meta_json": args.meta_json, "split_json": args.split_json,
+             "max_missing_fraction": args.max_missing_fraction, "strict": args.strict or None}
+    opensrh = {k: v for k, v in given.items() if v is not None}
+    if opensrh and args.root is None:
+        raise HSATError(f"--{next(iter(opensrh)).replace('_', '-')} applies to --root only (an OpenSRH dataset root)")
     df = prepare_manifest(
         args.out,
         root=args.root,
@@ -54,8 +59,12 @@ def _prepare(args: argparse.Namespace) -> int:
         check=args.check_images,
         val_fraction=VAL_FRACTION if args.val_fraction is None else args.val_fraction,
         seed=0 if args.seed is None else args.seed,
+        opensrh=opensrh,
+        report=args.report,
+        record=args.record,
     )
-    print(f"hsat prepare: {summary(df)} -> {args.out}")
+    report = args.report or report_path(args.out)
+    print(f"hsat prepare: {summary(df)} -> {args.out} (per-slide report: {report})")
     print(format_split_report(df))
     return 0
 
@@ -146,6 +155,21 @@ def add_parsers(subparsers) -> None:
         "stays in train (its validation accuracy cannot be measured)",
     )
     p.add_argument("--seed", type=int, default=None, help="--folders only: seed of the patient split (default 0)")
+    p.add_argument("--meta-json", default=None, metavar="NAME",
+                   help="--root only: the metadata file in ROOT/meta/ (default opensrh.json; e.g. a pruned copy)")
+    p.add_argument("--split-json", default=None, metavar="NAME",
+                   help="--root only: the split file in ROOT/meta/ (default train_val_split.json)")
+    p.add_argument("--max-missing-fraction", type=float, default=None, metavar="F",
+                   help="--root only: slides without patches of their class and patches listed but missing on disk "
+                   "are skipped with a warning (counted per slide in the report); more than this fraction of the "
+                   "listed patches missing is an error (default 0.05)")
+    p.add_argument("--strict", action="store_true",
+                   help="--root only: any slide without patches, patient without slides or missing patch is an error")
+    p.add_argument("--report", type=Path, default=None,
+                   help="the per-slide report CSV (patches listed, missing, used; default prepare_report.csv beside --out)")
+    p.add_argument("--record", type=Path, default=None, metavar="DIR",
+                   help="also write DIR/source.json: the source's path and the sha256 of its meta files or manifest "
+                   "(the workflow's dataset folder when the data is not the synthesised cohort)")
     check = p.add_mutually_exclusive_group()
     check.add_argument(
         "--check-images",

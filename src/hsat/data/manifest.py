@@ -11,11 +11,12 @@ the patients and patches of each class per split (`split_report`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from hsat import CLASSES
 from hsat.data.srh import read_image, read_srh_raw
 from hsat.errors import HSATError
-from hsat.io import write_csv
+from hsat.io import write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ COLUMNS: tuple[str, ...] = ("patient", "slide", "path", "label", "split")
 SPLITS: tuple[str, ...] = ("train", "val")
 VAL_FRACTION = 0.33
 """Default fraction of each class's patients held out for val where `hsat` makes the split."""
+PREPARE_REPORT = "prepare_report.csv"
+REPORT_COLUMNS: tuple[str, ...] = ("patient", "slide", "label", "split", "listed", "missing", "used", "status")
+"""The prepare report: one row per slide, patches listed (for an OpenSRH root: of the patient's
+class), missing on disk, used; `status` is used | partial | skipped: none listed | skipped: all missing."""
 _MAX_LISTED = 5  # offending items quoted in one message
 PROGRESS_MIN_IMAGES = 500
 """`check_images` shows a progress bar (on a terminal) from this many images on."""
@@ -259,19 +264,29 @@ def prepare_manifest(
     check: bool = True,
     val_fraction: float = VAL_FRACTION,
     seed: int = 0,
+    opensrh: Mapping[str, Any] | None = None,
+    report: str | os.PathLike | None = None,
+    record: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """`hsat prepare`: build (from an OpenSRH root or a folder tree) or re-validate (a user manifest), then write `out`.
 
     With `check` (the default) every image is read once. `val_fraction` and `seed` make the
-    split of a folder tree; the other sources carry their split. Classes missing from a split
-    are logged as warnings. Nothing is written unless every check passes.
+    split of a folder tree; the other sources carry their split. `opensrh` holds the options of
+    `hsat.data.opensrh.read_opensrh` (meta file names, the missing-patch limit, strict). Classes
+    missing from a split are logged as warnings. Beside the manifest goes the per-slide report
+    (`report`, default `prepare_report.csv` in the manifest's folder: what was used and what
+    skipped); with `record`, a folder holding `source.json` (`write_source_record`). Nothing is
+    written unless every check passes; the manifest is written last.
     """
     if sum(x is not None for x in (root, manifest, folders)) != 1:
         raise HSATError("give exactly one of a dataset root, a manifest or a folder tree")
+    if opensrh and root is None:
+        raise HSATError("the OpenSRH options (meta file names, missing-patch limit, strict) apply to a dataset root only")
+    table = None
     if root is not None:
-        from hsat.data.opensrh import build_manifest  # local: opensrh imports this module
+        from hsat.data.opensrh import read_opensrh  # local: opensrh imports this module
 
-        df = build_manifest(root, check_images=check)
+        df, table = read_opensrh(root, check_images=check, **(opensrh or {}))
     elif manifest is not None:
         df = read_manifest(manifest, check_files=True)
         if check:
@@ -284,5 +299,60 @@ def prepare_manifest(
             check_images(df, str(folders))
     for warning in split_warnings(df):
         log.warning("%s", warning)
+    write_csv(report_path(out) if report is None else report, slide_report(df) if table is None else table)
+    if record is not None:
+        write_source_record(record, root=root, manifest=manifest, folders=folders, opensrh=opensrh)
     write_manifest(df, out)
     return df
+
+
+def report_path(out: str | os.PathLike) -> Path:
+    """Where `hsat prepare` writes its report by default: beside the manifest."""
+    return Path(out).with_name(PREPARE_REPORT)
+
+
+def slide_report(df: pd.DataFrame) -> pd.DataFrame:
+    """The prepare report of a manifest source (nothing listed goes missing there): patches per slide."""
+    per = df.groupby(["patient", "slide", "label", "split"], sort=False).size().reset_index(name="listed")
+    per["missing"] = 0
+    per["used"] = per["listed"]
+    per["status"] = "used"
+    return per[list(REPORT_COLUMNS)]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_source_record(
+    folder: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    manifest: str | os.PathLike | None = None,
+    folders: str | os.PathLike | None = None,
+    opensrh: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `folder/source.json`: where the study's patches come from when they are not the
+    synthesised cohort (an OpenSRH root or a user manifest): the path, and the sha256 of the
+    files that define the study (the meta files, or the manifest). The workflow's dataset folder
+    then exists for every source, so DVC versions which download a study read."""
+    record: dict[str, Any]
+    if root is not None:
+        from hsat.data.opensrh import META_JSON, SPLIT_JSON, meta_paths  # local: opensrh imports this module
+
+        names = {"meta_json": META_JSON, "split_json": SPLIT_JSON, **{k: v for k, v in (opensrh or {}).items()
+                                                                      if k in ("meta_json", "split_json")}}
+        files = meta_paths(root, names["meta_json"], names["split_json"])
+        record = {"source": "opensrh", "root": str(Path(root).resolve()), **names,
+                  "sha256": {f.name: _sha256(f) for f in files}}
+    elif manifest is not None:
+        record = {"source": "manifest", "manifest": str(Path(manifest).resolve()),
+                  "sha256": {Path(manifest).name: _sha256(Path(manifest))}}
+    else:
+        record = {"source": "folders", "folders": str(Path(folders).resolve())}
+    path = Path(folder) / "source.json"
+    write_json(path, record)
+    return path

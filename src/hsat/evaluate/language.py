@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hsat.attacks import frozen, pgd
+from hsat.precision import exact_fp32
 from hsat.errors import HSATError
 
 LANGUAGE_COLUMNS = ["model", "method", "group", "seed", "condition", "eps", "true_class", "marker_class", "marker",
@@ -83,8 +84,9 @@ def language_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, markers: t
                 logits = class_scores(represent(x_adv), markers, mclass, n_classes) / temp
                 return F.cross_entropy(logits, yb, reduction="sum")
 
-            x_adv = pgd(xb, objective, eps=eps / 255, alpha=float(cfg["alpha"]) / 255, steps=int(cfg["steps"]),
-                        random_start=True, generator=generator)
+            with exact_fp32():  # TF32 off on a GPU (hsat.precision)
+                x_adv = pgd(xb, objective, eps=eps / 255, alpha=float(cfg["alpha"]) / 255, steps=int(cfg["steps"]),
+                            random_start=True, generator=generator)
             with torch.no_grad():
                 adv_parts.append(represent(x_adv))
     conditions.append(("pgd", eps, torch.cat(adv_parts)))

@@ -17,6 +17,7 @@ with the per-slide worst case over every attack at each eps.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,10 +32,13 @@ from torch import nn
 from hsat import attacks
 from hsat.errors import HSATError
 from hsat.evaluate.metrics import aggregate, classification_metrics
-from hsat.evaluate.sweep import WHITEBOX_COLUMNS, AttackSpec, attack_name, eval_frozen, sweep_alpha
+from hsat.evaluate.sweep import WHITEBOX_COLUMNS, AttackSpec, attack_name, eval_frozen, start_draw, sweep_alpha
 from hsat.evaluate.worst_case import WORST_CASE, WORST_CASE_OBJECTIVE, mean_class_accuracy, worst_case_correct
 from hsat.io import atomic_path
-from hsat.precision import autocast_factory
+from hsat.oom import free_cached_memory, is_out_of_memory
+from hsat.precision import autocast_factory, exact_fp32
+
+log = logging.getLogger(__name__)
 
 MIL_OBJECTIVES: tuple[str, ...] = ("abmil_ce", "feature")
 """Objectives of the attack on a bag: the MIL head's cross-entropy, or backbone-feature distance."""
@@ -185,33 +189,83 @@ def _bag_probs(mil: GatedAttentionMIL, features: torch.Tensor, sizes: Sequence[i
     return torch.stack([torch.softmax(mil(f.float())[0], -1) for f in torch.split(features, list(sizes))])
 
 
+def encode_chunked(model: nn.Module, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """`model.encode(x)` in pieces of at most `chunk` patches (None: at once), concatenated."""
+    if chunk is None or len(x) <= chunk:
+        return model.encode(x)
+    return torch.cat([model.encode(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+
+
+class _ChunkedBagLoss(torch.autograd.Function):
+    """`head_loss(encode(x))` whose input gradient runs the backbone chunk by chunk, so a bag of
+    any size needs the activations of one chunk only: the forward encodes every chunk without a
+    graph; the backward takes dL/dfeatures of the whole bag first (the cheap head), then each
+    chunk's vector-Jacobian product through a re-run of the backbone on that chunk. By the chain
+    rule this is the gradient of the whole-bag graph."""
+
+    @staticmethod
+    def forward(ctx, x, encode, head_loss, chunk, autocast):
+        with torch.no_grad(), autocast():
+            feats = torch.cat([encode(x[i:i + chunk]).float() for i in range(0, len(x), chunk)])
+            loss = head_loss(feats).float()
+        ctx.save_for_backward(x, feats)
+        ctx.encode, ctx.head_loss, ctx.chunk, ctx.autocast = encode, head_loss, chunk, autocast
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, feats = ctx.saved_tensors
+        with torch.enable_grad():
+            f = feats.detach().requires_grad_(True)
+            with ctx.autocast():
+                loss = ctx.head_loss(f).float()
+            (grad_f,) = torch.autograd.grad(loss, f)
+            parts = []
+            for i in range(0, len(x), ctx.chunk):
+                xc = x[i:i + ctx.chunk].detach().requires_grad_(True)
+                with ctx.autocast():
+                    fc = ctx.encode(xc).float()
+                parts.append(torch.autograd.grad(fc, xc, grad_outputs=grad_f[i:i + ctx.chunk])[0])
+        return grad_out * torch.cat(parts), None, None, None, None
+
+
 def craft_bags(model: nn.Module, mil: GatedAttentionMIL, x: torch.Tensor, sizes: Sequence[int],
                bag_labels: torch.Tensor, spec: Any, clean_features: torch.Tensor,
-               generator: torch.Generator | None = None, autocast: Any = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, autocast: Any = None,
+               chunk: int | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
     """Adversarial patches of the bags in `x` (concatenated, `sizes` patches each) under `spec`
     (`hsat.evaluate.sweep.AttackSpec`, objective in `MIL_OBJECTIVES`). The objective is summed
-    over bags, so a bag's perturbation does not depend on which bags share its chunk."""
+    over bags, so a bag's perturbation does not depend on which bags share its chunk. With
+    `chunk`, a bag larger than `chunk` patches goes through the backbone `chunk` patches at a time
+    (`_ChunkedBagLoss`): memory bounded by the setting, not by the slide, the same perturbation."""
     autocast = autocast or contextlib.nullcontext
     if spec.objective == "abmil_ce":
-        def objective(xa: torch.Tensor) -> torch.Tensor:
-            feats = torch.split(model.encode(xa).float(), list(sizes))
+        def head_loss(features: torch.Tensor) -> torch.Tensor:
+            feats = torch.split(features, list(sizes))
             return sum(F.cross_entropy(mil(f)[0][None], y[None], reduction="sum") for f, y in zip(feats, bag_labels))
     elif spec.objective == "feature":
         ref = F.normalize(clean_features.detach().float(), dim=1)
 
-        def objective(xa: torch.Tensor) -> torch.Tensor:
-            return (1.0 - (F.normalize(model.encode(xa).float(), dim=1) * ref).sum(1)).sum()
+        def head_loss(features: torch.Tensor) -> torch.Tensor:
+            return (1.0 - (F.normalize(features, dim=1) * ref).sum(1)).sum()
     else:
         raise HSATError(f"MIL attack objective {spec.objective!r}: expected one of {', '.join(MIL_OBJECTIVES)}")
 
-    def obj(xa: torch.Tensor) -> torch.Tensor:
-        with autocast():
-            return objective(xa).float()
+    if chunk is not None and len(x) > chunk:
+        def obj(xa: torch.Tensor) -> torch.Tensor:
+            return _ChunkedBagLoss.apply(xa, model.encode, head_loss, int(chunk), autocast)
+    else:
+        def obj(xa: torch.Tensor) -> torch.Tensor:
+            with autocast():
+                return head_loss(model.encode(xa).float()).float()
 
     fn = attacks.ATTACKS[spec.attack.removesuffix("_r")]
     kw = {"decay": 1.0} if spec.attack.startswith("mifgsm") else {}
-    return fn(x, obj, spec.eps / 255.0, spec.alpha / 255.0, spec.steps, random_start=spec.random_start,
-              generator=generator, **kw).detach()
+    if start is not None:  # the random start drawn by the caller (hsat.evaluate.sweep.start_draw)
+        kw["start"] = start
+    with exact_fp32():  # TF32 off on a GPU: fp32 crafting in fp32 (hsat.precision)
+        return fn(x, obj, spec.eps / 255.0, spec.alpha / 255.0, spec.steps, random_start=spec.random_start,
+                  generator=generator, **kw).detach()
 
 
 def mil_specs(cfg_eval: Mapping[str, Any], seed: int = 0) -> list[Any]:
@@ -250,21 +304,35 @@ def mil_whitebox_rows(model: nn.Module, mil: GatedAttentionMIL, val_dataset: Any
     label_of = dict(zip(slides, np.asarray(val_dataset.labels).tolist()))
     clean, adv = [], [[] for _ in specs]
     order: list[str] = []
+    # Whole slides per chunk; a slide above batch_size patches goes through the backbone
+    # batch_size patches at a time, so memory follows the setting, not the slide.
+    chunk = int(cfg_eval["batch_size"])
     with eval_frozen(model, mil):
-        for chunk in bag_chunks(slides, int(cfg_eval["batch_size"])):
-            idx = np.concatenate(chunk)
+        for bags in bag_chunks(slides, chunk):
+            idx = np.concatenate(bags)
             x = torch.stack([val_dataset[int(i)]["image"] for i in idx]).to(device)
-            sizes = [len(c) for c in chunk]
-            names = [slides[int(c[0])] for c in chunk]
+            sizes = [len(c) for c in bags]
+            names = [slides[int(c[0])] for c in bags]
             order += names
             y = torch.tensor([label_of[n] for n in names], device=device)
             with torch.no_grad():
-                f_clean = model.encode(x).float()
+                f_clean = encode_chunked(model, x, chunk).float()
                 clean.append(_bag_probs(mil, f_clean, sizes).cpu())
             for i, spec in enumerate(specs):
-                x_adv = craft_bags(model, mil, x, sizes, y, spec, f_clean, gens[i], autocast)
+                u = start_draw(spec, x, gens[i])
+                while True:  # out of GPU memory: the backbone chunk halves (kept for later slides)
+                    try:
+                        x_adv = craft_bags(model, mil, x, sizes, y, spec, f_clean, gens[i], autocast, chunk=chunk,
+                                           start=u)
+                        break
+                    except Exception as exc:
+                        if not is_out_of_memory(exc) or chunk == 1:
+                            raise
+                    chunk = max(1, min(chunk, len(x)) // 2)
+                    log.warning("MIL bag attack: out of memory; the backbone now takes %d patches at a time", chunk)
+                    free_cached_memory()
                 with torch.no_grad():
-                    adv[i].append(_bag_probs(mil, model.encode(x_adv).float(), sizes).cpu())
+                    adv[i].append(_bag_probs(mil, encode_chunked(model, x_adv, chunk).float(), sizes).cpu())
     if not order:
         raise HSATError("MIL: no validation slides to attack")
     labels = np.array([label_of[n] for n in order])

@@ -41,7 +41,8 @@ from hsat.evaluate.classifiers import LinearProbe, SoftKNN, classify
 from hsat.evaluate.embeddings import dataset_labels, loader
 from hsat.evaluate.metrics import level_metrics, stratified_subset
 from hsat.evaluate.worst_case import worst_case_rows
-from hsat.precision import autocast_factory
+from hsat.oom import HalvingBatches
+from hsat.precision import autocast_factory, exact_fp32
 
 WHITEBOX_COLUMNS: tuple[str, ...] = (
     "model", "method", "group", "seed", "attack", "eps", "steps", "objective",
@@ -188,33 +189,50 @@ def craft_batch(
     generator: torch.Generator | None = None,
     soft_knn: SoftKNN | None = None,
     autocast: Callable[[], Any] = contextlib.nullcontext,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Adversarial (or noisy) version of the batch `x` under `spec`; the model must be frozen.
+    `start`: the uniform draw of the random start (or of the noise), made by the caller
+    (`start_draw`); None draws it from `generator`.
 
     `autocast` wraps the objective's forward passes (the iterative attacks; AutoAttack runs as
-    torchattacks calls it, in fp32)."""
+    torchattacks calls it, in fp32). What runs in fp32 runs in full fp32 on a GPU too (TF32 off:
+    `hsat.precision.exact_fp32`)."""
     eps, alpha = spec.eps / 255.0, spec.alpha / 255.0
     if spec.attack == "noise":
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
-        return (x + eps * noise).clamp(0, 1)
+        u = start if start is not None else torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return (x + eps * (u * 2 - 1)).clamp(0, 1)
     if spec.attack == "autoattack":
         if probe is None:
             raise HSATError("autoattack needs a linear probe")
         aa = autoattack(model, probe, eps, spec.version or "standard", spec.steps, spec.seed)
-        return aa(x, y).detach()
+        with exact_fp32():
+            return aa(x, y).detach()
     base = spec.attack.removesuffix("_r")
     fn = attacks.ATTACKS.get(base)
     if fn is None:
         raise HSATError(f"unknown attack {spec.attack!r} (pgd, bim, bim_r, mifgsm, mifgsm_r, autoattack)")
     kw = {"decay": 1.0} if base == "mifgsm" else {}
+    if start is not None:
+        kw["start"] = start
     objective = make_objective(spec.objective, model, probe, clean_features, y, soft_knn)
 
     def obj(xa: torch.Tensor) -> torch.Tensor:
         with autocast():
             return objective(xa).float()
 
-    x_adv = fn(x, obj, eps, alpha, spec.steps, random_start=spec.random_start, generator=generator, **kw)
+    with exact_fp32():
+        x_adv = fn(x, obj, eps, alpha, spec.steps, random_start=spec.random_start, generator=generator, **kw)
     return x_adv.detach()
+
+
+def start_draw(spec: AttackSpec, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
+    """The uniform draw `craft_batch` would make from `generator` for the whole batch `x` (the
+    noise, or an iterative attack's random start), or None where it makes none: drawn once, it
+    can be sliced when the batch is crafted in pieces (`hsat.oom.HalvingBatches`)."""
+    if spec.attack == "noise" or (spec.attack != "autoattack" and spec.random_start and spec.eps != 0 and spec.steps != 0):
+        return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return None
 
 
 @contextlib.contextmanager
@@ -295,6 +313,10 @@ def run_attacks(
         g = torch.Generator(device=device)
         g.manual_seed(spec.generator_seed)
         gens.append(g)
+    # A crafting batch that runs out of GPU memory is crafted in halves, and so are later ones:
+    # rows are independent and each random start is drawn for the whole batch, so the examples
+    # are the same at any piece size (AutoAttack's own seeded draws excepted).
+    halving = HalvingBatches(desc)
     clean: dict[str, list] = {c: [] for c in classifiers}
     adv: list[dict[str, list]] = [{c: [] for c in classifiers} for _ in specs]
     labels, patients, slides, paths, positions = [], [], [], [], []
@@ -316,7 +338,9 @@ def run_attacks(
             for c, s in classify(f_clean, probe, bank, classifiers, num_classes, knn, head).items():
                 clean[c].append(s)
             for i, spec in enumerate(specs):
-                x_adv = craft_batch(model, probe, x, y, spec, f_clean, gens[i], soft_knn, autocast)
+                u = start_draw(spec, x, gens[i])
+                x_adv = halving(lambda sl: craft_batch(model, probe, x[sl], y[sl], spec, f_clean[sl], gens[i], soft_knn,
+                                                       autocast, None if u is None else u[sl]), n)
                 _check_still_eval(spec, model, probe, soft_knn)
                 if keep is not None:
                     keep(i, x_adv)
