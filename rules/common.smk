@@ -148,7 +148,7 @@ def run_settings(wildcards):
 
 def eval_settings(stage, wildcards=None):
     """The `evaluation` keys a stage reads (and the model's table group, which goes into the CSV)."""
-    extras = {"mil", "attention", "language"}  # their own stages: changing them reruns nothing else
+    extras = {"mil", "attention", "language", "shift"}  # their own stages: changing them reruns nothing else
     drop = {
         "embed": {"whitebox", "transfer", "sanity"} | extras,
         "evaluate": {"transfer", "sanity"} | extras,

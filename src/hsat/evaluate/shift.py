@@ -33,11 +33,11 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from hsat.config import resolve_evaluation
-from hsat.data.srh import SRH_SUBTRACTED_BASE
 from hsat.errors import HSATError
 from hsat.evaluate.classifiers import classify
 from hsat.evaluate.embeddings import loader
-from hsat.evaluate.metrics import LEVELS_EVAL, binomial_se, level_metrics
+from hsat.evaluate.metrics import LEVELS_EVAL, binomial_se
+from hsat.evaluate.sweep import metric_rows
 from hsat.evaluate.worst_case import WORST_CASE, WORST_CASE_OBJECTIVE, mean_class_accuracy, worst_case_correct
 
 SHIFT_COLUMNS: tuple[str, ...] = (
@@ -385,15 +385,6 @@ def run_shifts(
     )
 
 
-def _metric_rows(fields: Mapping[str, Any], scores_by_clf: Mapping[str, np.ndarray], res: ShiftResults,
-                 num_classes: int) -> list[dict[str, Any]]:
-    rows = []
-    for clf, scores in scores_by_clf.items():
-        for level, m in level_metrics(scores, res.labels, res.patients, res.slides, num_classes).items():
-            rows.append({**fields, "classifier": clf, "level": level, **{k: m[k] for k in ("acc", "mca", "top2", "top3", "map")}})
-    return rows
-
-
 def shift_worst_case_rows(res: ShiftResults, steps: int) -> list[dict[str, Any]]:
     """Per severity s: correct on the clean patch and under every family at every severity up to
     s (per patch; per slide/patient, each patch may take its own worst shift)."""
@@ -444,11 +435,11 @@ def shift_sweep(
                      device=device, progress=progress)
     base = {"model": model_name, "method": method, "group": group, "seed": seed}
     n = probe.num_classes
-    rows = _metric_rows({**base, "attack": "none", "severity": 0, "steps": 0, "objective": "none"}, res.clean, res, n)
+    rows = metric_rows(base, {"attack": "none", "severity": 0, "steps": 0, "objective": "none"}, res.clean, res, n)
     for (family, severity), scores in res.shifted.items():
         adv = family == ADVERSARIAL_STAIN
-        rows += _metric_rows({**base, "attack": family, "severity": severity, "steps": steps if adv else 0,
-                              "objective": ADVERSARIAL_OBJECTIVE if adv else "none"}, scores, res, n)
+        rows += metric_rows(base, {"attack": family, "severity": severity, "steps": steps if adv else 0,
+                                   "objective": ADVERSARIAL_OBJECTIVE if adv else "none"}, scores, res, n)
     rows += [{**base, **r} for r in shift_worst_case_rows(res, steps if ADVERSARIAL_STAIN in families else 0)]
     return pd.DataFrame(rows, columns=list(SHIFT_COLUMNS))
 
