@@ -34,7 +34,7 @@ include: "rules/shift.smk"
 rule all:
     input:
         report_outputs(),
-        shift_outputs(),
+        SHIFT_OUTPUTS,
         expand(f"{RESULTS}/runs/{{model}}/model.safetensors", model=MODELS),
     default_target: True
     localrule: True
@@ -57,7 +57,7 @@ rule evaluate_all:
     """DVC stage `evaluate`: embeddings, white-box sweeps, sanity checks and the transfer matrix."""
     input:
         sweep_outputs(),
-        shift_outputs(),
+        SHIFT_OUTPUTS,
     localrule: True
 
 

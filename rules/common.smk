@@ -158,6 +158,7 @@ def eval_settings(stage, wildcards=None):
         "evaluate+mil": {"transfer", "sanity"} | extras - {"mil"},
         "attention": {"whitebox", "transfer", "sanity"} | extras - {"attention"},
         "language": {"whitebox", "transfer", "sanity"} | extras - {"language"},
+        "shift": {"transfer"} | extras - {"shift"},  # whitebox.classifiers and sanity.z too
     }[stage]
     model = wildcards.model if wildcards is not None and "model" in wildcards.keys() else None
     out = _model_lists({k: v for k, v in EVAL.items() if k not in drop}, model)

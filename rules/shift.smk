@@ -5,20 +5,8 @@
 SHIFT_MODELS = _subset(EVAL["shift"]["models"]) if EVAL["shift"]["enabled"] else []
 
 
-def shift_settings(wildcards):
-    """The `evaluation` keys `hsat shift` reads (and the model's group): changing the other
-    stages' settings, or these, reruns only what reads them."""
-    keys = ("batch_size", "image_size", "max_val_patches", "attack_precision", "knn", "linear", "shift")
-    used = _model_lists({k: EVAL[k] for k in keys}, wildcards.model)
-    used["classifiers"] = EVAL["whitebox"]["classifiers"]
-    used["z"] = EVAL["sanity"]["z"]
-    used["group"] = config["models"][wildcards.model].get("group")
-    return canonical(used)
-
-
-def shift_outputs():
-    """The study's shift files, when evaluation.shift.enabled."""
-    return [f"{RESULTS}/shift.csv", f"{RESULTS}/shift_sanity.csv"] if SHIFT_MODELS else []
+# The study's shift files (rule all, evaluate_all), when evaluation.shift.enabled.
+SHIFT_OUTPUTS = [f"{RESULTS}/shift.csv", f"{RESULTS}/shift_sanity.csv"] if SHIFT_MODELS else []
 
 
 rule shift:
@@ -34,7 +22,7 @@ rule shift:
         run_dir=lambda wildcards: run_dir(wildcards.model),
         emb_dir=lambda wildcards, input: str(Path(input.features).parent),
         study=STUDY,
-        settings=shift_settings,
+        settings=lambda wildcards: eval_settings("shift", wildcards),
         code=CODE_VERSION["evaluate"],
     threads: 1
     resources:
