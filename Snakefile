@@ -28,11 +28,13 @@ include: "rules/pretrain.smk"
 include: "rules/evaluate.smk"
 include: "rules/transfer.smk"
 include: "rules/report.smk"
+include: "rules/shift.smk"
 
 
 rule all:
     input:
         report_outputs(),
+        SHIFT_OUTPUTS,
         expand(f"{RESULTS}/runs/{{model}}/model.safetensors", model=MODELS),
     default_target: True
     localrule: True
@@ -55,6 +57,7 @@ rule evaluate_all:
     """DVC stage `evaluate`: embeddings, white-box sweeps, sanity checks and the transfer matrix."""
     input:
         sweep_outputs(),
+        SHIFT_OUTPUTS,
     localrule: True
 
 

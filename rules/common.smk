@@ -161,7 +161,7 @@ def run_settings(wildcards):
 
 def eval_settings(stage, wildcards=None):
     """The `evaluation` keys a stage reads (and the model's table group, which goes into the CSV)."""
-    extras = {"mil", "attention", "language"}  # their own stages: changing them reruns nothing else
+    extras = {"mil", "attention", "language", "shift"}  # their own stages: changing them reruns nothing else
     drop = {
         "embed": {"whitebox", "transfer", "sanity"} | extras,
         "evaluate": {"transfer", "sanity"} | extras,
@@ -171,6 +171,7 @@ def eval_settings(stage, wildcards=None):
         "evaluate+mil": {"transfer", "sanity"} | extras - {"mil"},
         "attention": {"whitebox", "transfer", "sanity"} | extras - {"attention"},
         "language": {"whitebox", "transfer", "sanity"} | extras - {"language"},
+        "shift": {"transfer"} | extras - {"shift"},  # whitebox.classifiers and sanity.z too
     }[stage]
     model = wildcards.model if wildcards is not None and "model" in wildcards.keys() else None
     out = _model_lists({k: v for k, v in EVAL.items() if k not in drop}, model)

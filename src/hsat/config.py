@@ -155,6 +155,7 @@ MODEL_LISTS: tuple[tuple[str, ...], ...] = (
     ("evaluation", "mil", "models"),
     ("evaluation", "language", "models"),
     ("evaluation", "attention", "models"),
+    ("evaluation", "shift", "models"),
     ("tables", "table3_models"),
     ("tables", "table4_models"),
 )

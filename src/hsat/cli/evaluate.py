@@ -1,4 +1,4 @@
-"""`hsat embed`, `hsat evaluate`, `hsat sanity`, `hsat transfer craft|evaluate`: robustness evaluation.
+"""`hsat embed`, `hsat evaluate`, `hsat sanity`, `hsat shift`, `hsat transfer craft|evaluate`: robustness evaluation.
 
 Each handler loads the study config, calls one library function (hsat.evaluate / hsat.transfer)
 and returns 0. The device is CUDA when available, else CPU.
@@ -43,6 +43,14 @@ def _sanity(args: argparse.Namespace) -> int:
     for r in failed.itertuples():
         log.warning("sanity check FAILED for %s: %s %s=%s acc=%.2f (%s)", r.model, r.check, r.param, r.value, r.acc, r.criterion)
     log.info("%d sanity rows (%d failed) written to %s", len(df), len(failed), args.out)
+    return 0
+
+
+def _shift(args: argparse.Namespace) -> int:
+    from hsat.evaluate import shift_run
+
+    df = shift_run(args.run, args.manifest, args.embeddings, _study(args), args.model, args.out, sanity_out=args.sanity)
+    log.info("%d natural-shift rows written to %s", len(df), args.out)
     return 0
 
 
@@ -127,6 +135,14 @@ def add_parsers(subparsers) -> None:
     _common(p)
     p.add_argument("--out", required=True, metavar="CSV")
     p.set_defaults(func=_sanity)
+
+    p = subparsers.add_parser("shift", help="natural shifts (stain, blur, JPEG, intensity, noise, adversarial stain) -> tidy CSV",
+                              description="Each family at severities 0-5 (evaluation.shift) on the attacked subset, scored by every "
+                                          "classifier at patch, slide and patient level, plus the per-example worst case.")
+    _common(p)
+    p.add_argument("--out", required=True, metavar="CSV")
+    p.add_argument("--sanity", metavar="CSV", help="also its checks: severity 0 equals clean, accuracy falls with severity")
+    p.set_defaults(func=_shift)
 
     p = subparsers.add_parser("attention", help="a ViT run's last-block class-token attention, per head, on validation patches (figure)")
     _common(p, embeddings=False, model=False)

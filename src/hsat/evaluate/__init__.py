@@ -6,6 +6,7 @@
 - `sweep`: the white-box attack grid and the sweep that crafts each batch once;
 - `worst_case`: the per-example worst case over every attack and objective;
 - `sanity`: the attack sanity checks, one small function each;
+- `shift`: natural shifts (stain, blur, JPEG, intensity, noise, an adversarial stain) and their sweep;
 - `language`: HLSS's similarities to each class's markers, clean and under attack;
 - `runs`: the entry points of the CLI.
 
@@ -37,9 +38,22 @@ from hsat.evaluate.runs import (
     model_info,
     sanity_report_run,
     sanity_run,
+    shift_run,
     whitebox_run,
 )
 from hsat.evaluate.sanity import SANITY_COLUMNS, sanity_checks, study_checks
+from hsat.evaluate.shift import (
+    ADVERSARIAL_STAIN,
+    DEFAULT_FAMILIES,
+    SHIFT_COLUMNS,
+    SHIFTS,
+    adversarial_stain,
+    apply_shift,
+    hed_to_rgb,
+    rgb_to_hed,
+    shift_checks,
+    shift_sweep,
+)
 from hsat.evaluate.sweep import (
     AUTOATTACK_OBJECTIVE,
     LABEL_FREE_OBJECTIVES,
@@ -61,6 +75,8 @@ from hsat.evaluate.sweep import (
 from hsat.evaluate.worst_case import WORST_CASE, worst_case_correct, worst_case_rows
 
 __all__ = [
+    "ADVERSARIAL_STAIN", "DEFAULT_FAMILIES", "SHIFTS", "SHIFT_COLUMNS", "adversarial_stain", "apply_shift", "hed_to_rgb",
+    "rgb_to_hed", "shift_checks", "shift_run", "shift_sweep",
     "AUTOATTACK_OBJECTIVE", "AttackResults", "AttackSpec", "CLASSIFIERS", "Embeddings", "LABEL_FREE_OBJECTIVES",
     "LEVELS_EVAL", "LinearProbe", "OBJECTIVES", "ProbeClassifier", "SANITY_COLUMNS", "SoftKNN", "WHITEBOX_COLUMNS",
     "WORST_CASE", "aggregate", "attack_name", "attack_subset", "attention_run", "attacked_patch_count", "attacked_positions",

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from hsat import attacks
 from hsat.config import read_yaml, resolve_evaluation, run_config_for_model, validate
 from hsat.data.manifest import class_names, read_manifest
+from hsat.data.srh import read_array
 from hsat.data.sampler import PatchDataset
 from hsat.errors import HSATError
 from hsat.evaluate.attention import attention_under_attack, write_attention_maps
@@ -24,6 +25,7 @@ from hsat.evaluate.language import language_rows, pick_per_class
 from hsat.evaluate.metrics import patch_accuracy, stratified_subset
 from hsat.evaluate.mil import fit_mil, mil_rows, mil_whitebox_rows, save_mil
 from hsat.evaluate.sanity import SANITY_COLUMNS, sanity_checks, study_checks
+from hsat.evaluate.shift import shift_checks, shift_sweep
 from hsat.evaluate.sweep import sweep_alpha, whitebox_sweep
 from hsat.io import read_tidy, write_csv
 from hsat.models import load_trained_model
@@ -146,6 +148,41 @@ def whitebox_run(run_dir, manifest, emb_dir, study, model_name: str, out, device
                         indices=attacked_positions(emb, cfg_eval), progress=progress)
     write_csv(out, df)
     return df
+
+
+def image_kind(val_ds: Dataset, requested: str = "auto") -> str:
+    """`evaluation.shift.image_kind`, with auto read off the first validation patch: a stored
+    (2, H, W) array is an SRH patch (hsat.data.srh), anything else an RGB image."""
+    if requested != "auto":
+        return requested
+    arr = read_array(val_ds[0]["path"])
+    return "srh" if arr.ndim == 3 and arr.shape[0] == 2 else "rgb"
+
+
+def shift_run(run_dir, manifest, emb_dir, study, model_name: str, out, device=None, progress: bool = True,
+              sanity_out=None) -> pd.DataFrame:
+    """`hsat shift`: the natural-shift sweep of one model on the attacked subset, written to
+    `out`; with `sanity_out`, its checks (severity 0 is clean, accuracy falls with severity)."""
+    device = torch.device(device) if device else default_device()
+    info = model_info(study, model_name)
+    model, emb, val_ds = load_for_eval(run_dir, manifest, emb_dir, study, device)
+    cfg_eval = resolve_evaluation(study["evaluation"])
+    indices = attacked_positions(emb, cfg_eval)
+    df = shift_sweep(model, emb.probe, emb.bank, val_ds, cfg_eval, kind=image_kind(val_ds, cfg_eval["shift"]["image_kind"]),
+                     model_name=info["model"], method=info["method"], group=info["group"], seed=info["seed"],
+                     device=device, indices=indices, progress=progress)
+    if sanity_out is not None:
+        write_csv(sanity_out, shift_checks(df, shift_counts(emb, indices), z=float(cfg_eval["sanity"]["z"])))
+    write_csv(out, df)
+    return df
+
+
+def shift_counts(emb: Embeddings, indices: Sequence[int] | None) -> dict[str, int]:
+    """How many patches, slides and patients the shift sweep scored (the binomial n per level)."""
+    val = emb.val_index
+    if indices is not None:
+        val = val.iloc[list(indices)]
+    return {"patch": len(val), "slide": int(val["slide"].nunique()), "patient": int(val["patient"].nunique())}
 
 
 def sanity_run(run_dir, manifest, emb_dir, study, model_name: str, out, device=None, progress: bool = True) -> pd.DataFrame:
