@@ -224,6 +224,11 @@ def test_changed_settings_restart_afresh_when_asked(tiny_manifest, tmp_path):
     a, b = weights(tmp_path / "run"), weights(fresh)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(read_log(tmp_path / "run")) == 3
+    # fewer steps than the run holds: no resuming past the end, so it trains the shorter run anew
+    shorter = tiny_cfg(tiny_manifest, train={"steps": 2, "log_every": 1, "checkpoint_every": 3}, seed=1)
+    steps_run.clear()
+    pretrain(shorter, tmp_path / "run", on_config_change="restart", callback=lambda d, r: steps_run.append(d))
+    assert steps_run == [1, 2] and [r["step"] for r in read_log(tmp_path / "run")] == [1, 2]
 
 
 def test_restart_from_checkpoint_decides_from_config_code_stamp_and_checkpoint(tiny_manifest, tmp_path, caplog):
@@ -245,6 +250,11 @@ def test_restart_from_checkpoint_decides_from_config_code_stamp_and_checkpoint(t
     assert restart_from_checkpoint(run, {**norm, "seed": 1}, on_config_change="restart") == (None, True)
     with pytest.raises(HSATError, match=r"at step 2, beyond train\.steps=1"):
         restart_from_checkpoint(run, {**norm, "train": {**norm["train"], "steps": 1}})
+    # fewer steps than the checkpoint's: the message says what to do; the workflow's mode retrains
+    shorter = {**norm, "train": {**norm["train"], "steps": 1}}
+    with pytest.raises(HSATError, match=r"train\.steps to at least 2 .*--restart-if-changed"):
+        restart_from_checkpoint(run, shorter)
+    assert restart_from_checkpoint(run, shorter, on_config_change="restart", code_version="aaaa") == (None, True)
     with pytest.raises(ValueError, match="on_config_change"):
         restart_from_checkpoint(run, norm, on_config_change="ignore")
 

@@ -515,7 +515,8 @@ def restart_from_checkpoint(
 
     A run directory whose config differs from `cfg` is refused (`on_config_change="error"`) or
     discarded ("restart"); so is one stamped with another `code_version` under "restart" (it only
-    warns otherwise). A checkpoint beyond `train.steps` is an error.
+    warns otherwise). A checkpoint beyond `train.steps` is an error, or discarded under "restart"
+    (the config changed: the workflow's `--restart-if-changed` retrains).
     """
     if on_config_change not in ("error", "restart"):
         raise ValueError(f"on_config_change must be 'error' or 'restart', not {on_config_change!r}")
@@ -547,7 +548,16 @@ def restart_from_checkpoint(
     state = load_checkpoint(ckpt_path)
     total_steps = int(cfg["train"]["steps"])
     if state["step"] > total_steps:
-        raise HSATError(f"{ckpt_path} is at step {state['step']}, beyond train.steps={total_steps}")
+        # A shorter run cannot be resumed from a longer one: its schedules end earlier.
+        if on_config_change == "restart":
+            log.warning("%s: checkpoint at step %d, beyond train.steps=%d; starting afresh",
+                        out_dir, state["step"], total_steps)
+            return None, True
+        raise HSATError(
+            f"{ckpt_path} is at step {state['step']}, beyond train.steps={total_steps}: set train.steps "
+            f"to at least {state['step']} to resume it, or start afresh with --restart-if-changed "
+            "(discards this run) or another --out"
+        )
     return state, restart
 
 
