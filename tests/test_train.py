@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -229,6 +230,20 @@ def test_changed_settings_restart_afresh_when_asked(tiny_manifest, tmp_path):
     steps_run.clear()
     pretrain(shorter, tmp_path / "run", on_config_change="restart", callback=lambda d, r: steps_run.append(d))
     assert steps_run == [1, 2] and [r["step"] for r in read_log(tmp_path / "run")] == [1, 2]
+
+
+def test_more_patients_per_batch_than_training_patients_takes_them_all(tiny_manifest, tmp_path, caplog):
+    # A small cohort of one's own with the default study's batch: every training patient each
+    # step, recorded in the run's config.yaml; the same command again finds the run finished.
+    n_train = pd.read_csv(tiny_manifest).query("split == 'train'")["patient"].nunique()
+    cfg = tiny_cfg(tiny_manifest, data={"patients_per_batch": n_train + 5}, train={"steps": 1})
+    with caplog.at_level("WARNING", logger="hsat.train"):
+        run = pretrain(cfg, tmp_path / "run")
+    assert f"{n_train} training patients" in caplog.text
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["patients_per_batch"] == n_train
+    stamp = (run / "model.safetensors").stat().st_mtime_ns
+    pretrain(cfg, run, on_config_change="error")  # the derived value is no config change
+    assert (run / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_restart_from_checkpoint_decides_from_config_code_stamp_and_checkpoint(tiny_manifest, tmp_path, caplog):
