@@ -108,6 +108,21 @@ def _dataset_source():
 
 
 DATASET_KIND, DATASET_PATH = _dataset_source()
+
+
+# Settings that do not fit your own manifest stop the dry run, naming the key and what to set,
+# instead of a training job after it (hsat.data.manifest.run_data_errors).
+if DATASET_KIND == "manifest":
+    from hsat.data.manifest import study_data_errors
+
+    try:
+        _data_errors = study_data_errors(config)
+    except HSATError as exc:
+        config_error(exc)
+    if _data_errors:
+        config_error(f"{_CONFIG_SOURCE} does not fit the data:\n  " + "\n  ".join(_data_errors))
+
+
 SYNTH = config["dataset"]["synth"]
 try:
     from hsat.data.synthetic import synth_params

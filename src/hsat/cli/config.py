@@ -5,15 +5,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hsat.errors import HSATError
+
 DEFAULT_BASE = Path("config") / "config.yaml"
 
 
 def _show(args: argparse.Namespace) -> int:
     from hsat.config import resolve_study, show_study
+    from hsat.data.manifest import study_data_errors
 
     cfg, named = resolve_study(args.base, args.configfile, args.set)
     print(f"# {args.base}" + "".join(f" + {p}" for p in args.configfile) + "  (# overlay: set by an overlay or --set)")
     print(show_study(cfg, named), end="")
+    errors = study_data_errors(cfg)  # what `snakemake -n` would stop on
+    if errors:
+        raise HSATError("the study does not fit its data:\n  " + "\n  ".join(errors))
     return 0
 
 
