@@ -40,7 +40,7 @@ def config_error(message):
 # ---------------------------------------------------------------- config: overlay, validate once, fill defaults
 # A --configfile is an overlay on the default study (config/config.yaml): what it names wins,
 # `models` replaces the matrix, the evaluation's model lists follow the models kept
-# (hsat.config.apply_overlay; `hsat config show --configfile F` prints the result). Snakemake
+# (hsat.config.apply_overlay; `hsat config show --study F` prints the result). Snakemake
 # has already merged the --configfile files and --config values into `config`. Validation is
 # the JSON schema of hsat.config.schema_path(), with defaults and messages naming the key.
 _BASE_CONFIG = os.path.join(workflow.basedir, "config", "config.yaml")
