@@ -23,6 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from hsat import CLASSES
+from hsat.config import run_config_for_model
 from hsat.data.srh import read_image, read_srh_raw
 from hsat.errors import HSATError
 from hsat.io import write_csv
@@ -285,8 +286,6 @@ def study_data_errors(study: Mapping[str, Any]) -> list[str]:
     """`run_data_errors` of every model of a resolved study on its dataset.manifest (none when the
     study reads OpenSRH or the embedded cohort, or the manifest is not there yet), one line per
     problem with the models it concerns."""
-    from hsat.config import run_config_for_model
-
     path = (study.get("dataset") or {}).get("manifest")
     if not path or not Path(path).is_file():
         return []
