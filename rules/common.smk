@@ -41,7 +41,7 @@ def config_error(message):
 # ---------------------------------------------------------------- config: overlay, validate once, fill defaults
 # A --configfile is an overlay on the default study (config/config.yaml): what it names wins,
 # `models` replaces the matrix, the evaluation's model lists follow the models kept
-# (hsat.config.apply_overlay; `hsat config show --configfile F` prints the result). Snakemake
+# (hsat.config.apply_overlay; `hsat config show --study F` prints the result). Snakemake
 # has already merged the --configfile files and --config values into `config`. Validation is
 # the JSON schema of hsat.config.schema_path(), with defaults and messages naming the key.
 _BASE_CONFIG = os.path.join(workflow.basedir, "config", "config.yaml")
@@ -109,6 +109,21 @@ def _dataset_source():
 
 
 DATASET_KIND, DATASET_PATH = _dataset_source()
+
+
+# Settings that do not fit your own manifest stop the dry run, naming the key and what to set,
+# instead of a training job after it (hsat.data.manifest.run_data_errors).
+if DATASET_KIND == "manifest":
+    from hsat.data.manifest import study_data_errors
+
+    try:
+        _data_errors = study_data_errors(config)
+    except HSATError as exc:
+        config_error(exc)
+    if _data_errors:
+        config_error(f"{_CONFIG_SOURCE} does not fit the data:\n  " + "\n  ".join(_data_errors))
+
+
 SYNTH = config["dataset"]["synth"]
 try:
     from hsat.data.synthetic import synth_params

@@ -290,3 +290,40 @@ def test_dino_levels_overlay_reuses_the_default_studys_models_and_varies_only_po
         assert run == base, model
     aa = levels["evaluation"]["whitebox"]["autoattack"]["models"]
     assert not aa or set(levels["models"]) <= set(aa)
+
+
+def test_config_show_marks_exactly_the_keys_an_overlay_sets(tmp_path, capsys):
+    from hsat.cli import main
+
+    overlay = tmp_path / "mine.yaml"
+    overlay.write_text("models:\n  m: {method: {name: hsat}, seed: 1}\npretrain: {augment: {preset: he}}\n")
+    assert main(["config", "show", "--base", str(BASE), "--study", str(overlay)]) == 0
+    marked = [line.strip() for line in capsys.readouterr().out.splitlines()[1:] if line.endswith("# overlay")]
+    # the model's entry and the three values named; not the method defaults filled in beside them
+    assert marked == ["m:  # overlay", "name: hsat  # overlay", "seed: 1  # overlay", "preset: he  # overlay"]
+    # --configfile, snakemake's name, is the same option
+    assert main(["config", "show", "--base", str(BASE), "--configfile", str(overlay)]) == 0
+    assert capsys.readouterr().out.count("# overlay") == 5
+
+
+def test_config_show_finds_the_default_study_outside_the_workflow_folder(tmp_path, monkeypatch, capsys):
+    import hsat.config as config_module
+    from hsat.cli import main
+    from hsat.config import find_default_study
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("evaluation: {knn: {k: 7}}\n")
+    assert main(["config", "show", "--study", "mine.yaml"]) == 0  # the checkout hsat is imported from
+    out = capsys.readouterr().out
+    assert out.startswith(f"# {BASE.resolve()} + mine.yaml") and "k: 7  # overlay" in out
+    workflow = tmp_path / "wf"
+    (workflow / "config").mkdir(parents=True)
+    (workflow / "Snakefile").write_text("")
+    (workflow / "config" / "config.yaml").write_text(BASE.read_text())
+    (workflow / "results" / "x").mkdir(parents=True)
+    assert find_default_study(workflow / "results" / "x") == (workflow / "config" / "config.yaml").resolve()
+    monkeypatch.setattr(config_module, "__file__", str(tmp_path / "site" / "hsat" / "config.py"))
+    with pytest.raises(HSATError, match=r"config/config\.yaml is not in .* give --base"):
+        find_default_study(tmp_path)
+    assert main(["config", "show", "--study", "mine.yaml"]) == 2
+    assert "--base" in capsys.readouterr().err

@@ -18,12 +18,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import hsat.evaluate as ev
+from hsat.evaluate.sweep import autoattack
 from hsat.precision import effective_precision
 from hsat.errors import HSATError
 from hsat.evaluate import (
     WHITEBOX_COLUMNS,
     aggregate,
     classification_metrics,
+    LinearProbe,
     fit_linear_probe,
     knn_predict,
     level_metrics,
@@ -273,6 +275,39 @@ def test_whitebox_subset_and_autoattack():
     patch = df[df.level == "patch"].set_index("attack")["acc"]
     assert patch["autoattack"] < patch["none"] - 30
     assert set(df.objective) == {"none", ev.AUTOATTACK_OBJECTIVE, "all"}  # all: the worst case
+
+
+def _interval_probe(n_classes: int) -> tuple[LinearProbe, torch.Tensor]:
+    """A probe on ToyModel's first feature (the red mean - 0.5) that gives class c the interval of
+    width 0.1 around m_c (tangents of x^2/2, scaled), and the m_c."""
+    centres = (torch.arange(n_classes, dtype=torch.float32) - (n_classes - 1) / 2) * 0.1
+    probe = LinearProbe(3, n_classes)
+    with torch.no_grad():
+        probe.linear.weight.zero_()
+        probe.linear.weight[:, 0] = 100 * centres
+        probe.linear.bias.copy_(-100 * centres**2 / 2)
+    return probe, centres
+
+
+@pytest.mark.parametrize("version", ["apgd-ce+apgd-t", "standard"])
+@pytest.mark.parametrize("n_classes", [2, 3, 4, 7])
+def test_autoattack_runs_on_two_or_more_classes(n_classes, version):
+    """Patches at a class centre lie 0.05 from the boundary, beyond what eps 8/255 moves the mean
+    (0.031): they survive APGD-CE and reach APGD-T (whose targeted DLR loss needs four classes);
+    patches 0.045 from the centre are within reach and must fall."""
+    pytest.importorskip("torchattacks")
+    probe, centres = _interval_probe(n_classes)
+    labels = torch.arange(n_classes).repeat(2)
+    step = torch.where(labels == n_classes - 1, -0.045, 0.045)  # towards a neighbouring class
+    red = 0.5 + centres[labels] + torch.cat([torch.zeros(n_classes), step[n_classes:]])
+    x = torch.full((2 * n_classes, 3, 4, 4), 0.5)
+    x[:, 0] = red[:, None, None]
+    model = ToyModel()
+    assert (probe(model.encode(x)).argmax(1) == labels).all()
+    adv = autoattack(model, probe, 8 / 255, version, steps=10, seed=0)(x, labels)
+    assert adv.shape == x.shape and (adv - x).abs().max() <= 8 / 255 + 1e-6 and 0 <= adv.min() and adv.max() <= 1
+    correct = probe(model.encode(adv)).argmax(1) == labels
+    assert correct[:n_classes].all() and not correct[n_classes:].any(), correct
 
 
 # ----------------------------------------------------------------------------- command line

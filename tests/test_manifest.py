@@ -163,3 +163,48 @@ def test_check_images_stops_after_many_failures(png_manifest, monkeypatch):
     monkeypatch.setattr(manifest_module, "_CHECK_STOP_AFTER", 2)
     with pytest.raises(HSATError, match=r"2\+ \(stopped reading after 2\) image file"):
         check_images(png_manifest, "m.csv", workers=1)
+
+
+def _run(**data):
+    from hsat.config import validate
+    from hsat.methods import resolve_method
+
+    cfg = validate({"data": data}, "run")
+    cfg["method"] = resolve_method(cfg["method"])
+    return cfg
+
+
+def test_run_data_errors_name_the_key_and_what_to_set(png_manifest):
+    from hsat.data.manifest import run_data_errors
+
+    # 2 training patients, 2 classes: the default batch of 8 takes both (nothing to set)
+    assert run_data_errors(_run(), png_manifest) == []
+    assert run_data_errors(_run(patients_per_batch=2), png_manifest, nproc=2) == []
+    [msg] = run_data_errors(_run(), png_manifest, nproc=3)
+    assert "data.patients_per_batch=8 (2 with the manifest's 2 training patients)" in msg
+    assert "launcher.nproc_per_node=3" in msg and "use at most 2 processes" in msg
+    three = pd.concat([png_manifest, png_manifest[png_manifest.patient == "009"].assign(
+        patient="010", slide=lambda d: d.slide + "b")])
+    [msg] = run_data_errors(_run(patients_per_batch=4), three, nproc=2)
+    assert "set pretrain.data.patients_per_batch: 2" in msg
+    one = png_manifest[png_manifest.patient != "009"]
+    assert any("1 training patient(s)" in m for m in run_data_errors(_run(), one))
+    assert any("one class" in m for m in run_data_errors(_run(), png_manifest.assign(label="benign")))
+
+
+def test_study_data_errors_checks_every_model_against_the_study_manifest(png_manifest, tmp_path):
+    from hsat.config import resolve_study
+    from hsat.data.manifest import study_data_errors
+
+    srh = Path(__file__).resolve().parents[1] / "config" / "attributes" / "srh.yaml"
+    write_manifest(png_manifest, tmp_path / "m.csv")
+    overlay = {"dataset": {"manifest": str(tmp_path / "m.csv")},
+               "models": {"plain": {"method": {"name": "hidisc"}},
+                          "lang": {"method": {"name": "hlss", "hlss": {"descriptions": str(srh)}}}}}
+    study, _ = resolve_study(Path(__file__).resolve().parents[1] / "config" / "config.yaml", [overlay])
+    [msg] = study_data_errors(study)
+    assert msg.startswith(f"{tmp_path / 'm.csv'}: method.hlss.descriptions: {srh}") and msg.endswith("(models: lang)")
+    assert "['benign', 'tumour']" in msg and "set method.hlss.descriptions" in msg
+    del overlay["models"]["lang"]
+    study, _ = resolve_study(Path(__file__).resolve().parents[1] / "config" / "config.yaml", [overlay])
+    assert study_data_errors(study) == []

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -224,6 +225,25 @@ def test_changed_settings_restart_afresh_when_asked(tiny_manifest, tmp_path):
     a, b = weights(tmp_path / "run"), weights(fresh)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(read_log(tmp_path / "run")) == 3
+    # fewer steps than the run holds: no resuming past the end, so it trains the shorter run anew
+    shorter = tiny_cfg(tiny_manifest, train={"steps": 2, "log_every": 1, "checkpoint_every": 3}, seed=1)
+    steps_run.clear()
+    pretrain(shorter, tmp_path / "run", on_config_change="restart", callback=lambda d, r: steps_run.append(d))
+    assert steps_run == [1, 2] and [r["step"] for r in read_log(tmp_path / "run")] == [1, 2]
+
+
+def test_more_patients_per_batch_than_training_patients_takes_them_all(tiny_manifest, tmp_path, caplog):
+    # A small cohort of one's own with the default study's batch: every training patient each
+    # step, recorded in the run's config.yaml; the same command again finds the run finished.
+    n_train = pd.read_csv(tiny_manifest).query("split == 'train'")["patient"].nunique()
+    cfg = tiny_cfg(tiny_manifest, data={"patients_per_batch": n_train + 5}, train={"steps": 1})
+    with caplog.at_level("WARNING", logger="hsat.train"):
+        run = pretrain(cfg, tmp_path / "run")
+    assert f"{n_train} training patients" in caplog.text
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["patients_per_batch"] == n_train
+    stamp = (run / "model.safetensors").stat().st_mtime_ns
+    pretrain(cfg, run, on_config_change="error")  # the derived value is no config change
+    assert (run / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_restart_from_checkpoint_decides_from_config_code_stamp_and_checkpoint(tiny_manifest, tmp_path, caplog):
@@ -245,6 +265,11 @@ def test_restart_from_checkpoint_decides_from_config_code_stamp_and_checkpoint(t
     assert restart_from_checkpoint(run, {**norm, "seed": 1}, on_config_change="restart") == (None, True)
     with pytest.raises(HSATError, match=r"at step 2, beyond train\.steps=1"):
         restart_from_checkpoint(run, {**norm, "train": {**norm["train"], "steps": 1}})
+    # fewer steps than the checkpoint's: the message says what to do; the workflow's mode retrains
+    shorter = {**norm, "train": {**norm["train"], "steps": 1}}
+    with pytest.raises(HSATError, match=r"train\.steps to at least 2 .*--restart-if-changed"):
+        restart_from_checkpoint(run, shorter)
+    assert restart_from_checkpoint(run, shorter, on_config_change="restart", code_version="aaaa") == (None, True)
     with pytest.raises(ValueError, match="on_config_change"):
         restart_from_checkpoint(run, norm, on_config_change="ignore")
 

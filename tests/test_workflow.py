@@ -119,6 +119,26 @@ def test_invalid_config_and_missing_opensrh_root_fail_readably(workdir):
     assert not TRACEBACK.search(out), out
 
 
+def test_settings_that_do_not_fit_the_manifest_stop_the_dry_run(workdir, tiny_manifest):
+    """What cannot work on your own data stops `snakemake -n`, naming the key and a value to set,
+    instead of a pretraining job after a dry run that passed."""
+    n_train = pd.read_csv(tiny_manifest).query("split == 'train'")["patient"].nunique()
+    nproc = next(n for n in range(2, n_train) if n_train % n)
+    cfg = {"dataset": {"manifest": str(tiny_manifest)}, "launcher": {"nproc_per_node": nproc},
+           "models": {"h": {"method": {"name": "hidisc"}}}}
+    (workdir / "mine.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "all", "--configfile", "mine.yaml", cwd=workdir)
+    out = proc.stdout + proc.stderr
+    fit = n_train - n_train % nproc
+    assert proc.returncode == 2 and f"launcher.nproc_per_node={nproc}" in out, out
+    assert f"set pretrain.data.patients_per_batch: {fit}" in out and "(models: h)" in out, out
+    assert not TRACEBACK.search(out), out
+    cfg["pretrain"] = {"data": {"patients_per_batch": fit}}  # as the message says: planned
+    (workdir / "mine.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "all", "--configfile", "mine.yaml", cwd=workdir)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(workdir):

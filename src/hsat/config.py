@@ -1,6 +1,6 @@
 """Configuration is data: YAML files validated against one JSON schema, with defaults filled in.
 
-The study config (Snakemake's `config/*.yaml`) and the run config (`hsat pretrain --config`) share
+The study config (Snakemake's `config/*.yaml`) and the run config (`hsat pretrain --run-config`) share
 `schemas/config.schema.yaml`; a run config is the study's `pretrain` section merged with one
 model's overrides.
 """
@@ -148,6 +148,24 @@ def load_study_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
 
 # ----------------------------------------------------------------------------- overlays
 
+DEFAULT_STUDY = Path("config") / "config.yaml"
+"""The default study, relative to the workflow's folder (the one holding the Snakefile)."""
+
+
+def find_default_study(start: str | Path | None = None) -> Path:
+    """The default study a command outside Snakemake overlays: `config/config.yaml` in `start` (the
+    working directory), else in the nearest folder above it that holds the workflow (a Snakefile
+    beside it), else in the checkout this hsat is imported from (an editable install)."""
+    here = Path(start if start is not None else Path.cwd()).resolve()
+    if (here / DEFAULT_STUDY).is_file():
+        return here / DEFAULT_STUDY
+    checkout = Path(__file__).resolve().parents[2]
+    for folder in (*here.parents, checkout):
+        if (folder / DEFAULT_STUDY).is_file() and (folder / "Snakefile").is_file():
+            return folder / DEFAULT_STUDY
+    raise HSATError(f"the default study {DEFAULT_STUDY} is not in {here} nor in a workflow folder above it: "
+                    "run from the workflow's folder or give --base PATH/TO/config/config.yaml")
+
 MODEL_LISTS: tuple[tuple[str, ...], ...] = (
     ("evaluation", "transfer", "models"),
     ("evaluation", "sanity", "models"),
@@ -206,6 +224,16 @@ def leaf_paths(d: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[
     return out
 
 
+def set_paths(d: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Key paths of every value a mapping sets, inside `models` entries too (what `hsat config
+    show` marks: the keys an overlay names, not the defaults filled in around them)."""
+    out: set[tuple[str, ...]] = set()
+    for key, value in d.items():
+        path = (*prefix, str(key))
+        out |= set_paths(value, path) if isinstance(value, Mapping) and value else {path}
+    return out
+
+
 def resolve_study(
     base: str | Path | Mapping[str, Any], overlays: Sequence[str | Path | Mapping[str, Any] | tuple] = (),
     overrides: Iterable[str] = (),
@@ -213,7 +241,8 @@ def resolve_study(
     """The validated study: the base study changed by each overlay in turn, then key=value overrides.
 
     Each base or overlay is a YAML path, a mapping, or (mapping, name to quote). Returns (config
-    with the schema's defaults filled in, key paths that the overlays and overrides set).
+    with the schema's defaults filled in, key paths that the overlays and overrides set: each
+    leaf, each `models` entry as a whole (`leaf_paths`) and the keys set inside it (`set_paths`)).
     Errors name the files and the key.
     """
     def load(x):
@@ -233,13 +262,13 @@ def resolve_study(
             raise HSATError(f"{src}: models must map each model's name to its settings, "
                             f"not a {type(models).__name__} ({models!r:.60})")
         cfg = apply_overlay(cfg, layer)
-        named |= leaf_paths(layer)
+        named |= leaf_paths(layer) | set_paths(layer)
         sources.append(src)
     extra = parse_overrides(overrides)
     if extra:
         # key=value changes one leaf: models.hsat_s0.seed=5 keeps the other models
         cfg = deep_merge(cfg, extra)
-        named |= leaf_paths(extra)
+        named |= leaf_paths(extra) | set_paths(extra)
     source = " + ".join(sources)
     cfg = validate(cfg, "study", source=source)
     # The shared run settings with the run defaults filled in, so the resolved study shows them.
@@ -248,11 +277,9 @@ def resolve_study(
 
 
 def show_study(cfg: Mapping[str, Any], named: set[tuple[str, ...]], marker: str = "overlay") -> str:
-    """YAML of a resolved study with `# <marker>` after every value an overlay set."""
+    """YAML of a resolved study with `# <marker>` after every value an overlay set (exactly those:
+    a default filled in beside them, in a model entry too, is not marked)."""
     lines: list[str] = []
-
-    def is_named(path):
-        return any(path[: len(p)] == p for p in named)
 
     def emit(d, indent, prefix):
         for key, value in d.items():
@@ -265,7 +292,7 @@ def show_study(cfg: Mapping[str, Any], named: set[tuple[str, ...]], marker: str 
             else:
                 text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
                 text = text.removesuffix("\n...").strip()
-                mark = f"  # {marker}" if is_named(path) else ""
+                mark = f"  # {marker}" if path in named else ""
                 lines.append(f"{pad}{key}: {text}{mark}")
 
     emit(cfg, 0, ())

@@ -5,13 +5,44 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 import yaml
 
 from hsat.errors import HSATError
+
+
+def _fresh_name(parent: Path, prefix: str, suffix: str, create: Any) -> Path:
+    """Call `create(path)` on a new random name in `parent` until one does not exist yet."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            create(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free temporary name {prefix}*{suffix} in {parent}")
+
+
+def make_temp_file(parent: str | os.PathLike, prefix: str = "", suffix: str = ".tmp") -> Path:
+    """Create an empty file with a new name in `parent`, with the mode a plain `open` gives.
+
+    `tempfile.mkstemp` creates 0600 whatever the umask, and the rename that makes the file the
+    result keeps that mode: colleagues sharing a results folder could not read it. Here the
+    umask decides (0644 under the usual 022), as for any file the user writes.
+    """
+    def create(path: Path) -> None:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+    return _fresh_name(Path(parent), prefix, suffix, create)
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str = "") -> Path:
+    """Create an empty folder with a new name in `parent`, with the mode `mkdir` gives (the
+    umask decides, unlike `tempfile.mkdtemp`'s 0700)."""
+    return _fresh_name(Path(parent), prefix, "", lambda path: path.mkdir(0o777))
 
 
 @contextlib.contextmanager
@@ -22,9 +53,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp")
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp")
     try:
         yield tmp_path
         os.replace(tmp_path, path)

@@ -84,6 +84,7 @@ __all__ = [
     "linear_warmup",
     "load_checkpoint",
     "config_differences",
+    "fit_to_data",
     "BOOKKEEPING_KEYS",
 ]
 
@@ -525,6 +526,26 @@ def _checked_precision(cfg: Mapping[str, Any], precision: str, device: torch.dev
     return safe_precision(precision, cfg["precision"], device, probe, _image_sizes(cfg))
 
 
+def fit_to_data(cfg: dict[str, Any]) -> None:
+    """Set the run's settings that depend on its manifest, in place, before the config is compared
+    with a saved run and stamped (so config.yaml says what ran, and a resumed run agrees):
+
+    - model.num_classes, when the method trains a classification head and it is not set (the
+      evaluation rebuilds the head from it);
+    - data.patients_per_batch at most the number of training patients (a small cohort of your own
+      draws all of them every step; patients are drawn without replacement within a step).
+    """
+    table = read_manifest(cfg["data"]["manifest"], check_files=False)
+    if build_objective(cfg["method"]).needs_classifier and not cfg["model"]["num_classes"]:
+        cfg["model"]["num_classes"] = len(class_names(table))
+    n_train = int(table.loc[table["split"] == "train", "patient"].nunique())
+    wanted = int(cfg["data"]["patients_per_batch"])
+    if 2 <= n_train < wanted:
+        log.warning("data.patients_per_batch=%d, but %s has %d training patients: %d per batch",
+                    wanted, cfg["data"]["manifest"], n_train, n_train)
+        cfg["data"]["patients_per_batch"] = n_train
+
+
 def restart_from_checkpoint(
     out_dir: Path, cfg: Mapping[str, Any], *, on_config_change: str = "error", code_version: str | None = None
 ) -> tuple[dict[str, Any] | None, bool]:
@@ -532,7 +553,8 @@ def restart_from_checkpoint(
 
     A run directory whose config differs from `cfg` is refused (`on_config_change="error"`) or
     discarded ("restart"); so is one stamped with another `code_version` under "restart" (it only
-    warns otherwise). A checkpoint beyond `train.steps` is an error.
+    warns otherwise). A checkpoint beyond `train.steps` is an error, or discarded under "restart"
+    (the config changed: the workflow's `--restart-if-changed` retrains).
     """
     if on_config_change not in ("error", "restart"):
         raise ValueError(f"on_config_change must be 'error' or 'restart', not {on_config_change!r}")
@@ -564,7 +586,16 @@ def restart_from_checkpoint(
     state = load_checkpoint(ckpt_path)
     total_steps = int(cfg["train"]["steps"])
     if state["step"] > total_steps:
-        raise HSATError(f"{ckpt_path} is at step {state['step']}, beyond train.steps={total_steps}")
+        # A shorter run cannot be resumed from a longer one: its schedules end earlier.
+        if on_config_change == "restart":
+            log.warning("%s: checkpoint at step %d, beyond train.steps=%d; starting afresh",
+                        out_dir, state["step"], total_steps)
+            return None, True
+        raise HSATError(
+            f"{ckpt_path} is at step {state['step']}, beyond train.steps={total_steps}: set train.steps "
+            f"to at least {state['step']} to resume it, or start afresh with --restart-if-changed "
+            "(discards this run) or another --out"
+        )
     return state, restart
 
 
@@ -610,9 +641,7 @@ def pretrain(
     if not cfg["data"]["manifest"]:
         raise HSATError("data.manifest is not set: pass --manifest or data.manifest=PATH")
     _check_first_patch(cfg)  # a patch too small for the crop stops here, before anything is written
-    if build_objective(method).needs_classifier and not cfg["model"]["num_classes"]:
-        # The classification head's size is part of the run's config (evaluation rebuilds it).
-        cfg["model"]["num_classes"] = len(class_names(read_manifest(cfg["data"]["manifest"])))
+    fit_to_data(cfg)
     build_objective(method).complete_config(cfg, out_dir)  # HLSS: the text embeddings' shape
 
     # ============ processes, device, precision ... ============

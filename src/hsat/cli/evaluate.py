@@ -120,7 +120,12 @@ def _common(p: argparse.ArgumentParser, embeddings: bool = True, model: bool = T
 
 
 def add_parsers(subparsers) -> None:
-    p = subparsers.add_parser("embed", help="clean backbone features of every patch and the linear probe (once per model)")
+    p = subparsers.add_parser(
+        "embed", help="clean backbone features of every patch and the linear probe (once per model)",
+        description="Embed every train and validation patch of the manifest with the run's frozen backbone and fit "
+        "the linear probe on the train features (evaluation.linear): EMB_DIR/{features,probe}.safetensors, index.csv "
+        "and meta.json, which `hsat evaluate`, `sanity`, `mil` and `transfer` read instead of embedding again. "
+        "The files record the weights' sha256: embeddings of other weights are refused later.")
     _common(p, embeddings=False, model=False)
     p.add_argument("--out", required=True, metavar="EMB_DIR")
     p.set_defaults(func=_embed)
@@ -131,7 +136,12 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="CSV")
     p.set_defaults(func=_evaluate)
 
-    p = subparsers.add_parser("sanity", help="attack sanity checks (Carlini et al. 2019) -> CSV; failures are flagged, not fatal")
+    p = subparsers.add_parser(
+        "sanity", help="attack sanity checks (Carlini et al. 2019) -> CSV; failures are flagged, not fatal",
+        description="Check that the attacks work on this model (evaluation.sanity): accuracy must not rise with "
+        "steps or eps, twice the steps and more restarts must not find much more, a large eps must reach chance "
+        "(the majority class's share), noise must hurt less than PGD. One row per check with `passed` and its "
+        "`criterion`; a failed check puts the attack in doubt, not the model.")
     _common(p)
     p.add_argument("--out", required=True, metavar="CSV")
     p.set_defaults(func=_sanity)
@@ -144,7 +154,11 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--sanity", metavar="CSV", help="also its checks: severity 0 equals clean, accuracy falls with severity")
     p.set_defaults(func=_shift)
 
-    p = subparsers.add_parser("attention", help="a ViT run's last-block class-token attention, per head, on validation patches (figure)")
+    p = subparsers.add_parser(
+        "attention", help="a ViT run's last-block class-token attention, per head, on validation patches (figure)",
+        description="The class token's attention in the last block of a ViT run, per head, on the first "
+        "--patches-per-class validation patches of each class, clean and under a PGD attack on the features "
+        "(evaluation.attention.eps): where the model looks, and whether the attack moves it.")
     _common(p, embeddings=False, model=False)
     p.add_argument("--out", metavar="MAPS.safetensors", help="the maps, clean and under attack, for `hsat report attention`")
     p.add_argument("--out-dir", metavar="DIR", help="writes the maps here (unless --out) and draws them, as `hsat report attention` does: attention_<run>.png and .pdf")
@@ -152,12 +166,21 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--patches-per-class", type=int, default=1, metavar="N")
     p.set_defaults(func=_attention)
 
-    p = subparsers.add_parser("language", help="an HLSS run's similarity to each class's markers, clean and under attack -> CSV")
+    p = subparsers.add_parser(
+        "language", help="an HLSS run's similarity to each class's markers, clean and under attack -> CSV",
+        description="For an HLSS or robust-HLSS run: each validation sample's cosine similarity to every class's "
+        "markers (method.hlss.descriptions), clean and under a PGD attack on the marker-based zero-shot "
+        "classifier (evaluation.language); rows per sample, marker and condition.")
     _common(p, embeddings=False)
     p.add_argument("--out", required=True, metavar="CSV")
     p.set_defaults(func=_language)
 
-    p = subparsers.add_parser("mil", help="slide-level gated attention MIL on a model's frozen clean features -> CSV")
+    p = subparsers.add_parser(
+        "mil", help="slide-level gated attention MIL on a model's frozen clean features -> CSV",
+        description="Train a gated-attention MIL head (one bag per slide, evaluation.mil) on the frozen clean "
+        "features of `hsat embed` and score the validation slides and patients. With --run, --manifest and "
+        "--whitebox it also attacks every validation slide end to end (all its patches within eps, through the "
+        "backbone and the MIL head) and writes whitebox rows of the classifier abmil.")
     p.add_argument("--embeddings", required=True, metavar="EMB_DIR", help="folder written by `hsat embed`")
     p.add_argument("--study", "--config", dest="study", required=True, metavar="STUDY.yaml")
     p.add_argument("--model", required=True, metavar="NAME")
@@ -168,13 +191,20 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--head", metavar="FILE.safetensors", help="keep the trained MIL head")
     p.set_defaults(func=_mil)
 
-    p = subparsers.add_parser("transfer", help="black-box transfer: craft once per surrogate, evaluate on each target")
+    p = subparsers.add_parser(
+        "transfer", help="black-box transfer: craft once per surrogate, evaluate on each target",
+        description="Transfer attacks (evaluation.transfer): `craft` stores a surrogate's adversarial validation "
+        "set once; `evaluate` scores the sets of several surrogates on one target.")
     sub = p.add_subparsers(dest="transfer_verb", metavar="ACTION", required=True)
-    c = sub.add_parser("craft", help="craft the surrogate's adversarial validation set (float32 safetensors)")
+    c = sub.add_parser("craft", help="craft the surrogate's adversarial validation set (float32 safetensors)",
+                       description="Attack the surrogate run's validation subset (evaluation.transfer: attack, eps, "
+                       "steps, objective) and store the adversarial images for any number of targets.")
     _common(c, model=False)
     c.add_argument("--out", required=True, metavar="FILE.safetensors")
     c.set_defaults(func=_craft)
-    e = sub.add_parser("evaluate", help="score stored adversarial sets on a target model (loaded once)")
+    e = sub.add_parser("evaluate", help="score stored adversarial sets on a target model (loaded once)",
+                       description="Score the stored sets of `hsat transfer craft` on a target: accuracy and MCA, "
+                       "and their drops from the target's clean figures, per surrogate and level.")
     e.add_argument("--adversarial", required=True, nargs="+", metavar="FILE.safetensors",
                    help="stored sets of `hsat transfer craft` (several: one per surrogate)")
     e.add_argument("--surrogate", required=True, nargs="+", metavar="NAME", help="their surrogates' names, in the same order")

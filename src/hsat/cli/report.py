@@ -114,30 +114,41 @@ def _cost(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="tables and figures from the tidy result CSVs")
+    p = sub.add_parser("report", help="tables and figures from the tidy result CSVs",
+                       description="The study's report from the tidy result CSVs: collect them, then tables, "
+                       "figures, claims and the sanity and cost summaries. Nothing is recomputed.")
     verbs = p.add_subparsers(dest="report_verb", metavar="STEP", required=True)
 
-    c = verbs.add_parser("collect", help="concatenate per-model tidy CSVs into one")
+    c = verbs.add_parser("collect", help="concatenate per-model tidy CSVs into one",
+                         description="Concatenate per-model tidy CSVs (same columns) into one; empty files are skipped.")
     c.add_argument("--out", required=True, help="output CSV")
     c.add_argument("inputs", nargs="*", help="input CSVs (same columns; empty files are skipped; none -> an empty CSV)")
     c.set_defaults(func=_collect)
 
-    lg = verbs.add_parser("language", help="HLSS's marker-similarity heat maps from results/language.csv")
+    lg = verbs.add_parser("language", help="HLSS's marker-similarity heat maps from results/language.csv",
+                          description="Per model, clean and under attack: the mean similarity of each class's validation "
+                          "samples to every class's markers (less that marker's mean over the classes), from the "
+                          "collected `hsat language` rows.")
     lg.add_argument("--language", required=True, help="results/language.csv (hsat language, collected)")
     lg.add_argument("--out-dir", required=True, help="writes language_similarity.png and .pdf here")
     lg.set_defaults(func=_language)
 
-    a = verbs.add_parser("attention", help="the ViT models' attention maps, clean and under attack, from stored maps")
+    a = verbs.add_parser("attention", help="the ViT models' attention maps, clean and under attack, from stored maps",
+                         description="Draw the stored maps of `hsat attention --out`: per model and condition (clean, "
+                         "under attack) the validation patches, then one row per head with its map over the patch.")
     a.add_argument("--maps", nargs="*", default=[], help="files of `hsat attention --out` (one per model)")
     a.add_argument("--out-dir", required=True, help="writes NAME.png and .pdf here")
     a.add_argument("--name", default="attention", help="the figure's file name, without extension (default: attention)")
     a.set_defaults(func=_attention)
 
-    t = verbs.add_parser("tables", help="Tables 1-4 as CSV, Markdown and LaTeX")
+    t = verbs.add_parser("tables", help="Tables 1-5 as CSV, Markdown and LaTeX",
+                         description="Tables 1-5 (white-box robustness, transfer, hierarchy level, L_max, every "
+                         "method per classifier) as CSV, Markdown and LaTeX (booktabs), and optionally the "
+                         "headline claims as JSON and Markdown.")
     t.add_argument("--study", "--config", dest="study", required=True, help="study config (YAML; --config: the old name)")
     t.add_argument("--whitebox", required=True, help="results/whitebox.csv")
     t.add_argument("--transfer", required=True, help="results/transfer.csv")
-    t.add_argument("--out-dir", required=True, help="folder for table1..table4")
+    t.add_argument("--out-dir", required=True, help="folder for table1..table5")
     t.add_argument("--metrics", default=None, help="also write the headline claims as JSON here (e.g. results/metrics.json)")
     t.add_argument("--sanity", default=None, help="results/sanity.csv: counts failed checks in --metrics and --claims")
     t.add_argument("--language", default=None, help="results/language.csv (HLSS models): the marker-similarity claims")
@@ -151,7 +162,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     t.set_defaults(func=_tables)
 
-    s = verbs.add_parser("sanity", help="every model's sanity checks plus the study-level ones (attack above clean, white-box vs transfer)")
+    s = verbs.add_parser("sanity", help="every model's sanity checks plus the study-level ones (attack above clean, white-box vs transfer)",
+                         description="Collect the per-model checks of `hsat sanity` and add those that need the whole "
+                         "study: no attack above clean accuracy, white-box at most transfer.")
     s.add_argument("--study", "--config", dest="study", required=True, help="study config (YAML; --config: the old name)")
     s.add_argument("--whitebox", required=True, help="results/whitebox.csv")
     s.add_argument("--transfer", required=True, help="results/transfer.csv")
@@ -162,13 +175,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     cal = verbs.add_parser(
         "calibration", help="the embedded cohort's calibration targets (HiDisc and the supervised references) judged from whitebox CSVs",
+        description="Judge the embedded cohort's calibration targets (docs/synthetic_cohort.md) from whitebox CSVs: "
+        "mean and spread over seeds, and a verdict per target.",
     )
     cal.add_argument("--out", default=None, help="also write the Markdown here")
     cal.add_argument("--title", default="Calibration", help="heading of the Markdown")
     cal.add_argument("inputs", nargs="+", help="whitebox CSVs (per model or collected)")
     cal.set_defaults(func=_calibration)
 
-    co = verbs.add_parser("cost", help="where the study's time went: its jobs' Snakemake benchmarks by rule and by method")
+    co = verbs.add_parser("cost", help="where the study's time went: its jobs' Snakemake benchmarks by rule and by method",
+                          description="Sum the study's Snakemake benchmark files by rule and by method, with a lower "
+                          "bound of the wall time on --cores cores: cost.csv and cost.md.")
     co.add_argument("--study", "--config", dest="study", required=True,
                     help="the study config the jobs ran (results/config.resolved.yaml); other models' benchmarks are left out")
     co.add_argument("--benchmarks", default="results/benchmarks", help="the workflow's benchmark folder (default: results/benchmarks)")
@@ -176,7 +193,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     co.add_argument("--out-dir", required=True, help="writes cost.csv and cost.md here")
     co.set_defaults(func=_cost)
 
-    f = verbs.add_parser("figures", help="figures (PNG and PDF)")
+    f = verbs.add_parser("figures", help="figures (PNG and PDF)",
+                         description="The report's figures as PNG and PDF: robust accuracy against eps, the transfer "
+                         "heat map, training curves, a t-SNE map of the embeddings, the attack-steps sanity plot.")
     f.add_argument("--study", "--config", dest="study", required=True, help="study config (YAML; --config: the old name)")
     f.add_argument("--whitebox", required=True)
     f.add_argument("--transfer", required=True)

@@ -23,7 +23,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     if args.study is not None:
         if args.config is not None:
-            raise HSATError("give either --config RUN.yaml or --study STUDY.yaml --model NAME, not both")
+            raise HSATError("give either --run-config RUN.yaml or --study STUDY.yaml --model NAME, not both")
         if not args.model:
             raise HSATError("--study needs --model NAME (a key of the study's `models`)")
         study = load_study_config(args.study)
@@ -57,17 +57,18 @@ def add_parsers(subparsers) -> None:
         "pretrain",
         help="hierarchical (adversarial) self-supervised pretraining of one encoder",
         description="Pretrain one encoder and write RUN_DIR/{config.yaml, checkpoint.pt, log.jsonl, "
-        "model.safetensors}. Either --config RUN.yaml (keys of the schema's $defs/run) or --study "
+        "model.safetensors}. Either --run-config RUN.yaml (keys of the schema's $defs/run) or --study "
         "STUDY.yaml --model NAME (the study's `pretrain` section merged with that model's overrides). "
         "Running the same command again resumes from RUN_DIR/checkpoint.pt, or returns at once when the "
         "run is finished. Under torchrun (--nproc_per_node N) it trains with DistributedDataParallel; "
         "data.patients_per_batch is then the global batch.",
-        epilog="examples: hsat pretrain --config run.yaml --out runs/hsat train.steps=20 attack.steps=2\n"
+        epilog="examples: hsat pretrain --run-config run.yaml --out runs/hsat train.steps=20 attack.steps=2\n"
         "          hsat pretrain --study config/config.yaml --model hsat --manifest results/manifest.csv --out runs/hsat",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", type=Path, help="run config YAML (omit to start from the schema defaults)")
-    p.add_argument("--study", type=Path, help="study config YAML (with --model)")
+    p.add_argument("--run-config", "--config", dest="config", type=Path, metavar="RUN.yaml",
+                   help="run config YAML (omit to start from the schema defaults; --config: the old name)")
+    p.add_argument("--study", type=Path, metavar="STUDY.yaml", help="study config YAML (with --model)")
     p.add_argument("--model", help="model name in the study's `models` matrix")
     p.add_argument("--manifest", type=Path, help="manifest CSV (sets data.manifest)")
     p.add_argument("--out", type=Path, required=True, help="run directory")

@@ -20,9 +20,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import yaml
 from tqdm import tqdm
 
 from hsat import CLASSES
+from hsat.config import run_config_for_model
 from hsat.data.srh import read_image, read_srh_raw
 from hsat.errors import HSATError
 from hsat.io import write_csv, write_json
@@ -247,6 +249,68 @@ def split_warnings(df: pd.DataFrame) -> list[str]:
         elif row["train_patients"] == 0:
             out.append(f"class {row['class']!r} has {who} in val only; no classifier fit on train can predict it")
     return out
+
+
+def run_data_errors(run_cfg: Mapping[str, Any], df: pd.DataFrame, nproc: int = 1) -> list[str]:
+    """What in a run config cannot work on this manifest, each naming the key and what to set.
+
+    The workflow and `hsat config show` call it when the study is planned, so that a setting that
+    does not fit the data stops the dry run, not the training after it. Settings the data decides
+    are not listed: data.patients_per_batch above the number of training patients takes them all
+    (hsat.train.fit_to_data), the attacked subset and kNN's k shrink to what there is.
+    """
+    errors = []
+    classes = class_names(df)
+    if df["label"].nunique() < 2:
+        errors.append(f"the manifest has one class ({', '.join(map(str, df['label'].unique()))}); "
+                      "classification needs at least 2")
+    n_train = int(df.loc[df["split"] == "train", "patient"].nunique())
+    batch = int(run_cfg["data"]["patients_per_batch"])
+    if n_train < 2:
+        errors.append(f"the manifest has {n_train} training patient(s); pretraining draws at least 2 per step "
+                      "(more patients, or a smaller `hsat prepare --val-fraction`)")
+    elif min(batch, n_train) % nproc:
+        used = min(batch, n_train)
+        fit = used - used % nproc
+        todo = (f"set pretrain.data.patients_per_batch: {fit}" if fit
+                else f"use at most {n_train} processes")
+        errors.append(f"data.patients_per_batch={batch} ({used} with the manifest's {n_train} training patients) "
+                      f"must be divisible by launcher.nproc_per_node={nproc}: {todo}")
+    hlss = (run_cfg.get("method") or {}).get("hlss")
+    if hlss and hlss.get("descriptions"):
+        described = _described_classes(hlss["descriptions"])
+        missing = [c for c in classes if described is not None and c not in described]
+        if missing:
+            errors.append(f"method.hlss.descriptions: {hlss['descriptions']} describes {described}, not the "
+                          f"manifest's class(es) {missing}: write a descriptions file for your classes (the layout "
+                          "of config/attributes/srh.yaml) and set method.hlss.descriptions to it")
+    return errors
+
+
+def study_data_errors(study: Mapping[str, Any]) -> list[str]:
+    """`run_data_errors` of every model of a resolved study on its dataset.manifest (none when the
+    study reads OpenSRH or the embedded cohort, or the manifest is not there yet), one line per
+    problem with the models it concerns."""
+    path = (study.get("dataset") or {}).get("manifest")
+    if not path or not Path(path).is_file():
+        return []
+    table = read_manifest(path, check_files=False)
+    nproc = int((study.get("launcher") or {}).get("nproc_per_node", 1))
+    found: dict[str, list[str]] = {}
+    for name in study["models"]:
+        for message in run_data_errors(run_config_for_model(study, name), table, nproc):
+            found.setdefault(message, []).append(name)
+    return [f"{path}: {message} (models: {', '.join(names)})" for message, names in found.items()]
+
+
+def _described_classes(path: str | os.PathLike) -> list[str] | None:
+    """The `classes` of an HLSS descriptions file; None if it cannot be read (pretraining says why)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    found = data.get("classes") if isinstance(data, dict) else None
+    return [str(c) for c in found] if isinstance(found, list) else None
 
 
 def format_split_report(df: pd.DataFrame) -> str:

@@ -247,7 +247,8 @@ class HierarchicalBatchSampler(Sampler[list[Key]]):
         if patients_per_batch < 1 or patients_per_batch > n:
             raise HSATError(
                 f"data.patients_per_batch={patients_per_batch} must be between 1 and the number of "
-                f"training patients ({n}): patients are drawn without replacement within a step"
+                f"training patients ({n}): patients are drawn without replacement within a step "
+                f"(set data.patients_per_batch: {max(1, n)} or fewer)"
             )
         if world_size < 1 or not 0 <= rank < world_size:
             raise HSATError(f"rank {rank} is not within world_size {world_size}")

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,6 +36,7 @@ import tifffile
 
 from hsat import CLASSES
 from hsat.errors import HSATError
+from hsat.io import make_temp_dir
 
 MARKER = Path("meta") / "synthetic.json"
 """Provenance file written beside the OpenSRH meta files; marks a directory as ours to replace."""
@@ -389,7 +389,7 @@ def synthesize_cohort(
     ids = [f"SYN{i + 1:0{width}d}" for i in range(patients)]
     split = stratified_split(labels, val_fraction, np.random.default_rng([seed, 0x5EED]))
 
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = make_temp_dir(out.parent, prefix=f".{out.name}.tmp-")
     try:
         meta: dict[str, dict] = {}
         for i, (pid, label) in enumerate(zip(ids, labels)):

@@ -145,12 +145,31 @@ def make_objective(
     raise HSATError(f"unknown attack objective {objective!r} ({', '.join(OBJECTIVES)}, {HEAD_OBJECTIVE})")
 
 
+DLR_MIN_CLASSES = 4
+"""APGD-T's targeted DLR loss divides by the gap between the largest logit and the mean of the
+third and fourth largest: a probe needs at least this many classes for it."""
+
+
+def _apgd_targeted_ce(apgdt: type) -> type:
+    """torchattacks' APGD-T with the targeted cross-entropy in place of the targeted DLR loss
+    (the original AutoAttack's `ce-targeted`), for probes of two or three classes, where the
+    DLR loss does not exist (torchattacks indexes a third logit and fails)."""
+
+    class APGDTargetedCE(apgdt):
+        def dlr_loss_targeted(self, x: torch.Tensor, y: torch.Tensor, y_target: torch.Tensor) -> torch.Tensor:
+            return -F.cross_entropy(x, y_target, reduction="none")  # maximised: towards the target
+
+    return APGDTargetedCE
+
+
 def autoattack(model: nn.Module, probe: LinearProbe, eps: float, version: str, steps: int, seed: int) -> Callable:
     """AutoAttack (Croce & Hein 2020) on image -> probe logits, built from torchattacks' parts.
 
     `standard`: APGD-CE, APGD-T (C - 1 targets), FAB-T and Square (5000 queries), each on the
     examples the previous ones left correct, with `steps` iterations (the original: 100).
     `apgd-ce+apgd-t`: the first two only (the gradient-based part; what the CPU study runs).
+    With fewer than four classes APGD-T optimises the targeted cross-entropy (two classes: one
+    target, the other class), as the targeted DLR loss needs four logits.
 
     It runs in fp32 whatever `evaluation.attack_precision` says: AutoAttack stops searching an
     example once its own logits call it misclassified, and bf16 logits end the search of
@@ -165,9 +184,10 @@ def autoattack(model: nn.Module, probe: LinearProbe, eps: float, version: str, s
     # its statistics on every later batch of the sweep.
     clf = ProbeClassifier(model, probe).eval()
     n = probe.num_classes
+    targeted = torchattacks.APGDT if n >= DLR_MIN_CLASSES else _apgd_targeted_ce(torchattacks.APGDT)
     parts = [
         torchattacks.APGD(clf, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce"),
-        torchattacks.APGDT(clf, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=n),
+        targeted(clf, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=n),
     ]
     if version == "standard":
         parts += [

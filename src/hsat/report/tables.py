@@ -1,4 +1,4 @@
-"""Tables 1-4 of the paper as views of the tidy result CSVs (CSV, Markdown and LaTeX).
+"""Tables 1-5 as views of the tidy result CSVs (CSV, Markdown and LaTeX).
 
 Nothing is recomputed here: rows of `results/whitebox.csv` / `results/transfer.csv` are
 filtered, averaged over the models that share (group, method, backbone) -- seeds -- and laid
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -328,13 +329,42 @@ def save_table(
     md = [f"{caption}\n\n{_flat(table).to_markdown(index=False)}\n"]
     md += [f"\n{title}\n\n{_flat(block).to_markdown(index=False)}\n" for title, block in [*blocks, *notes]]
     write_text(paths[1], "".join(md))
-    latex = [table.to_latex(caption=caption, label=f"tab:{name}", multicolumn=True, multicolumn_format="c", escape=True)]
-    latex += [
-        block.to_latex(caption=title, label=f"tab:{name}_{i}", multicolumn=True, multicolumn_format="c", escape=True)
-        for i, (title, block) in enumerate(blocks, start=1)
-    ]
+    latex = [latex_table(table, caption, f"tab:{name}")]
+    latex += [latex_table(block, title, f"tab:{name}_{i}") for i, (title, block) in enumerate(blocks, start=1)]
     write_text(paths[2], "\n".join(latex))
     return paths
+
+
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+LATEX_UNICODE = {"±": r"$\pm$", "–": "--", "—": "---", "−": "$-$", "≤": r"$\le$", "≥": r"$\ge$", "×": r"$\times$"}
+"""Characters of our labels that pdfLaTeX's default fonts lack (± would need TS1 fonts generated
+on the fly; ≤ is not set up at all), written with the standard fonts' commands."""
+_TABLE_NUMBER = re.compile(r"^Table \d+(?: \((\w+)\))?: ")
+
+
+def latex_escape(text: str) -> str:
+    """Plain text as LaTeX text: the ten special characters escaped (a bare % would comment out the
+    rest of a caption, a bare _ stop the run)."""
+    return re.sub("|".join(map(re.escape, LATEX_SPECIAL)), lambda m: LATEX_SPECIAL[m.group()], str(text))
+
+
+def latex_table(table: pd.DataFrame, caption: str, label: str) -> str:
+    """One table as LaTeX that compiles with booktabs alone.
+
+    Cells, headers and the caption are escaped (pandas escapes cells, not the caption); the
+    caption drops its leading "Table N:" (LaTeX numbers tables itself); grouped row labels are
+    written once, without \\multirow and \\cline (a change of several index levels on one row
+    stacked one \\cline per level); ± and the dashes use the standard fonts.
+    """
+    match = _TABLE_NUMBER.match(caption)
+    text = caption[match.end():] if match else caption
+    text = text[:1].upper() + text[1:]
+    if match and match.group(1):
+        text = f"{match.group(1).capitalize()}: {text}"
+    out = table.to_latex(caption=latex_escape(text), label=label, multicolumn=True, multicolumn_format="c",
+                         multirow=False, escape=True)
+    return re.sub("|".join(map(re.escape, LATEX_UNICODE)), lambda m: LATEX_UNICODE[m.group()], out)
 
 
 # ----------------------------------------------------------------------------- the tables
