@@ -61,7 +61,7 @@ from hsat.data.srh import read_image
 from hsat.data.transforms import check_patch_size, loss_weights, strength_at
 from hsat.distributed import convert_sync_batchnorm, gather_with_grad, init_distributed, wrap_ddp
 from hsat.errors import HSATError
-from hsat.io import atomic_path, write_text, write_yaml
+from hsat.io import atomic_stream, remove_temporaries, write_text, write_yaml
 from hsat.methods import Objective, Robust, build_objective, resolve_method
 from hsat.models import choose_attention_kernel, model_from_config, save_weights, unwrap
 from hsat.precision import autocast_factory, effective_precision, safe_precision
@@ -182,8 +182,8 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
     }
     if objective_state is not None:
         state["objective"] = objective_state  # the method's own state (DINO: teacher, center)
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(state, tmp)
+    with atomic_stream(path) as fh:  # a file object: the archive's member names do not vary
+        torch.save(state, fh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +220,15 @@ def _resume_log(path: Path, step: int) -> None:
         if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
             kept.append(json.dumps(rec))
     write_text(path, "".join(k + "\n" for k in kept))
+
+
+def _append_log(path: Path, record: Mapping[str, Any]) -> None:
+    """One line of log.jsonl; a refused write names the file (a cut line is dropped on resume)."""
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def _normalise(cfg: Mapping[str, Any]) -> dict[str, Any]:
