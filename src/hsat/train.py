@@ -529,7 +529,11 @@ def restart_from_checkpoint(
     if on_config_change not in ("error", "restart"):
         raise ValueError(f"on_config_change must be 'error' or 'restart', not {on_config_change!r}")
     restart = False
-    if (out_dir / CONFIG).exists():
+    # A config.yaml beside neither checkpoint nor weights is a run that stopped before its first
+    # checkpoint (a missing image, a refused weights file): nothing to resume or to protect, so
+    # the corrected command starts afresh in the same folder.
+    started = (out_dir / CHECKPOINT).exists() or (out_dir / WEIGHTS).exists()
+    if (out_dir / CONFIG).exists() and started:
         with open(out_dir / CONFIG, encoding="utf-8") as fh:
             saved = yaml.safe_load(fh) or {}
         diff = config_differences(saved, cfg)
@@ -544,7 +548,7 @@ def restart_from_checkpoint(
             restart = True
     stamp = out_dir / CODE_STAMP
     old_code = stamp.read_text(encoding="utf-8").strip() if stamp.is_file() else None
-    if code_version and (out_dir / CONFIG).exists() and old_code != code_version and not restart:
+    if code_version and started and (out_dir / CONFIG).exists() and old_code != code_version and not restart:
         if on_config_change == "restart":
             log.warning("%s: training code changed (%s -> %s); starting afresh", out_dir, old_code, code_version)
             restart = True
@@ -562,7 +566,11 @@ def restart_from_checkpoint(
 
 def _begin_run_dir(out_dir: Path, cfg: Mapping[str, Any], code_version: str | None, restart: bool,
                    start_step: int) -> None:
-    """Rank 0: drop a discarded run's checkpoint and weights, stamp the config and code, mark the log."""
+    """Rank 0: drop a discarded run's checkpoint and weights and what a killed save left (its
+    temporary files), stamp the config and code, mark the log."""
+    for name in (CHECKPOINT, WEIGHTS, CONFIG, CODE_STAMP, LOG):
+        for tmp in remove_temporaries(out_dir / name):
+            log.info("removed %s (left by an interrupted write)", tmp)
     if restart:
         (out_dir / CHECKPOINT).unlink(missing_ok=True)
         (out_dir / WEIGHTS).unlink(missing_ok=True)
@@ -620,10 +628,6 @@ def pretrain(
         log.info("%s: finished run (%d steps); nothing to do", out_dir, total_steps)
         return out_dir
     start_step = int(state["step"]) if state else 0
-    if world > 1:
-        torch.distributed.barrier()  # every rank has read the old state before rank 0 writes
-    if is_main:
-        _begin_run_dir(out_dir, cfg, code_version, restart, start_step)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -663,6 +667,13 @@ def pretrain(
     objective.setup(model, total_steps)
     if state is not None and state.get("objective") is not None:
         objective.load_state_dict(state["objective"])
+
+    # ============ the run directory: stamped once data and model are ready ... ============
+    # (a run that cannot start -- a missing image, a refused weights file -- leaves no stamps)
+    if world > 1:
+        torch.distributed.barrier()  # every rank has read the old state before rank 0 writes
+    if is_main:
+        _begin_run_dir(out_dir, cfg, code_version, restart, start_step)
 
     # ============ schedules ... ============
     strength_fn = strength_function(cfg)
