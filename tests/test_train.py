@@ -109,10 +109,10 @@ def test_tiny_hsat_run_lowers_its_training_loss(tiny_manifest, tmp_path):
     run = pretrain(cfg, tmp_path / "run")
     log = read_log(run)
     assert [r["step"] for r in log] == list(range(1, 41))
-    expected = {"step", "lr", "eps", "strength", "clean_weight", "loss_total", "images_per_s"}
+    expected = {"step", "lr", "eps", "strength", "clean_weight", "loss_total"}
     expected |= {f"loss_{kind}_{lvl}" for kind in ("clean", "adv") for lvl in ("patient", "slide", "patch")}
     assert expected <= set(log[0])
-    assert log[0]["eps"] == 8.0 and log[0]["images_per_s"] > 0
+    assert log[0]["eps"] == 8.0 and "images_per_s" not in log[0]  # a timing: the job's log line, not the run's files
     losses = [r["loss_total"] for r in log]
     early, late = np.mean(losses[:5]), np.mean(losses[-10:])
     assert late < 0.95 * early, (early, late)

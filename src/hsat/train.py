@@ -743,16 +743,18 @@ def pretrain(
         }
         if done % log_every == 0 or done == total_steps:
             record.update({k: float(v) for k, v in result.losses.items()})
+            # Throughput is the machine's, not the run's: the job's log line says it, the run's
+            # files (log.jsonl, the curves) hold only what the same config and data reproduce.
             now = time.perf_counter()
-            record["images_per_s"] = images_seen / max(now - tick, 1e-9)
+            images_per_s = images_seen / max(now - tick, 1e-9)
             tick, images_seen = now, 0
             if is_main:
-                with open(out_dir / LOG, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                _append_log(out_dir / LOG, record)
                 live.log(record)
                 bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{record['lr']:.2e}")
                 if not interactive:  # a rule's log file gets one line per logged step instead of a bar
-                    log.info(progress_line(record, total_steps, start_step, time.perf_counter() - started))
+                    log.info(progress_line(record, total_steps, start_step, time.perf_counter() - started,
+                                           images_per_s=images_per_s))
         if is_main and (done % ckpt_every == 0 or done == total_steps):
             _save_checkpoint(ckpt_path, model, optimizer, done, cfg, objective.state_dict(), precision)
             last_ckpt = done
