@@ -51,6 +51,8 @@ from hsat.precision import effective_precision
 log = logging.getLogger(__name__)
 
 FORMAT = "hsat-adversarial-v1"
+METADATA_KEY = "hsat"
+"""The stored set's one metadata key: settings, paths, patients and slides as key-sorted JSON."""
 TRANSFER_COLUMNS: tuple[str, ...] = (
     "surrogate", "target", "attack", "eps", "steps", "objective", "classifier",
     "level", "acc", "mca", "clean_acc", "clean_mca", "acc_drop", "mca_drop",
@@ -132,11 +134,12 @@ def save_adversarial(path: str | Path, crafted: Mapping[str, Any]) -> Path:
         raise HSATError(f"adversarial images must be float32 to stay lossless, got {images.dtype}")
     tensors = {"images": images.contiguous(), "labels": crafted["labels"].long().contiguous(),
                "positions": crafted["positions"].long().contiguous()}
-    metadata = {k: json.dumps(v) for k, v in crafted["metadata"].items()}
+    metadata = dict(crafted["metadata"])
     for key in ("paths", "patients", "slides"):
-        metadata[key] = json.dumps(list(crafted[key]))
+        metadata[key] = list(crafted[key])
     with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        # One key: safetensors writes several in a random order, and the file's bytes would vary.
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     return Path(path)
 
 
@@ -150,7 +153,11 @@ def load_adversarial(path: str | Path) -> dict[str, Any]:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:  # safetensors raises its own error types
         raise HSATError(f"{path}: not a readable safetensors file: {exc}") from exc
-    meta = {k: json.loads(v) for k, v in raw.items()}
+    try:
+        # one JSON object, or (a file written before) one JSON value per key
+        meta = json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else {k: json.loads(v) for k, v in raw.items()}
+    except ValueError as exc:
+        raise HSATError(f"{path}: metadata is not JSON ({exc})") from exc
     if meta.get("format") != FORMAT or not {"images", "labels", "positions"} <= set(tensors):
         raise HSATError(f"{path}: not an hsat adversarial set (write it with `hsat transfer craft`)")
     lists = {k: meta.pop(k) for k in ("paths", "patients", "slides")}
