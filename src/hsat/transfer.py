@@ -4,8 +4,9 @@ and evaluate exactly those tensors on every target model.
 The stored file (safetensors) holds float32 images — never re-quantised to 8 bits, which would
 move examples off the attack's optimum and off the eps-ball boundary — plus the labels, the
 positions of the patches in the validation split, and in its metadata the attack settings and
-the patches' paths, patients and slides, so a target can check that the file describes its own
-validation set before trusting any number.
+the patches' paths (as the manifest stores them, relative to its folder), patients and slides,
+so a target can check that the file describes its own validation set before trusting any
+number -- wherever the study folder has moved since.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from hsat.config import resolve_evaluation
+from hsat.data.manifest import same_patch, stored_paths
 from hsat.errors import HSATError
 from hsat.evaluate import (
     AttackSpec,
@@ -180,7 +182,7 @@ def _check_matches(adv: Mapping[str, Any], emb: Embeddings, source: str, target:
     if len(pos) and (pos.min() < 0 or pos.max() >= len(val)):
         raise HSATError(f"{source}: positions beyond target {target}'s {len(val)} validation patches")
     want = val["path"].to_numpy()[pos]
-    bad = [i for i, (a, b) in enumerate(zip(adv["paths"], want)) if str(a) != str(b)]
+    bad = [i for i, (a, b) in enumerate(zip(adv["paths"], want)) if not same_patch(a, b)]
     if bad:
         i = bad[0]
         raise HSATError(f"{source}: patch {i} is {adv['paths'][i]} but target {target}'s validation patch "
@@ -256,6 +258,7 @@ def craft_run(run_dir, manifest, emb_dir, study: Mapping[str, Any], out, device=
                     classes=emb.classes, image_size=eval_image_size(study, run_dir),
                     batch_size=cfg_eval["batch_size"], device=device, progress=progress,
                     precision=cfg_eval["attack_precision"])
+    crafted["paths"] = stored_paths(crafted["paths"], manifest)  # as index.csv names them
     return save_adversarial(out, crafted)
 
 
