@@ -273,6 +273,20 @@ def sweep_outputs():
     return out
 
 
+def intermediate_outputs():
+    """Every file the report is built from, model by model. `all` names them all: Snakemake does
+    not look behind an output that exists, so a deleted per-model file that no target names
+    stays deleted while the tables built from it look up to date."""
+    out = [MANIFEST] + sweep_outputs()
+    out += [path.format(model=m) for m in MODELS for path in EMBED_OUT.values()]
+    out += [f"{RESULTS}/mil/{m}.safetensors" for m in MIL_MODELS]
+    out += [f"{RESULTS}/whitebox_abmil/{m}.csv" for m in MIL_MODELS] if MIL_ATTACK else []
+    out += [f"{RESULTS}/adversarial/{s}.safetensors" for s in TRANSFER_MODELS] if TRANSFER_TARGETS else []
+    out += [f"{RESULTS}/attention/{m}.safetensors" for m in ATTENTION_MODELS]
+    out += sorted(TEXT_SOURCES)
+    return out
+
+
 def model_outputs(model):
     out = [f"{run_dir(model)}/model.safetensors", f"{RESULTS}/whitebox/{model}.csv"]
     if model in SANITY_MODELS:
