@@ -120,15 +120,39 @@ def atomic_stream(path: str | os.PathLike) -> Iterator[IO[bytes]]:
             raise
 
 
+# What atomic_path names its temporary file: "." + the target's name + "." + mkstemp's 8
+# characters + the suffix (the target's own, or ".tmp").
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>\.[^.]+)$")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is that of an atomic write's temporary file."""
+    match = _TEMPORARY.match(name)
+    return bool(match) and (match["name"].endswith(match["suffix"]) or match["suffix"] == ".tmp")
+
+
 def remove_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete what interrupted atomic writes of `path` left beside it (`.NAME.*`); returns them.
+    """Delete what interrupted atomic writes of `path` left beside it; returns them.
 
     A kill during a write leaves its temporary file; only the one process that writes `path`
     may call this (another's write in progress would lose its file).
     """
     path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return _remove([p for p in path.parent.glob(f".{path.name}.*") if is_temporary(p.name)])
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete every atomic write's temporary file under `folder`; returns them. For a workflow
+    that owns the folder, before its first job: any such file is a killed job's leftover."""
+    folder = Path(folder)
+    return _remove([p for p in folder.rglob(".*") if is_temporary(p.name)]) if folder.is_dir() else []
+
+
+def _remove(paths: list[Path]) -> list[Path]:
     removed = []
-    for tmp in path.parent.glob(f".{path.name}.*") if path.parent.is_dir() else []:
+    for tmp in paths:
         if tmp.is_file():
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
