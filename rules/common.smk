@@ -18,7 +18,7 @@ import hsat
 from hsat.backbones import is_vit
 from hsat.config import resolve_study, run_config_for_model
 from hsat.errors import HSATError
-from hsat.io import remove_stale_temporaries, write_yaml
+from hsat.io import remove_temporaries, write_yaml
 from hsat.provenance import code_version
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
@@ -82,10 +82,12 @@ def _write_resolved(path, cfg):
 
 
 onstart:
-    # Before any job: what a killed job's atomic writes left (Snakemake's lock keeps any other
-    # run of this workflow out of RESULTS) is removed, so a resumed study leaves no debris.
-    for _tmp in remove_stale_temporaries(RESULTS):
-        print(f"removed {_tmp} (left by an interrupted job)", file=sys.stderr)
+    # Before any job: the temporary files that killed jobs' atomic writes left beside the outputs
+    # this run writes are removed, so a resumed study leaves no debris. Only those outputs: this
+    # run has locked them, so no other Snakemake is writing them.
+    for _out in workflow.persistence.all_outputfiles():
+        for _tmp in remove_temporaries(_out):
+            print(f"removed {_tmp} (left by an interrupted job)", file=sys.stderr)
     # Jobs read this file (--study); written when a run starts, never by a dry run, so checking
     # another config with -n cannot change it under a running study.
     _write_resolved(STUDY, config)

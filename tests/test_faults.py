@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from hsat.io import WRITE_ERROR, atomic_path, describe_os_error, remove_stale_temporaries, write_error
+from hsat.io import WRITE_ERROR, atomic_path, describe_os_error, remove_temporaries, write_error
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # A seconds-long pretraining: its checkpoint (~4.6 MB with the optimiser state) does not fit on
@@ -107,15 +107,17 @@ def test_write_errors_name_the_file_whatever_library_failed(tmp_path):
 
 def test_what_killed_writes_leave_is_found_and_nothing_else(tmp_path):
     """A SIGKILL during an atomic write leaves its temporary file; a workflow's start removes
-    those (rules/common.smk, onstart), and only those."""
+    those of the outputs it will write (rules/common.smk, onstart), and only those."""
     import tempfile
 
     (tmp_path / "whitebox").mkdir()
-    left = [Path(tempfile.mkstemp(dir=tmp_path / "whitebox", prefix=".hsat.csv.", suffix=".csv")[1]),
-            Path(tempfile.mkstemp(dir=tmp_path, prefix=".checkpoint.pt.", suffix=".pt")[1]),
-            Path(tempfile.mkstemp(dir=tmp_path, prefix=".notes.", suffix=".tmp")[1])]
-    kept = [tmp_path / ".snakemake_timestamp", tmp_path / "whitebox" / "hsat.csv", tmp_path / ".hidden.abcdefgh.txt"]
+    left = {tmp_path / "whitebox" / "hsat.csv": tempfile.mkstemp(dir=tmp_path / "whitebox", prefix=".hsat.csv.", suffix=".csv")[1],
+            tmp_path / "checkpoint.pt": tempfile.mkstemp(dir=tmp_path, prefix=".checkpoint.pt.", suffix=".pt")[1],
+            tmp_path / "notes": tempfile.mkstemp(dir=tmp_path, prefix=".notes.", suffix=".tmp")[1]}
+    kept = [tmp_path / ".checkpoint.pt.notes", tmp_path / "whitebox" / "hsat.csv", tmp_path / ".hidden.abcdefgh.txt",
+            Path(tempfile.mkstemp(dir=tmp_path / "whitebox", prefix=".hidisc.csv.", suffix=".csv")[1])]  # not asked for
     for path in kept:
         path.write_text("x")
-    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(left)
-    assert all(p.exists() for p in kept) and not any(p.exists() for p in left)
+    for target, tmp in left.items():
+        assert remove_temporaries(target) == [Path(tmp)]
+    assert all(p.exists() for p in kept) and not any(Path(p).exists() for p in left.values())

@@ -143,13 +143,6 @@ def remove_temporaries(path: str | os.PathLike) -> list[Path]:
     return _remove([p for p in path.parent.glob(f".{path.name}.*") if is_temporary(p.name)])
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete every atomic write's temporary file under `folder`; returns them. For a workflow
-    that owns the folder, before its first job: any such file is a killed job's leftover."""
-    folder = Path(folder)
-    return _remove([p for p in folder.rglob(".*") if is_temporary(p.name)]) if folder.is_dir() else []
-
-
 def _remove(paths: list[Path]) -> list[Path]:
     removed = []
     for tmp in paths:
