@@ -36,6 +36,7 @@ rule all:
         report_outputs(),
         SHIFT_OUTPUTS,
         expand(f"{RESULTS}/runs/{{model}}/model.safetensors", model=MODELS),
+        intermediate_outputs(),  # so that a deleted per-model file is rebuilt, with what depends on it
     default_target: True
     localrule: True
 

@@ -19,7 +19,7 @@ from hsat.backbones import is_vit
 from hsat.cluster import job_gpus
 from hsat.config import resolve_study, run_config_for_model
 from hsat.errors import HSATError
-from hsat.io import write_yaml
+from hsat.io import remove_temporaries, write_yaml
 from hsat.provenance import code_version
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
@@ -83,6 +83,12 @@ def _write_resolved(path, cfg):
 
 
 onstart:
+    # Before any job: the temporary files that killed jobs' atomic writes left beside the outputs
+    # this run writes are removed, so a resumed study leaves no debris. Only those outputs: this
+    # run has locked them, so no other Snakemake is writing them.
+    for _out in workflow.persistence.all_outputfiles():
+        for _tmp in remove_temporaries(_out):
+            print(f"removed {_tmp} (left by an interrupted job)", file=sys.stderr)
     # Jobs read this file (--study); written when a run starts, never by a dry run, so checking
     # another config with -n cannot change it under a running study.
     _write_resolved(STUDY, config)
@@ -299,6 +305,20 @@ def sweep_outputs():
     out += [f"{RESULTS}/transfer/{t}.csv" for t in TRANSFER_TARGETS]
     out += [f"{RESULTS}/mil/{m}.csv" for m in MIL_MODELS]
     out += [f"{RESULTS}/language/{m}.csv" for m in LANGUAGE_MODELS]
+    return out
+
+
+def intermediate_outputs():
+    """Every file the report is built from, model by model. `all` names them all: Snakemake does
+    not look behind an output that exists, so a deleted per-model file that no target names
+    stays deleted while the tables built from it look up to date."""
+    out = [MANIFEST] + sweep_outputs()
+    out += [path.format(model=m) for m in MODELS for path in EMBED_OUT.values()]
+    out += [f"{RESULTS}/mil/{m}.safetensors" for m in MIL_MODELS]
+    out += [f"{RESULTS}/whitebox_abmil/{m}.csv" for m in MIL_MODELS] if MIL_ATTACK else []
+    out += [f"{RESULTS}/adversarial/{s}.safetensors" for s in TRANSFER_MODELS] if TRANSFER_TARGETS else []
+    out += [f"{RESULTS}/attention/{m}.safetensors" for m in ATTENTION_MODELS]
+    out += sorted(TEXT_SOURCES)
     return out
 
 

@@ -2,14 +2,18 @@
 
 
 rule collect:
+    """One tidy CSV of the study from the per-model ones. The manifest is an input too: with no
+    per-model files (one transfer model), the job would otherwise run at once, before -- and even
+    when -- the stages before it fail."""
     input:
-        lambda wildcards: {
+        parts=lambda wildcards: {
             "whitebox": [f"{RESULTS}/whitebox/{m}.csv" for m in MODELS]
             + ([f"{RESULTS}/whitebox_abmil/{m}.csv" for m in MIL_MODELS] if MIL_ATTACK else []),
             "transfer": [f"{RESULTS}/transfer/{t}.csv" for t in TRANSFER_TARGETS],
             "mil": [f"{RESULTS}/mil/{m}.csv" for m in MIL_MODELS],
             "language": [f"{RESULTS}/language/{m}.csv" for m in LANGUAGE_MODELS],
         }[wildcards.kind],
+        manifest=MANIFEST,
     output:
         f"{RESULTS}/{{kind}}.csv",
     wildcard_constraints:
@@ -23,7 +27,7 @@ rule collect:
     conda:
         "../envs/hsat.yaml"
     shell:
-        "hsat report collect --out {output} {input} > {log} 2>&1"
+        "hsat report collect --out {output} {input.parts} > {log} 2>&1"
 
 
 rule sanity_report:

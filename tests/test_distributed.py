@@ -174,7 +174,7 @@ def test_two_process_gloo_run_matches_one_process(tiny_manifest: Path, tmp_path:
     assert logs[1][0]["loss_total"] == pytest.approx(logs[0][0]["loss_total"], rel=1e-5)
     for a, b in zip(*logs):
         assert b["loss_total"] == pytest.approx(a["loss_total"], rel=1e-3)
-        assert b["images_per_s"] > 0
+        assert "images_per_s" not in b  # timings only in the job's log
     # only rank 0 writes: no stray temporary files
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
         ["config.yaml", "checkpoint.pt", "log.jsonl", "model.safetensors", "code.version", "dvclive"]

@@ -208,3 +208,15 @@ def test_study_data_errors_checks_every_model_against_the_study_manifest(png_man
     del overlay["models"]["lang"]
     study, _ = resolve_study(Path(__file__).resolve().parents[1] / "config" / "config.yaml", [overlay])
     assert study_data_errors(study) == []
+
+
+def test_result_files_name_patches_as_the_manifest_stores_them(tmp_path):
+    """Relative to the manifest's folder: the same in every copy of a study, wherever it lies."""
+    from hsat.data.manifest import same_patch, stored_paths
+
+    for root in (tmp_path / "a", tmp_path / "b" / "deeper"):
+        assert stored_paths([str(root / "dataset" / "p1.tif")], root / "manifest.csv") == ["dataset/p1.tif"]
+    assert same_patch("dataset/p1.tif", "dataset/p1.tif")
+    assert same_patch("/old/study/dataset/p1.tif", "dataset/p1.tif")  # a file written with absolute paths
+    assert not same_patch("dataset/p1.tif", "dataset/p2.tif")
+    assert not same_patch("/old/study/dataset/xp1.tif", "p1.tif")  # whole path components only

@@ -1,14 +1,16 @@
 """The workflow through its command line: dry runs build the DAG, the linter is clean, and the
 tiny study runs end to end under `dvc repro`, after which nothing is left to do and changing one
-model's settings reruns only that model's chain."""
+model's settings reruns only that model's chain; in another folder it gives the same bytes."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -48,17 +50,69 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M) if m.group(1) != "total"}
 
 
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    """A copy of the workflow (not the results) with results_dir pointing inside it."""
+def copy_workflow(dest: Path) -> Path:
+    """A copy of the workflow (not the results) in `dest`, with results_dir pointing inside it."""
+    dest.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, tmp_path / name)
+            shutil.copytree(src, dest / name)
         elif src.exists():
-            shutil.copy2(src, tmp_path / name)
-    shutil.copytree(REPO / "src" / "hsat", tmp_path / "src" / "hsat", ignore=shutil.ignore_patterns("__pycache__"))
-    return tmp_path
+            shutil.copy2(src, dest / name)
+    shutil.copytree(REPO / "src" / "hsat", dest / "src" / "hsat", ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A copy of the workflow (not the results) with results_dir pointing inside it."""
+    return copy_workflow(tmp_path)
+
+
+def dvc_repro_tiny(workdir: Path) -> subprocess.CompletedProcess:
+    """`dvc init` and `dvc repro` of the tiny study (params.yaml pointed at it) in a workflow copy."""
+    params = workdir / "params.yaml"
+    p = yaml.safe_load(params.read_text())
+    p["study"].update(configfile="config/tiny.yaml", results_dir="results/tiny", cores=2)
+    params.write_text(yaml.safe_dump(p))
+    assert dvc(workdir, "init", "--no-scm", "-q").returncode == 0
+    return dvc(workdir, "repro")
+
+
+def dvc(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=workdir, env=_env(workdir),
+                          capture_output=True, text=True, timeout=1100)
+
+
+def study_files(results: Path) -> dict[str, str]:
+    """sha256 of every file a study wrote, by path under its results folder, but its logs and
+    benchmarks (times and machine-dependent messages live there, by design)."""
+    return {p.relative_to(results).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(results.rglob("*"))
+            if p.is_file() and p.relative_to(results).parts[0] not in ("logs", "benchmarks")}
+
+
+def differing(a: dict[str, str], b: dict[str, str]) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+@dataclass(frozen=True)
+class TinyStudy:
+    workdir: Path
+    proc: subprocess.CompletedProcess
+    files: dict[str, str]  # study_files right after `dvc repro`: later edits by a test do not count
+    lock: str
+
+
+@pytest.fixture(scope="module")
+def tiny_dvc(tmp_path_factory) -> TinyStudy:
+    """The tiny study run once under `dvc repro`, shared by the tests that need a finished study."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("tiny_dvc"))
+    proc = dvc_repro_tiny(workdir)
+    results = workdir / "results" / "tiny"
+    files = study_files(results) if results.is_dir() else {}
+    lock = (workdir / "dvc.lock").read_text() if (workdir / "dvc.lock").is_file() else ""
+    return TinyStudy(workdir, proc, files, lock)
 
 
 @pytest.mark.parametrize("configfile", ["config/config.yaml", "config/tiny.yaml"])
@@ -141,16 +195,10 @@ def test_settings_that_do_not_fit_the_manifest_stop_the_dry_run(workdir, tiny_ma
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(workdir):
-    params = workdir / "params.yaml"
-    p = yaml.safe_load(params.read_text())
-    p["study"].update(configfile="config/tiny.yaml", results_dir="results/tiny", cores=2)
-    params.write_text(yaml.safe_dump(p))
-    dvc = [str(Path(sys.executable).parent / "dvc")]
-    run = lambda *a: subprocess.run(dvc + list(a), cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=1100)  # noqa: E731
-    assert run("init", "--no-scm", "-q").returncode == 0
-
-    proc = run("repro")
+def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(tiny_dvc):
+    workdir = tiny_dvc.workdir
+    run = lambda *a: dvc(workdir, *a)  # noqa: E731
+    proc = tiny_dvc.proc
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     res = workdir / "results" / "tiny"
     for i in range(1, 6):
@@ -218,7 +266,7 @@ def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(workdir):
 
     # An interrupted pretraining job resumes from its checkpoint instead of starting afresh: lose
     # the final weights (as a kill before the end would), rerun that one target, and the run
-    # continues from checkpoint.pt (the log, with its measured images/s, is kept, not rewritten).
+    # continues from checkpoint.pt (the log is kept, not rewritten).
     run_dir = res / "runs" / "hsat"
     log_before = (run_dir / "log.jsonl").read_text()
     weights_before = (run_dir / "model.safetensors").read_bytes()
@@ -228,6 +276,32 @@ def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(workdir):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (run_dir / "log.jsonl").read_text() == log_before
     assert (run_dir / "model.safetensors").read_bytes() == weights_before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_tiny_study_is_the_same_bytes_in_two_folders_and_after_a_move(tiny_dvc, tmp_path):
+    """Every output but logs and benchmarks is a function of the commit, the config and the data:
+    the tiny study under `dvc repro` in a second folder, at another depth, gives the same bytes
+    and the same dvc.lock; moved elsewhere with a per-model CSV and a table deleted, `snakemake
+    all` rebuilds them (and what depends on them) to the same bytes again."""
+    first = tiny_dvc
+    assert first.proc.returncode == 0, first.proc.stdout[-4000:] + first.proc.stderr[-4000:]
+    second = copy_workflow(tmp_path / "a" / "deeper" / "folder")
+    proc = dvc_repro_tiny(second)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert differing(study_files(second / "results" / "tiny"), first.files) == []
+    assert (second / "dvc.lock").read_text() == first.lock
+
+    moved = shutil.move(second, tmp_path / "moved")
+    results = Path(moved) / "results" / "tiny"
+    (results / "whitebox" / "hsat.csv").unlink()
+    (results / "tables" / "table1.md").unlink()
+    planned = planned_jobs(snakemake("-n", "all", "--configfile", "config/tiny.yaml", cwd=moved))
+    assert planned.get("evaluate") == 1 and planned.get("tables") == 1 and "pretrain" not in planned, planned
+    proc = snakemake("all", "--cores", "2", "--configfile", "config/tiny.yaml", cwd=moved)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert differing(study_files(results), first.files) == []
 
 
 def test_report_code_is_not_part_of_training_or_evaluation():

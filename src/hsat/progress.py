@@ -2,9 +2,9 @@
 
 `TrainingLive` writes each logged step of `hsat pretrain` with dvclive (one TSV per series, x =
 optimiser step): the loss per level, clean and adversarial, the attack's loss gain (adversarial
-minus clean loss of a level), eps, learning rate, augmentation strength, clean-loss weight and
-throughput. A resumed run first drops the rows past its checkpoint, so a curve never holds two
-values for one step. `progress_line` is the one-line status a rule's log file gets per logged step.
+minus clean loss of a level), eps, learning rate, augmentation strength and clean-loss weight;
+throughput depends on the machine, so only the progress line shows it. A resumed run first
+drops the rows past its checkpoint, so a curve never holds two values for one step. `progress_line` is the one-line status a rule's log file gets per logged step.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Mapping
 log = logging.getLogger(__name__)
 
 SERIES_NAMES = {"loss_total": "loss/total", "eps": "eps", "lr": "lr", "strength": "augment_strength",
-                "clean_weight": "clean_weight", "images_per_s": "images_per_s"}
+                "clean_weight": "clean_weight"}
 
 
 def series(record: Mapping[str, Any]) -> dict[str, float]:
@@ -80,8 +80,9 @@ class TrainingLive:
             self.live.end()
 
 
-def progress_line(record: Mapping[str, Any], total: int, start: int, elapsed_s: float) -> str:
-    """`step 40/300 (13%) loss 19.41 lr 2.9e-03 eps 6.4/255 ETA 3m05s`."""
+def progress_line(record: Mapping[str, Any], total: int, start: int, elapsed_s: float,
+                  images_per_s: float | None = None) -> str:
+    """`step 40/300 (13%) loss 19.41 lr 2.9e-03 eps 6.4/255 ETA 3m05s 412 img/s`."""
     step = int(record["step"])
     done = max(step - start, 1)
     eta = elapsed_s / done * (total - step)
@@ -90,4 +91,6 @@ def progress_line(record: Mapping[str, Any], total: int, start: int, elapsed_s: 
     if record.get("eps"):
         parts.append(f"eps {record['eps']:.2f}/255")
     parts.append(f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+    if images_per_s is not None:
+        parts.append(f"{images_per_s:.0f} img/s")
     return " ".join(parts)

@@ -61,7 +61,7 @@ from hsat.data.srh import read_image
 from hsat.data.transforms import check_patch_size, loss_weights, strength_at
 from hsat.distributed import convert_sync_batchnorm, gather_with_grad, init_distributed, wrap_ddp
 from hsat.errors import HSATError
-from hsat.io import atomic_path, write_text, write_yaml
+from hsat.io import atomic_stream, remove_temporaries, write_text, write_yaml
 from hsat.methods import Objective, Robust, build_objective, resolve_method
 from hsat.models import choose_attention_kernel, model_from_config, save_weights, unwrap
 from hsat.precision import autocast_factory, effective_precision, safe_precision
@@ -183,8 +183,8 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
     }
     if objective_state is not None:
         state["objective"] = objective_state  # the method's own state (DINO: teacher, center)
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(state, tmp)
+    with atomic_stream(path) as fh:  # a file object: the archive's member names do not vary
+        torch.save(state, fh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +221,15 @@ def _resume_log(path: Path, step: int) -> None:
         if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
             kept.append(json.dumps(rec))
     write_text(path, "".join(k + "\n" for k in kept))
+
+
+def _append_log(path: Path, record: Mapping[str, Any]) -> None:
+    """One line of log.jsonl; a refused write names the file (a cut line is dropped on resume)."""
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def _normalise(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -559,7 +568,11 @@ def restart_from_checkpoint(
     if on_config_change not in ("error", "restart"):
         raise ValueError(f"on_config_change must be 'error' or 'restart', not {on_config_change!r}")
     restart = False
-    if (out_dir / CONFIG).exists():
+    # A config.yaml beside neither checkpoint nor weights is a run that stopped before its first
+    # checkpoint (a missing image, a refused weights file): nothing to resume or to protect, so
+    # the corrected command starts afresh in the same folder.
+    started = (out_dir / CHECKPOINT).exists() or (out_dir / WEIGHTS).exists()
+    if (out_dir / CONFIG).exists() and started:
         with open(out_dir / CONFIG, encoding="utf-8") as fh:
             saved = yaml.safe_load(fh) or {}
         diff = config_differences(saved, cfg)
@@ -574,7 +587,7 @@ def restart_from_checkpoint(
             restart = True
     stamp = out_dir / CODE_STAMP
     old_code = stamp.read_text(encoding="utf-8").strip() if stamp.is_file() else None
-    if code_version and (out_dir / CONFIG).exists() and old_code != code_version and not restart:
+    if code_version and started and (out_dir / CONFIG).exists() and old_code != code_version and not restart:
         if on_config_change == "restart":
             log.warning("%s: training code changed (%s -> %s); starting afresh", out_dir, old_code, code_version)
             restart = True
@@ -601,7 +614,11 @@ def restart_from_checkpoint(
 
 def _begin_run_dir(out_dir: Path, cfg: Mapping[str, Any], code_version: str | None, restart: bool,
                    start_step: int) -> None:
-    """Rank 0: drop a discarded run's checkpoint and weights, stamp the config and code, mark the log."""
+    """Rank 0: drop a discarded run's checkpoint and weights and what a killed save left (its
+    temporary files), stamp the config and code, mark the log."""
+    for name in (CHECKPOINT, WEIGHTS, CONFIG, CODE_STAMP, LOG):
+        for tmp in remove_temporaries(out_dir / name):
+            log.info("removed %s (left by an interrupted write)", tmp)
     if restart:
         (out_dir / CHECKPOINT).unlink(missing_ok=True)
         (out_dir / WEIGHTS).unlink(missing_ok=True)
@@ -662,10 +679,6 @@ def pretrain(
         log.info("%s: finished run (%d steps); nothing to do", out_dir, total_steps)
         return out_dir
     start_step = int(state["step"]) if state else 0
-    if world > 1:
-        torch.distributed.barrier()  # every rank has read the old state before rank 0 writes
-    if is_main:
-        _begin_run_dir(out_dir, cfg, code_version, restart, start_step)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -698,6 +711,13 @@ def pretrain(
     objective.setup(model, total_steps)
     if state is not None and state.get("objective") is not None:
         objective.load_state_dict(state["objective"])
+
+    # ============ the run directory: stamped once data and model are ready ... ============
+    # (a run that cannot start -- a missing image, a refused weights file -- leaves no stamps)
+    if world > 1:
+        torch.distributed.barrier()  # every rank has read the old state before rank 0 writes
+    if is_main:
+        _begin_run_dir(out_dir, cfg, code_version, restart, start_step)
 
     # ============ schedules ... ============
     strength_fn = strength_function(cfg)
@@ -767,16 +787,18 @@ def pretrain(
         }
         if done % log_every == 0 or done == total_steps:
             record.update({k: float(v) for k, v in result.losses.items()})
+            # Throughput is the machine's, not the run's: the job's log line says it, the run's
+            # files (log.jsonl, the curves) hold only what the same config and data reproduce.
             now = time.perf_counter()
-            record["images_per_s"] = images_seen / max(now - tick, 1e-9)
+            images_per_s = images_seen / max(now - tick, 1e-9)
             tick, images_seen = now, 0
             if is_main:
-                with open(out_dir / LOG, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                _append_log(out_dir / LOG, record)
                 live.log(record)
                 bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{record['lr']:.2e}")
                 if not interactive:  # a rule's log file gets one line per logged step instead of a bar
-                    log.info(progress_line(record, total_steps, start_step, time.perf_counter() - started))
+                    log.info(progress_line(record, total_steps, start_step, time.perf_counter() - started,
+                                           images_per_s=images_per_s))
         if is_main and (done % ckpt_every == 0 or done == total_steps):
             _save_checkpoint(ckpt_path, model, optimizer, done, cfg, objective.state_dict(), precision)
             last_ckpt = done

@@ -4,8 +4,9 @@ and evaluate exactly those tensors on every target model.
 The stored file (safetensors) holds float32 images — never re-quantised to 8 bits, which would
 move examples off the attack's optimum and off the eps-ball boundary — plus the labels, the
 positions of the patches in the validation split, and in its metadata the attack settings and
-the patches' paths, patients and slides, so a target can check that the file describes its own
-validation set before trusting any number.
+the patches' paths (as the manifest stores them, relative to its folder), patients and slides,
+so a target can check that the file describes its own validation set before trusting any
+number -- wherever the study folder has moved since.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from hsat.config import resolve_evaluation
+from hsat.data.manifest import same_patch, stored_paths
 from hsat.errors import HSATError
 from hsat.evaluate import (
     AttackSpec,
@@ -51,6 +53,8 @@ from hsat.precision import effective_precision
 log = logging.getLogger(__name__)
 
 FORMAT = "hsat-adversarial-v1"
+METADATA_KEY = "hsat"
+"""The stored set's one metadata key: settings, paths, patients and slides as key-sorted JSON."""
 TRANSFER_COLUMNS: tuple[str, ...] = (
     "surrogate", "target", "attack", "eps", "steps", "objective", "classifier",
     "level", "acc", "mca", "clean_acc", "clean_mca", "acc_drop", "mca_drop",
@@ -132,11 +136,12 @@ def save_adversarial(path: str | Path, crafted: Mapping[str, Any]) -> Path:
         raise HSATError(f"adversarial images must be float32 to stay lossless, got {images.dtype}")
     tensors = {"images": images.contiguous(), "labels": crafted["labels"].long().contiguous(),
                "positions": crafted["positions"].long().contiguous()}
-    metadata = {k: json.dumps(v) for k, v in crafted["metadata"].items()}
+    metadata = dict(crafted["metadata"])
     for key in ("paths", "patients", "slides"):
-        metadata[key] = json.dumps(list(crafted[key]))
+        metadata[key] = list(crafted[key])
     with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        # One key: safetensors writes several in a random order, and the file's bytes would vary.
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     return Path(path)
 
 
@@ -150,7 +155,11 @@ def load_adversarial(path: str | Path) -> dict[str, Any]:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:  # safetensors raises its own error types
         raise HSATError(f"{path}: not a readable safetensors file: {exc}") from exc
-    meta = {k: json.loads(v) for k, v in raw.items()}
+    try:
+        # one JSON object, or (a file written before) one JSON value per key
+        meta = json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else {k: json.loads(v) for k, v in raw.items()}
+    except ValueError as exc:
+        raise HSATError(f"{path}: metadata is not JSON ({exc})") from exc
     if meta.get("format") != FORMAT or not {"images", "labels", "positions"} <= set(tensors):
         raise HSATError(f"{path}: not an hsat adversarial set (write it with `hsat transfer craft`)")
     lists = {k: meta.pop(k) for k in ("paths", "patients", "slides")}
@@ -173,7 +182,7 @@ def _check_matches(adv: Mapping[str, Any], emb: Embeddings, source: str, target:
     if len(pos) and (pos.min() < 0 or pos.max() >= len(val)):
         raise HSATError(f"{source}: positions beyond target {target}'s {len(val)} validation patches")
     want = val["path"].to_numpy()[pos]
-    bad = [i for i, (a, b) in enumerate(zip(adv["paths"], want)) if str(a) != str(b)]
+    bad = [i for i, (a, b) in enumerate(zip(adv["paths"], want)) if not same_patch(a, b)]
     if bad:
         i = bad[0]
         raise HSATError(f"{source}: patch {i} is {adv['paths'][i]} but target {target}'s validation patch "
@@ -249,6 +258,7 @@ def craft_run(run_dir, manifest, emb_dir, study: Mapping[str, Any], out, device=
                     classes=emb.classes, image_size=eval_image_size(study, run_dir),
                     batch_size=cfg_eval["batch_size"], device=device, progress=progress,
                     precision=cfg_eval["attack_precision"])
+    crafted["paths"] = stored_paths(crafted["paths"], manifest)  # as index.csv names them
     return save_adversarial(out, crafted)
 
 

@@ -2,7 +2,9 @@
 
 Each verb group lives in its own module here and registers its sub-parsers through
 `add_parsers(subparsers)`; a handler parses arguments, calls one library function, and returns
-an exit code. Bad input raises HSATError, printed as one clear message with exit status 2.
+an exit code. Bad input raises HSATError, printed as one clear message with exit status 2; a write
+the operating system refuses (disk full, read-only, no permission) is one line naming the file and
+the cause, exit status 74 (`hsat.io.WRITE_ERROR`), with nothing half-written left behind.
 
 `hsat VERB ARGS --then VERB ARGS ...` runs several verbs in one process, in order, stopping at the
 first that fails: the workflow chains a model's stages this way so that the imports (5-7 s of
@@ -18,6 +20,7 @@ import sys
 
 from hsat import __version__
 from hsat.errors import HSATError
+from hsat.io import WRITE_ERROR, describe_os_error
 
 # Verb groups, in the order `hsat --help` lists them. A missing module is skipped so that a
 # partial installation still offers the verbs it has.
@@ -75,12 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _say(message: str) -> None:
+    """Print to stderr, which may be a log file on the disk that just filled: the exit status
+    still tells, so a message that cannot be stored is dropped rather than raised."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
 def run_verb(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except HSATError as exc:
         print(f"hsat {args.verb}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # One line, not a traceback: a full disk is the user's to fix (--verbose adds the traceback).
+        logging.getLogger("hsat").debug("traceback", exc_info=True)
+        _say(f"hsat {args.verb}: error: {describe_os_error(exc)}")
+        return WRITE_ERROR
     except KeyboardInterrupt:
         print(f"hsat {args.verb}: interrupted", file=sys.stderr)
         return 130

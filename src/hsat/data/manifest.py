@@ -131,6 +131,25 @@ def _relative_to(p: str, folder: Path) -> str:
         return p
 
 
+def stored_paths(paths: Sequence[str], manifest: str | os.PathLike) -> list[str]:
+    """Patch paths as the manifest at `manifest` stores them (relative to its folder): what a
+    result file records to name a patch, so that it is the same wherever the study lies."""
+    folder = Path(manifest).resolve().parent
+    return [_relative_to(os.path.abspath(p), folder) for p in paths]
+
+
+def same_patch(a: str, b: str) -> bool:
+    """Whether two recorded patch paths name the same patch: equal as stored, or one absolute (a
+    file from before results stored them relative) ending in the other."""
+    a, b = str(a), str(b)
+    if a == b:
+        return True
+    if os.path.isabs(a) == os.path.isabs(b):
+        return False
+    full, rel = (a, b) if os.path.isabs(a) else (b, a)
+    return Path(full).as_posix().endswith("/" + Path(rel).as_posix().lstrip("./"))
+
+
 def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write `df` atomically with paths relative to the manifest's folder (five columns first)."""
     path = Path(path)

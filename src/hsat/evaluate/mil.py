@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import json
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -66,20 +67,28 @@ class GatedAttentionMIL(nn.Module):
         return self.classifier(weights @ h), weights
 
 
+MIL_METADATA_KEY = "hsat"
+"""The one metadata key of a stored head: its sizes and `meta` as key-sorted JSON. safetensors
+writes several keys in a random order, so one key keeps the file's bytes the same on every run."""
+
+
 def save_mil(path, model: GatedAttentionMIL, meta: dict[str, Any]) -> None:
     """The trained head as safetensors (weights only; sizes in the metadata), written atomically."""
     sizes = {"in_dim": model.fc[0].in_features, "hidden": model.fc[0].out_features,
              "attention": model.att_c.in_features, "num_classes": model.classifier.out_features}
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                  metadata={k: str(v) for k, v in {**sizes, **meta}.items()})
+                  metadata={MIL_METADATA_KEY: json.dumps({**sizes, **meta}, sort_keys=True)})
 
 
 def load_mil(path) -> GatedAttentionMIL:
-    """A head written by `save_mil` (no code runs on load), in eval mode."""
+    """A head written by `save_mil` (no code runs on load), in eval mode; also one written with a
+    metadata key per size, as before."""
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
+        if MIL_METADATA_KEY in meta:
+            meta = json.loads(meta[MIL_METADATA_KEY])
         sizes = {k: int(meta[k]) for k in ("in_dim", "hidden", "attention", "num_classes")}
     except (OSError, KeyError, ValueError) as e:
         raise HSATError(f"{path}: not a MIL head written by hsat mil ({e})") from e

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from hsat import attacks
 from hsat.config import read_yaml, resolve_evaluation, run_config_for_model, validate
-from hsat.data.manifest import class_names, read_manifest
+from hsat.data.manifest import class_names, read_manifest, stored_paths
 from hsat.data.srh import read_array
 from hsat.data.sampler import PatchDataset
 from hsat.errors import HSATError
@@ -86,6 +86,8 @@ def embed_run(
     bs = cfg_eval["batch_size"]
     train = embed(model, train_ds, bs, device, progress, desc="embed train")
     val = embed(model, val_ds, bs, device, progress, desc="embed val")
+    for part in (train, val):  # index.csv names patches as the manifest does: the study can move
+        part["path"] = stored_paths(part["path"], manifest)
     lin = cfg_eval["linear"]
     probe = fit_linear_probe(train["features"], train["labels"], len(classes), epochs=lin["epochs"],
                              lr=lin["lr"], weight_decay=lin["weight_decay"])

@@ -43,13 +43,19 @@ PAGE_WIDTH = 7.0
 """Inches: a two-column paper's text width; a figure drawn at it prints at 100 %."""
 
 
+# A PDF's creation date would make every run's figures differ from the last: the files are a
+# function of the results alone (matplotlib writes no date into a PNG).
+_METADATA = {"pdf": {"CreationDate": None}, "png": None}
+
+
 def save_figure(fig: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
+    """`out_dir/name.png` and `.pdf`, each written atomically, the same bytes for the same figure."""
     out_dir = Path(out_dir)
     paths = []
     for ext in ("png", "pdf"):
         path = out_dir / f"{name}.{ext}"
         with atomic_path(path, suffix=f".{ext}") as tmp:
-            fig.savefig(tmp, format=ext, dpi=200, bbox_inches="tight")
+            fig.savefig(tmp, format=ext, dpi=200, bbox_inches="tight", metadata=_METADATA[ext])
         paths.append(path)
     plt.close(fig)
     return paths
