@@ -1,4 +1,4 @@
-# Entry points (see README "Quick start"): `make study` (the paper's study: HiDisc, HSAT, its
+# Entry points (see the README): `make study` (the paper's study: HiDisc, HSAT, its
 # ablations and the references), `make study-all` (the default study: plus DINO and HLSS) and `make test`.
 # Each creates or reuses a local virtual environment in .venv.
 SHELL := /bin/bash

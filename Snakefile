@@ -55,7 +55,8 @@ rule pretrain_all:
 
 
 rule evaluate_all:
-    """DVC stage `evaluate`: embeddings, white-box sweeps, sanity checks and the transfer matrix."""
+    """DVC stage `evaluate`: embeddings, white-box sweeps, sanity checks, the transfer matrix, MIL,
+    attention maps and HLSS's marker similarities."""
     input:
         sweep_outputs(),
         SHIFT_OUTPUTS,

@@ -305,6 +305,7 @@ def sweep_outputs():
     out += [f"{RESULTS}/transfer/{t}.csv" for t in TRANSFER_TARGETS]
     out += [f"{RESULTS}/mil/{m}.csv" for m in MIL_MODELS]
     out += [f"{RESULTS}/language/{m}.csv" for m in LANGUAGE_MODELS]
+    out += [f"{RESULTS}/attention/{m}.safetensors" for m in ATTENTION_MODELS]
     return out
 
 
@@ -338,6 +339,7 @@ def report_outputs():
         [f"{RESULTS}/{name}.csv" for name in ("whitebox", "transfer", "sanity")]
         + [f"{RESULTS}/tables/{t}" for t in TABLES]
         + [f"{RESULTS}/metrics.json", f"{RESULTS}/claims.md"]
+        + [f"{RESULTS}/plots/{name}.csv" for name in ("robust_accuracy", "training_loss")] + [f"{RESULTS}/summary.json"]
         + [f"{RESULTS}/figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")]
         + ([f"{RESULTS}/mil.csv"] if MIL_MODELS else [])
         + ([f"{RESULTS}/language.csv"] + [f"{RESULTS}/figures/language_similarity.{e}" for e in ("png", "pdf")]

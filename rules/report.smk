@@ -159,3 +159,31 @@ rule attention_figure:
         "../envs/hsat.yaml"
     shell:
         "hsat report attention --maps {input} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule dvc_views:
+    """Small views for DVC (dvc.yaml's plots and metrics): robust accuracy and training loss as
+    flat plot data, and the headline numbers, from the collected results and the run logs."""
+    input:
+        whitebox=f"{RESULTS}/whitebox.csv",
+        metrics=f"{RESULTS}/metrics.json",
+        runs=expand(f"{RESULTS}/runs/{{model}}/model.safetensors", model=MODELS),  # log.jsonl beside each
+    output:
+        robust=f"{RESULTS}/plots/robust_accuracy.csv",
+        training=f"{RESULTS}/plots/training_loss.csv",
+        summary=f"{RESULTS}/summary.json",
+    params:
+        runs_dir=lambda wildcards, input: str(Path(input.runs[0]).parent.parent),
+        plots_dir=lambda wildcards, output: str(Path(output.robust).parent),
+        study=STUDY,
+        settings=report_settings,
+        code=CODE_VERSION["report"],
+    log:
+        f"{RESULTS}/logs/report/dvc_views.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/dvc_views.tsv",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "hsat report dvc --study {params.study} --whitebox {input.whitebox} --metrics {input.metrics}"
+        " --runs-dir {params.runs_dir} --plots-dir {params.plots_dir} --summary {output.summary} > {log} 2>&1"

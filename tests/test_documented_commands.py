@@ -1,4 +1,5 @@
-"""Every `snakemake ...` command line the documentation shows works as written.
+"""Every `snakemake ...` command line the documentation shows works as written, and every
+command of the README (make, snakemake and dvc) is dry-run.
 
 The commands are read from README.md and docs/*.md (fenced code blocks and inline code) and from
 the comments of the Snakefile, rules/*.smk, config/*.yaml and profiles/*/config.yaml. Each one is
@@ -7,6 +8,12 @@ parsed with Snakemake's own argument parser (a target must stay a target: `--con
 and dry-run as typed, with `-n` added, in a copy of the workflow. OpenSRH commands plan against
 a fake OpenSRH root (the embedded cohort, which has the OpenSRH layout); commands on a file the
 docs have the reader write (a ```yaml block headed `# overlay.yaml`) plan against that block.
+
+The README's commands (each line of its ```bash blocks, and inline code that starts with a tool)
+must be ones this file can check: `make TARGET` runs as `make -n` and the Snakemake commands it
+would run are dry-run; for `dvc repro`, DVC reads dvc.yaml and params.yaml and the Snakemake
+commands of its stages are dry-run; other DVC commands must parse and be ones the tiny study runs
+under DVC (test_workflow.DVC_COMMANDS), where they are checked for warnings.
 """
 
 from __future__ import annotations
@@ -15,13 +22,15 @@ import importlib.util
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from snakemake.cli import get_argument_parser
 
-from test_workflow import REPO, TRACEBACK, WORKFLOW_FILES, snakemake
+from test_workflow import DVC_COMMANDS, REPO, TRACEBACK, WORKFLOW_FILES, _env, snakemake
 
 DOCS = ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))]
 COMMENTED = ["Snakefile", *sorted(p.relative_to(REPO).as_posix() for pattern in
@@ -110,6 +119,33 @@ def documented_commands() -> list[tuple[str, str]]:
     return out
 
 
+README_TOOL = re.compile(r"(?:\.venv/bin/)?(make|snakemake|dvc)(?=\s|$)")
+README_INLINE = re.compile(r"`((?:\.venv/bin/)?(?:make|snakemake|dvc) [^`]*)`")
+SHELL_FENCE = re.compile(r"^\s*```(bash|sh|shell|console)\s*$")
+
+
+def readme_commands(path: str = "README.md") -> list[tuple[str, str]]:
+    """(path:line, command) for every line of the README's shell blocks (comments dropped) and
+    every inline code span that starts with make, snakemake or dvc, one per distinct command."""
+    out, fenced, shell = [], False, False
+    for lineno, line in enumerate((REPO / path).read_text(encoding="utf-8").splitlines(), 1):
+        if FENCE.match(line):
+            shell = not fenced and bool(SHELL_FENCE.match(line))
+            fenced = not fenced
+            continue
+        if fenced and shell:
+            words = shlex.split(line, comments=True)
+            if words:
+                out.append((f"{path}:{lineno}", shlex.join(words)))
+        elif not fenced:
+            out += [(f"{path}:{lineno}", " ".join(m.group(1).split())) for m in README_INLINE.finditer(line)]
+    seen: dict[str, str] = {}
+    for where, cmd in out:
+        seen.setdefault(cmd, where)
+    return [(where, cmd) for cmd, where in seen.items()]
+
+
+README = readme_commands()
 COMMANDS = documented_commands()
 IDS = [f"{where} {cmd}" for where, cmd in COMMANDS]
 RULES = {m.group(1) for f in ["Snakefile", *(p.relative_to(REPO) for p in REPO.glob("rules/*.smk"))]
@@ -125,7 +161,7 @@ def _argv(command: str) -> list[str]:
 
 def test_the_documentation_shows_the_commands_this_file_tests():
     """The extraction finds the commands users copy, already with their placeholders filled in."""
-    commands = [cmd for _, cmd in COMMANDS]
+    commands = [shlex.join(["snakemake", *shlex.split(cmd)[1:]]) for _, cmd in COMMANDS]  # `.venv/bin/snakemake` too
     for expected in [
         "snakemake all --cores 8 --resources gpu=1 --configfile config/opensrh.yaml",
         "snakemake all --cores 2 --configfile config/tiny.yaml",
@@ -214,3 +250,79 @@ def test_documented_command_dry_runs(workflow_copy, command):
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, out[-3000:]
     assert not TRACEBACK.search(out), out[-3000:]
+
+
+def _tool(command: str) -> str | None:
+    m = README_TOOL.match(command)
+    return m.group(1) if m else None
+
+
+ACTIVATE = "source .venv/bin/activate"
+
+
+def test_the_readme_shows_only_commands_this_file_checks():
+    """Every README command is make, snakemake or dvc (a new kind needs its dry run here first),
+    or activates the environment `make setup` creates; the ones users start with are among them,
+    and CI's command (.ci/run's last line) too."""
+    commands = [cmd for _, cmd in README]
+    if ACTIVATE in commands:
+        assert re.search(r"^VENV \?= \.venv$", (REPO / "Makefile").read_text(encoding="utf-8"), re.M)
+    unknown = [c for c in commands if _tool(c) is None and c != ACTIVATE]
+    assert not unknown, f"README commands this test cannot dry-run: {unknown}"
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+          if line.strip() and not re.match(r"(#|set |cd |export )", line.strip())][-1]
+    for expected in [ci, "make setup", "make study", "make study-all",
+                     ".venv/bin/snakemake all --cores 2 --configfile config/tiny.yaml", "dvc repro"]:
+        assert expected in commands, commands
+    # The README's snakemake commands are among the documented commands dry-run above.
+    dry = {tuple(shlex.split(c)[1:]) for _, c in COMMANDS}
+    assert all(tuple(shlex.split(c)[1:]) in dry for c in commands if _tool(c) == "snakemake")
+
+
+def _dry_run_snakemake_lines(text: str, cwd: Path) -> int:
+    """Dry-run (in `cwd`) every Snakemake command line in `text`; return how many there were."""
+    lines = [ln.strip().lstrip("> ").strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if SNAKEMAKE.match(ln)]
+    for line in lines:
+        proc = snakemake("-n", *_argv(line), cwd=cwd)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0 and not TRACEBACK.search(out), f"{line}: {out[-3000:]}"
+    return len(lines)
+
+
+@pytest.mark.parametrize("command", sorted({c for _, c in README if _tool(c) == "make"}))
+def test_readme_make_command_dry_runs(workflow_copy, command):
+    """`make -n TARGET` knows the target, and the Snakemake commands it would run plan the study."""
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy2(REPO / name, workflow_copy / name)
+    words = shlex.split(command)
+    proc = subprocess.run(["make", "-n", *words[1:]], cwd=workflow_copy, env=_env(workflow_copy),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stdout + proc.stderr
+    ran = _dry_run_snakemake_lines(proc.stdout, workflow_copy)
+    assert ran or words[1] in {"setup", "test"}, f"{command} runs no Snakemake command: {proc.stdout}"
+    if words[1] == "test":
+        assert "pytest" in proc.stdout
+
+
+@pytest.mark.parametrize("command", sorted({c for _, c in README if _tool(c) == "dvc"}))
+def test_readme_dvc_command_dry_runs(workflow_copy, command):
+    """`dvc repro`: DVC reads dvc.yaml with params.yaml, and every stage's Snakemake command plans
+    the study (`dvc repro --dry` itself stops at the first stage whose inputs a fresh clone lacks);
+    any other DVC command parses and is one the tiny study runs under DVC (test_workflow.py)."""
+    from dvc.cli import parse_args
+
+    argv = shlex.split(command)[1:]
+    parse_args(argv)  # raises on an unknown command or option
+    assert tuple(w for w in argv if not w.startswith("-"))[:2] in {c[:2] for c in DVC_COMMANDS}, command
+    if argv[0] != "repro":
+        return
+    from dvc.repo import Repo
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    init = subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=workflow_copy, capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
+    with Repo(str(workflow_copy)) as repo:
+        stages = {s.name: s.cmd if isinstance(s.cmd, list) else [s.cmd] for s in repo.index.stages}
+    assert list(stages) == ["pretrain", "evaluate", "report"], stages
+    assert _dry_run_snakemake_lines("\n".join(c for cmds in stages.values() for c in cmds), workflow_copy) == 3, stages

@@ -5,6 +5,7 @@ model's settings reruns only that model's chain; in another folder it gives the 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -76,6 +77,7 @@ def dvc_repro_tiny(workdir: Path) -> subprocess.CompletedProcess:
     p["study"].update(configfile="config/tiny.yaml", results_dir="results/tiny", cores=2)
     params.write_text(yaml.safe_dump(p))
     assert dvc(workdir, "init", "--no-scm", "-q").returncode == 0
+    shutil.copytree(REPO / ".dvc" / "plots", workdir / ".dvc" / "plots")  # the plot templates dvc.yaml names
     return dvc(workdir, "repro")
 
 
@@ -226,7 +228,7 @@ def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(tiny_dvc)
 
     status = run("status")
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
-    assert run("metrics", "show").returncode == 0
+    check_dvc_views(run, workdir, res)
 
     # A second Snakemake run has nothing to do.
     proc = snakemake("-n", "all", "--configfile", "config/tiny.yaml", cwd=workdir)
@@ -304,8 +306,40 @@ def test_tiny_study_is_the_same_bytes_in_two_folders_and_after_a_move(tiny_dvc, 
     assert differing(study_files(results), first.files) == []
 
 
+DVC_COMMANDS = (("repro",), ("status",), ("metrics", "show"), ("plots", "show"))
+"""The DVC commands the tiny study runs (test_tiny_study_under_dvc_...): the README's may only use these."""
+
+
+def check_dvc_views(run, workdir: Path, res: Path) -> None:
+    """`dvc metrics show` and `dvc plots show` after `dvc repro`: no warnings, one compact row of
+    metrics, and every plot drawn from its data (one series per method, not one line through
+    all rows)."""
+    metrics = run("metrics", "show")
+    out = metrics.stdout + metrics.stderr
+    assert metrics.returncode == 0 and "WARNING" not in out and "ERROR" not in out, out
+    shown = json.loads(run("metrics", "show", "--json").stdout)
+    values = next(iter(shown.values()))["data"]
+    assert list(values) == [str((res / "summary.json").relative_to(workdir))], values
+    summary = next(iter(values.values()))["data"]
+    assert set(summary["scratch/test_resnet"]) == {"hsat", "hidisc"} and "claims" in summary
+    header = out.strip().splitlines()[0].split()
+    assert "Path" in header and len(header) <= 12, out
+
+    plots = run("plots", "show", "-o", str(workdir / "dvc_plots"))
+    out = plots.stdout + plots.stderr
+    assert plots.returncode == 0 and "WARNING" not in out and "failed to load" not in out, out
+    assert (workdir / "dvc_plots" / "index.html").is_file()
+    drawn = json.loads(run("plots", "show", "--json").stdout)["data"]
+    for plot_id, series in (("robust_accuracy", "label"), ("training_loss", "model")):
+        (plot,) = drawn[plot_id]
+        rows = plot["content"]["data"]["values"]
+        assert len({r[series] for r in rows}) > 1, plot_id
+    figures = [k for k in drawn if k.endswith(".png")]
+    assert len(figures) == 5 and all(drawn[k][0]["type"] == "image" for k in figures), list(drawn)
+
+
 def test_report_code_is_not_part_of_training_or_evaluation():
-    """Editing src/hsat/report/ reruns only tables and figures (README): no module of the report package is in
+    """Editing src/hsat/report/ reruns only tables and figures (docs/workflow.md): no module of the report package is in
     the code version (hsat.provenance's import closure) of the stages that make data, train or evaluate."""
     from hsat.provenance import module_closure
 

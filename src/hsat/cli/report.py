@@ -1,5 +1,5 @@
-"""`hsat report collect|tables|figures|calibration|cost`: concatenate tidy CSVs, write Tables 1-4, draw the figures,
-judge a cohort, sum the jobs' benchmarks."""
+"""`hsat report collect|tables|figures|dvc|calibration|cost`: concatenate tidy CSVs, write Tables 1-4, draw the figures,
+write DVC's compact views, judge a cohort, sum the jobs' benchmarks."""
 
 from __future__ import annotations
 
@@ -37,6 +37,23 @@ def _tables(args: argparse.Namespace) -> int:
         write_claims(found, args.claims)
     if args.metrics:
         write_json(args.metrics, {**headline(whitebox, cfg, sanity, transfer=transfer), "claims": found})
+    return 0
+
+
+def _dvc(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from hsat.report import read_tidy
+    from hsat.report.dvc import write_dvc_views
+
+    try:
+        metrics = json.loads(Path(args.metrics).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HSATError(f"{args.metrics}: cannot read the study's metrics ({exc})") from exc
+    paths = write_dvc_views(read_tidy(args.whitebox), load_study_config(args.study), args.runs_dir, metrics,
+                            args.plots_dir, args.summary)
+    print("DVC views ->", ", ".join(str(p) for p in paths))
     return 0
 
 
@@ -161,6 +178,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
              "(e.g. results/claims.md)",
     )
     t.set_defaults(func=_tables)
+
+    d = verbs.add_parser("dvc", help="compact plot data (dvc plots show) and headline numbers (dvc metrics show)")
+    d.add_argument("--study", required=True, help="study config (YAML)")
+    d.add_argument("--whitebox", required=True, help="results/whitebox.csv")
+    d.add_argument("--metrics", required=True, help="results/metrics.json (hsat report tables): its claims and sanity counts")
+    d.add_argument("--runs-dir", required=True, help="folder of run directories (log.jsonl)")
+    d.add_argument("--plots-dir", required=True, help="writes robust_accuracy.csv and training_loss.csv here")
+    d.add_argument("--summary", required=True, help="the headline numbers as JSON (e.g. results/summary.json)")
+    d.set_defaults(func=_dvc)
 
     s = verbs.add_parser("sanity", help="every model's sanity checks plus the study-level ones (attack above clean, white-box vs transfer)",
                          description="Collect the per-model checks of `hsat sanity` and add those that need the whole "
