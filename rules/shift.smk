@@ -26,7 +26,7 @@ rule shift:
         code=CODE_VERSION["evaluate"],
     threads: 1
     resources:
-        gpu=1,
+        gpu=lambda wildcards: model_gpus(wildcards.model),
     log:
         f"{RESULTS}/logs/shift/{{model}}.log",
     benchmark:

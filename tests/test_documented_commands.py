@@ -30,7 +30,7 @@ import pytest
 import yaml
 from snakemake.cli import get_argument_parser
 
-from test_workflow import DVC_COMMANDS, REPO, TRACEBACK, WORKFLOW_FILES, _env, snakemake
+from test_workflow import DVC_COMMANDS, REPO, TRACEBACK, _env, copy_workflow, snakemake
 
 DOCS = ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))]
 COMMENTED = ["Snakefile", *sorted(p.relative_to(REPO).as_posix() for pattern in
@@ -192,13 +192,7 @@ def workflow_copy(tmp_path: Path, tiny_cohort: Path, tiny_manifest: Path) -> Pat
     """The workflow (with its profiles) in tmp_path; config/opensrh.yaml points at a fake OpenSRH
     root: the embedded cohort, which has OpenSRH's meta/opensrh.json + meta/train_val_split.json;
     the files the documentation has the reader write (READER_FILES) are there too."""
-    for name in [*WORKFLOW_FILES, "profiles"]:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, tmp_path / name)
-        elif src.exists():
-            shutil.copy2(src, tmp_path / name)
-    shutil.copytree(REPO / "src" / "hsat", tmp_path / "src" / "hsat", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_workflow(tmp_path, extra=("profiles",))
     opensrh = tmp_path / "config" / "opensrh.yaml"
     cfg = yaml.safe_load(opensrh.read_text(encoding="utf-8"))
     cfg["dataset"]["root"] = str(tiny_cohort)

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 from test_documented_commands import READER_FILES
-from test_workflow import REPO, WORKFLOW_FILES, snakemake
+from test_workflow import REPO, copy_workflow, snakemake
 
 PROFILES = sorted(p.relative_to(REPO).as_posix() for p in REPO.glob("profiles/*/*.yaml"))
 SITE = "profiles/slurm/site.example.yaml"
@@ -111,13 +110,7 @@ def _jobs(out: str) -> list[dict]:
 
 @pytest.fixture
 def workflow_with_profiles(tmp_path: Path) -> Path:
-    for name in [*WORKFLOW_FILES, "profiles"]:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, tmp_path / name)
-        elif src.exists():
-            shutil.copy2(src, tmp_path / name)
-    shutil.copytree(REPO / "src" / "hsat", tmp_path / "src" / "hsat", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_workflow(tmp_path, extra=("profiles",))
     (tmp_path / "cuda.yaml").write_text("pretrain: {device: cuda}\nlauncher: {nproc_per_node: 2}\n", encoding="utf-8")
     return tmp_path
 

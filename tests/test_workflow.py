@@ -51,10 +51,11 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M) if m.group(1) != "total"}
 
 
-def copy_workflow(dest: Path) -> Path:
-    """A copy of the workflow (not the results) in `dest`, with results_dir pointing inside it."""
+def copy_workflow(dest: Path, extra: tuple[str, ...] = ()) -> Path:
+    """A copy of the workflow (not the results) in `dest`, with results_dir pointing inside it;
+    `extra`: more of the repository's files or folders to copy (e.g. "profiles")."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_FILES:
+    for name in (*WORKFLOW_FILES, *extra):
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, dest / name)
