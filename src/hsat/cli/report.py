@@ -179,7 +179,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     t.set_defaults(func=_tables)
 
-    d = verbs.add_parser("dvc", help="compact plot data (dvc plots show) and headline numbers (dvc metrics show)")
+    d = verbs.add_parser("dvc", help="compact plot data (dvc plots show) and headline numbers (dvc metrics show)",
+                         description="Reshape the study's results for DVC's viewers, recomputing nothing: worst-case "
+                         "accuracy against eps per level and method, each model's training loss, and one compact "
+                         "row of headline numbers (HSAT and the baseline, clean and worst case; claim verdicts).")
     d.add_argument("--study", required=True, help="study config (YAML)")
     d.add_argument("--whitebox", required=True, help="results/whitebox.csv")
     d.add_argument("--metrics", required=True, help="results/metrics.json (hsat report tables): its claims and sanity counts")
