@@ -8,13 +8,15 @@ returns pooled pre-logits features of width `num_features`).
 unpooled map) and `forward_head`, so a timm model and an hsat model can never be confused.
 
 ImageNet initialisation never downloads: weights come from a local file (`pretrained_path`) or
-from a file already in the Hugging Face / torch hub cache, else `HSATError` at once.
+from a file already in the Hugging Face / torch hub cache, else `HSATError` at once. A backbone
+that is not a timm model comes from the user's own code (`model.factory`, `backbone_from_factory`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib
 import logging
 import os
 import sys
@@ -146,8 +148,12 @@ def build_model(
     backbone_args: Mapping[str, Any] | None = None,
     dino_head: Mapping[str, int] | None = None,
     hlss_head: Mapping[str, Any] | None = None,
+    factory: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> HSATModel:
-    """Build the encoder around any timm backbone name (CNN or ViT).
+    """Build the encoder around any timm backbone name (CNN or ViT), or around the module that
+    the user's own `factory` ("package.module:function", `backbone_args` its keywords) returns.
 
     `backbone_args` go to `timm.create_model` (e.g. `{patch_size: 4}` for a ViT on 32 px crops);
     `dino_head` (out_dim, hidden_dim, bottleneck_dim, nlayers) replaces the projection head by
@@ -156,8 +162,16 @@ def build_model(
     `pretrained_path` (a .safetensors or .pth state dict) implies ImageNet-style initialisation
     from that file; `pretrained=True` alone looks for the timm weights in the local Hugging Face
     and torch hub caches. `image_size` is passed to backbones that take `img_size` (ViTs) so
-    their patch grid and position embeddings match the training crops.
+    their patch grid and position embeddings match the training crops. `mean` / `std` replace
+    the architecture's input normalisation (an encoder's own preprocessing).
     """
+    if factory:
+        net = backbone_from_factory(factory, backbone_args or {}, image_size)
+        if pretrained_path is not None:
+            load_backbone_weights(net, _weights_file(pretrained_path))
+        return HSATModel(net, head_hidden=head_hidden, embed_dim=embed_dim, mean=tuple(mean or IMAGENET_MEAN),
+                         std=tuple(std or IMAGENET_STD), num_classes=num_classes, dino_head=dino_head,
+                         hlss_head=hlss_head)
     if backbone.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
         raise HSATError(
             f"model.backbone {backbone!r}: hub/local-dir model names are not supported (they may "
@@ -170,11 +184,7 @@ def build_model(
 
     weights: Path | None = None
     if pretrained_path is not None:
-        weights = Path(pretrained_path)
-        if not weights.is_file():
-            raise HSATError(f"model.pretrained_path: weights file not found: {weights}")
-        if weights.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
-            raise HSATError(f"model.pretrained_path {weights}: expected a .safetensors or .pth state dict")
+        weights = _weights_file(pretrained_path)
     elif pretrained:
         weights = _find_cached_weights(backbone)
 
@@ -184,10 +194,62 @@ def build_model(
         load_backbone_weights(net, weights)
 
     cfg = getattr(net, "pretrained_cfg", None) or {}
-    mean = tuple(cfg.get("mean") or IMAGENET_MEAN)
-    std = tuple(cfg.get("std") or IMAGENET_STD)
+    mean = tuple(mean or cfg.get("mean") or IMAGENET_MEAN)
+    std = tuple(std or cfg.get("std") or IMAGENET_STD)
     return HSATModel(net, head_hidden=head_hidden, embed_dim=embed_dim, mean=mean, std=std, num_classes=num_classes,
                      dino_head=dino_head, hlss_head=hlss_head)
+
+
+def _weights_file(pretrained_path: str | os.PathLike) -> Path:
+    """The local weights file model.pretrained_path names, checked before anything is built."""
+    weights = Path(pretrained_path)
+    if not weights.is_file():
+        raise HSATError(f"model.pretrained_path: weights file not found: {weights}")
+    if weights.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
+        raise HSATError(f"model.pretrained_path {weights}: expected a .safetensors or .pth state dict")
+    return weights
+
+
+def backbone_from_factory(spec: str, kwargs: Mapping[str, Any], image_size: int | None = None) -> nn.Module:
+    """The backbone that the user's own code builds: `spec` "package.module:function" is imported
+    as any Python import (it runs that code, which the user installed and trusts; nothing is
+    downloaded here) and called with `kwargs`. It must return an nn.Module whose forward maps
+    (N, C, H, W) to (N, D) features; D is its `num_features`, else measured on one zero image
+    (3 channels, `image_size` px)."""
+    module_name, _, attr = str(spec).partition(":")
+    if not module_name or not attr:
+        raise HSATError(f"model.factory {spec!r}: expected \"package.module:function\"")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except Exception as exc:  # ImportError, AttributeError, or any error the module raises on import
+        raise HSATError(f"model.factory {spec!r}: cannot import it: {type(exc).__name__}: {exc}") from exc
+    if not callable(target):
+        raise HSATError(f"model.factory {spec!r}: {attr} is not callable")
+    try:
+        net = target(**dict(kwargs))
+    except Exception as exc:  # the user's code failed, or was given keywords it does not take
+        raise HSATError(f"model.factory {spec!r}: calling it with model.backbone_args {dict(kwargs)} failed: "
+                        f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(net, nn.Module):
+        raise HSATError(f"model.factory {spec!r} returned a {type(net).__name__}, not a torch nn.Module")
+    if not isinstance(getattr(net, "num_features", None), int):
+        side = int(image_size or 224)
+        was_training = net.training
+        try:
+            with torch.no_grad():
+                out = net.eval()(torch.zeros(1, 3, side, side))
+        except Exception as exc:
+            raise HSATError(f"model.factory {spec!r}: its module has no integer num_features and a forward of one "
+                            f"3 x {side} x {side} image failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            net.train(was_training)
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise HSATError(f"model.factory {spec!r}: its forward must give (N, D) features, gave {shape}")
+        net.num_features = int(out.shape[1])
+    return net
 
 
 def load_backbone_weights(net: nn.Module, path: Path) -> None:
@@ -311,7 +373,7 @@ def model_from_config(cfg: Mapping[str, Any]) -> HSATModel:
     method = cfg.get("method") or {}
     backbone_args = dict(m.get("backbone_args") or {})
     local = data.get("local_crops") or {}
-    if local.get("number") and int(local.get("size", 0)) != int(data.get("image_size") or 0):
+    if local.get("number") and int(local.get("size", 0)) != int(data.get("image_size") or 0) and not m.get("factory"):
         backbone_args.setdefault("dynamic_img_size", "if_supported")
     dino = None
     if method_family(method.get("name", "")) == "dino":
@@ -335,6 +397,9 @@ def model_from_config(cfg: Mapping[str, Any]) -> HSATModel:
         backbone_args=backbone_args,
         dino_head=dino,
         hlss_head=hlss,
+        factory=m.get("factory"),
+        mean=m.get("mean"),
+        std=m.get("std"),
     )
 
 

@@ -62,7 +62,7 @@ from hsat.data.transforms import check_patch_size, loss_weights, strength_at
 from hsat.distributed import convert_sync_batchnorm, gather_with_grad, init_distributed, wrap_ddp
 from hsat.errors import HSATError
 from hsat.io import atomic_stream, remove_temporaries, write_text, write_yaml
-from hsat.methods import Objective, Robust, build_objective, resolve_method
+from hsat.methods import Objective, Robust, build_objective, resolve_method, trains_encoder
 from hsat.models import choose_attention_kernel, model_from_config, save_weights, unwrap
 from hsat.precision import autocast_factory, effective_precision, safe_precision
 from hsat.progress import TrainingLive, progress_line
@@ -655,6 +655,9 @@ def pretrain(
     seed = int(cfg["seed"])
     total_steps = int(cfg["train"]["steps"])
     method, attack = cfg["method"], cfg["attack"]
+    if not trains_encoder(method):
+        raise HSATError(f"method {method['name']!r} trains nothing: its encoder's weights are read from a file "
+                        "(hsat pretrain imports them; hsat.encoders.import_encoder)")
     if not cfg["data"]["manifest"]:
         raise HSATError("data.manifest is not set: pass --manifest or data.manifest=PATH")
     _check_first_patch(cfg)  # a patch too small for the crop stops here, before anything is written

@@ -39,8 +39,17 @@ def _pretrain(args: argparse.Namespace) -> int:
             overrides.append(f"data.manifest={args.manifest}")
         cfg = load_run_config(args.config, overrides)
     from hsat.distributed import cleanup
+    from hsat.methods import trains_encoder
     from hsat.provenance import code_version
 
+    if not trains_encoder(cfg["method"]):  # an encoder the study does not train: its weights are read
+        from hsat.encoders import import_encoder
+
+        out = import_encoder(cfg, args.out, code_version=code_version(["hsat.cli.train"]))
+        source = cfg["model"].get("factory") or cfg["model"]["backbone"]
+        print(f"hsat pretrain: {cfg['method']['name']} ({source}, "
+              f"{cfg['model'].get('pretrained_path') or 'weights of the factory'}, no training) -> {out}")
+        return 0
     try:
         out = pretrain(cfg, args.out, on_config_change="restart" if args.restart_if_changed else "error",
                        code_version=code_version(["hsat.cli.train"]), live_dir=args.live_dir)
@@ -59,6 +68,8 @@ def add_parsers(subparsers) -> None:
         description="Pretrain one encoder and write RUN_DIR/{config.yaml, checkpoint.pt, log.jsonl, "
         "model.safetensors}. Either --run-config RUN.yaml (keys of the schema's $defs/run) or --study "
         "STUDY.yaml --model NAME (the study's `pretrain` section merged with that model's overrides). "
+        "A model of method `pretrained` is not trained: its weights (model.pretrained_path, or "
+        "model.factory's code) are read and written as a finished run (docs/encoders.md). "
         "Running the same command again resumes from RUN_DIR/checkpoint.pt, or returns at once when the "
         "run is finished. Under torchrun (--nproc_per_node N) it trains with DistributedDataParallel; "
         "data.patients_per_batch is then the global batch.",

@@ -43,6 +43,11 @@ def _supervised(adversarial: bool) -> dict[str, Any]:
     return {"family": "supervised", "adversarial": adversarial, "min_levels": [], "max_levels": []}
 
 
+def _pretrained() -> dict[str, Any]:
+    # No objective at all: the encoder's weights are read from a file (hsat.encoders), not trained.
+    return {"family": "pretrained", "adversarial": False, "min_levels": [], "max_levels": []}
+
+
 METHODS: dict[str, MethodEntry] = {e.name: e for e in (
     # Non-adversarial baseline (HiDisc, Cheng et al. CVPR 2023).
     MethodEntry("hidisc", "HiDisc", "baseline", _hierarchical(False, ALL, ALL)),
@@ -68,6 +73,8 @@ METHODS: dict[str, MethodEntry] = {e.name: e for e in (
     MethodEntry("robust_hlss", "Robust HLSS", "hlss", _hlss(True)),
     # The reference code's effective objective: its alignment term is taken with .item().
     MethodEntry("hlss_noalign", "HLSS (no alignment)", "hlss", _hlss(False, alignment=False)),
+    # An encoder the study did not train (a foundation model, your own checkpoint), evaluated as it is.
+    MethodEntry("pretrained", "Pretrained encoder", "encoder", _pretrained()),
 )}
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -89,6 +96,12 @@ def method_label(name: str) -> str:
 def methods_with_role(*roles: str) -> tuple[str, ...]:
     """Registered method names whose table role is one of `roles`, in registry order."""
     return tuple(name for name, e in METHODS.items() if e.role in roles)
+
+
+def trains_encoder(method: Mapping[str, Any]) -> bool:
+    """Whether a method section trains its encoder (False: the weights are imported as they are)."""
+    entry = METHODS.get(str(method.get("name", "hsat")))
+    return not (entry and entry.defaults.get("family") == "pretrained")
 
 
 def resolve_method(method: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,9 +139,12 @@ def build_objective(method: Mapping[str, Any]) -> Objective:
     """The objective of a resolved method section: its family's, made robust when adversarial."""
     entry = METHODS.get(method["name"])
     family = entry.defaults.get("family", "hidisc") if entry else "hidisc"
+    if family not in OBJECTIVES:
+        raise HSATError(f"method {method['name']!r} trains nothing (its encoder's weights are read from a file: "
+                        "hsat pretrain imports them, hsat.encoders.import_encoder)")
     objective = OBJECTIVES[family](method)
     return Robust(objective) if method["adversarial"] else objective
 
 
 __all__ = ["ALL", "DINO", "HLSS", "METHODS", "MethodEntry", "OBJECTIVES", "Objective", "Robust", "Supervised", "VARIANTS", "build_objective",
-           "method_label", "methods_with_role", "resolve_method"]
+           "method_label", "methods_with_role", "resolve_method", "trains_encoder"]

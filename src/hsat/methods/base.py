@@ -21,7 +21,8 @@ class MethodEntry:
 
     `role` places it in the tables: `baseline` (the non-adversarial method the claims compare
     against), `method` (the paper's), `level` (Table 3: the hierarchy level), `lmax` (Table 4:
-    the levels the attack maximises), `reference` (supervised ceilings), `dino` (DINO and robust DINO).
+    the levels the attack maximises), `reference` (supervised ceilings), `dino` (DINO and robust DINO),
+    `hlss` (HLSS and robust HLSS), `encoder` (an encoder imported, not trained).
     """
 
     name: str
