@@ -20,6 +20,7 @@ from hsat.cluster import job_gpus
 from hsat.config import resolve_study, run_config_for_model
 from hsat.errors import HSATError
 from hsat.io import remove_temporaries, write_yaml
+from hsat.methods import trains_encoder
 from hsat.provenance import code_version
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
@@ -57,7 +58,19 @@ config.update(_study)
 
 RESULTS = os.path.normpath(config["results_dir"])
 MODELS = list(config["models"])
-MODEL_RE = "|".join(re.escape(m) for m in sorted(MODELS, key=len, reverse=True))
+
+
+def models_re(names):
+    """A wildcard constraint matching exactly these model names (none: no name at all)."""
+    return "|".join(re.escape(m) for m in sorted(names, key=len, reverse=True)) or "^$"
+
+
+MODEL_RE = models_re(MODELS)
+# Encoders the study does not train (method `pretrained`): rule import_encoder writes their runs
+# from the weights file, rule pretrain trains the others.
+IMPORTED_MODELS = [m for m in MODELS if not trains_encoder(RUN_CONFIGS[m]["method"])]
+TRAINED_RE = models_re([m for m in MODELS if m not in IMPORTED_MODELS])
+IMPORTED_RE = models_re(IMPORTED_MODELS)
 EVAL = config["evaluation"]
 NPROC = int(config["launcher"]["nproc_per_node"])
 
@@ -293,6 +306,13 @@ def pretrain_inputs(wildcards):
     if cfg["model"].get("pretrained_path"):
         out["weights"] = cfg["model"]["pretrained_path"]
     return out
+
+
+def import_inputs(wildcards):
+    """The local weights file of an imported encoder, when it has one (a factory may build it
+    alone): replacing the file rewrites the run and reruns its evaluation."""
+    path = RUN_CONFIGS[wildcards.model]["model"].get("pretrained_path")
+    return {"weights": path} if path else {}
 
 
 def run_dir(model):

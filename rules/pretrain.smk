@@ -1,5 +1,6 @@
 # Pretraining, one job per model of the study matrix -> RESULTS/runs/<model>/, training curves
-# (dvclive) -> RESULTS/training/<model>/ (the folder dvc.yaml's plots name).
+# (dvclive) -> RESULTS/training/<model>/ (the folder dvc.yaml's plots name). A model of method
+# `pretrained` is not trained: rule import_encoder writes its run from its weights.
 #
 # An interrupted job resumes: Snakemake reruns it (its model.safetensors is missing) and
 # `hsat pretrain` continues from runs/<model>/checkpoint.pt. A job rerun because the model's
@@ -46,7 +47,7 @@ rule pretrain:
         settings=run_settings,
         code=CODE_VERSION["pretrain"],
     wildcard_constraints:
-        model=MODEL_RE,
+        model=TRAINED_RE,
     threads: 1
     resources:
         gpu=lambda wildcards: model_gpus(wildcards.model, NPROC),
@@ -61,3 +62,29 @@ rule pretrain:
         "OMP_NUM_THREADS={threads} {params.launcher} pretrain --study {params.study} --model {wildcards.model}"
         " --manifest {input.manifest} --out {params.run_dir} --live-dir {params.live_dir} --restart-if-changed"
         " > {log} 2>&1"
+
+
+rule import_encoder:
+    """An encoder the study does not train (method `pretrained`): its weights file (or the user's
+    model.factory) read and written as a finished run, no training step (hsat.encoders)."""
+    input:
+        unpack(import_inputs),
+    output:
+        model=f"{RESULTS}/runs/{{model}}/model.safetensors",
+    params:
+        run_dir=lambda wildcards: run_dir(wildcards.model),
+        study=STUDY,
+        settings=run_settings,
+        code=CODE_VERSION["pretrain"],
+    wildcard_constraints:
+        model=IMPORTED_RE,
+    threads: 1
+    log:
+        f"{RESULTS}/logs/import_encoder/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/import_encoder/{{model}}.tsv",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} hsat pretrain --study {params.study} --model {wildcards.model}"
+        " --out {params.run_dir} > {log} 2>&1"

@@ -214,3 +214,50 @@ def test_factory_is_validated_as_module_colon_function(tmp_path, capsys):
     cfg = _run_config(tmp_path / "run.yaml", {"factory": "just_a_module"})
     assert main(["pretrain", "--run-config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     assert "model.factory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- in the study's DAG
+
+
+def _overlay_with_an_external_encoder(workdir: Path, weights: str) -> str:
+    """The tiny study with two models: HSAT (trained) and `ext`, a timm encoder saved to a local
+    file, in every per-model evaluation list."""
+    import yaml
+
+    tiny = yaml.safe_load((workdir / "config" / "tiny.yaml").read_text(encoding="utf-8"))
+    tiny["results_dir"] = "results/ext"
+    tiny["models"] = {
+        "hsat": {"method": {"name": "hsat"}, "group": "scratch"},
+        "ext": {"method": {"name": "pretrained"}, "group": "external",
+                "model": {"backbone": "test_resnet", "pretrained_path": weights}},
+    }
+    ev = tiny["evaluation"]
+    ev["transfer"]["models"] = ev["mil"]["models"] = ["hsat", "ext"]
+    ev["sanity"]["models"] = ["ext"]
+    ev["attention"] = {"enabled": False}
+    (workdir / "config" / "ext.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False), encoding="utf-8")
+    return "config/ext.yaml"
+
+
+@pytest.mark.slow
+def test_dry_run_imports_the_external_encoder_and_evaluates_it(tmp_path):
+    from test_workflow import copy_workflow, planned_jobs, snakemake
+
+    workdir = copy_workflow(tmp_path / "wf")
+    torch.manual_seed(0)
+    _save(timm.create_model("test_resnet"), workdir / "ext.safetensors")
+    overlay = _overlay_with_an_external_encoder(workdir, "ext.safetensors")
+
+    proc = snakemake("-n", "-p", "all", "--configfile", overlay, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = planned_jobs(proc)
+    assert jobs["pretrain"] == 1 and jobs["import_encoder"] == 1  # HSAT trains, ext is read
+    assert jobs["evaluate"] == 2 and jobs["sanity"] == 1 and jobs["transfer_craft"] == 2
+    lines = proc.stdout.splitlines()
+    assert any("hsat pretrain" in line and "--model ext " in line for line in lines)
+    assert not any("--live-dir" in line and "--model ext " in line for line in lines)  # no training job for it
+    assert any("hsat embed " in line and "runs/ext" in line for line in lines)
+
+    (workdir / "ext.safetensors").unlink()  # the weights file is the import's input: its absence stops the plan
+    proc = snakemake("-n", "all", "--configfile", overlay, cwd=workdir)
+    assert proc.returncode != 0 and "ext.safetensors" in proc.stdout + proc.stderr
