@@ -134,6 +134,27 @@ def test_replacing_a_trained_run_drops_its_training_files(tmp_path):
     assert not (run / "log.jsonl").exists() and not (run / "checkpoint.pt").exists()
 
 
+def test_an_exported_encoder_is_a_weights_file_to_import(tmp_path):
+    """What `hsat export` writes (the backbone, timm's keys, the preprocessing as metadata) imports
+    back to the same features."""
+    from hsat.export import encoder_metadata, export_encoder
+
+    torch.manual_seed(6)
+    weights = _save(timm.create_model("test_resnet"), tmp_path / "w.safetensors")
+    first = import_encoder({"method": {"name": "pretrained"}, "data": {"image_size": 16},
+                            "model": {"backbone": "test_resnet", "pretrained_path": str(weights),
+                                      "mean": [0.6, 0.5, 0.4], "std": [0.3, 0.2, 0.1]}}, tmp_path / "first")
+    exported = export_encoder(first, tmp_path / "exported.safetensors")
+    meta = encoder_metadata(exported)
+    again = import_encoder({"method": {"name": "pretrained"}, "data": {"image_size": 16},
+                            "model": {"backbone": meta["timm_model"], "pretrained_path": str(exported),
+                                      "backbone_args": meta["model_kwargs"], "mean": meta["pretrained_cfg"]["mean"],
+                                      "std": meta["pretrained_cfg"]["std"]}}, tmp_path / "again")
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(load_trained_model(again).encode(x), load_trained_model(first).encode(x))
+
+
 # ----------------------------------------------------------------------------- the user's own code
 
 
