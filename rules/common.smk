@@ -242,7 +242,8 @@ TRANSFER_MODELS = _subset(EVAL["transfer"]["models"]) if EVAL["transfer"]["enabl
 _subset(EVAL["whitebox"]["autoattack"]["models"])  # names checked; empty = every model
 MIL_MODELS = _subset(EVAL["mil"]["models"]) if EVAL["mil"]["enabled"] else []
 MIL_ATTACK = bool(MIL_MODELS) and EVAL["mil"]["attack"]
-VIT_MODELS = [m for m in MODELS if is_vit(RUN_CONFIGS[m]["model"]["backbone"])]
+# A factory's backbone name is only a label: its module need not have timm's attention blocks.
+VIT_MODELS = [m for m in MODELS if is_vit(RUN_CONFIGS[m]["model"]["backbone"]) and not RUN_CONFIGS[m]["model"].get("factory")]
 _ATTENTION = _subset(EVAL["attention"]["models"]) if EVAL["attention"]["models"] else VIT_MODELS
 if set(_ATTENTION) - set(VIT_MODELS):
     config_error(f"{_CONFIG_SOURCE}: evaluation.attention.models lists model(s) without a ViT backbone: "

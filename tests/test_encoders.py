@@ -241,8 +241,9 @@ def test_factory_is_validated_as_module_colon_function(tmp_path, capsys):
 
 
 def _overlay_with_an_external_encoder(workdir: Path, weights: str) -> str:
-    """The tiny study with two models: HSAT (trained) and `ext`, a timm encoder saved to a local
-    file, in every per-model evaluation list."""
+    """The tiny study with HSAT (trained), `ext` (a timm encoder saved to a local file, in every
+    per-model evaluation list) and `own` (the user's factory, its backbone name a label that
+    reads as a ViT's; attention maps on for every ViT)."""
     import yaml
 
     tiny = yaml.safe_load((workdir / "config" / "tiny.yaml").read_text(encoding="utf-8"))
@@ -251,11 +252,13 @@ def _overlay_with_an_external_encoder(workdir: Path, weights: str) -> str:
         "hsat": {"method": {"name": "hsat"}, "group": "scratch"},
         "ext": {"method": {"name": "pretrained"}, "group": "external",
                 "model": {"backbone": "test_resnet", "pretrained_path": weights}},
+        "own": {"method": {"name": "pretrained"}, "group": "external",
+                "model": {"backbone": "my_vit", "factory": "my_lab.encoders:build"}},
     }
     ev = tiny["evaluation"]
     ev["transfer"]["models"] = ev["mil"]["models"] = ["hsat", "ext"]
     ev["sanity"]["models"] = ["ext"]
-    ev["attention"] = {"enabled": False}
+    ev["attention"] = {"enabled": True, "models": []}
     (workdir / "config" / "ext.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False), encoding="utf-8")
     return "config/ext.yaml"
 
@@ -272,8 +275,9 @@ def test_dry_run_imports_the_external_encoder_and_evaluates_it(tmp_path):
     proc = snakemake("-n", "-p", "all", "--configfile", overlay, cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = planned_jobs(proc)
-    assert jobs["pretrain"] == 1 and jobs["import_encoder"] == 1  # HSAT trains, ext is read
-    assert jobs["evaluate"] == 2 and jobs["sanity"] == 1 and jobs["transfer_craft"] == 2
+    assert jobs["pretrain"] == 1 and jobs["import_encoder"] == 2  # HSAT trains, ext and own are read
+    assert jobs["evaluate"] == 3 and jobs["sanity"] == 1 and jobs["transfer_craft"] == 2
+    assert "attention" not in jobs  # a factory's module is no timm ViT, whatever its label says
     lines = proc.stdout.splitlines()
     assert any("hsat pretrain" in line and "--model ext " in line for line in lines)
     assert not any("--live-dir" in line and "--model ext " in line for line in lines)  # no training job for it

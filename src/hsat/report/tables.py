@@ -87,7 +87,7 @@ def model_info(study_cfg: Mapping[str, Any]) -> pd.DataFrame:
             {
                 "model": name,
                 "backbone": run["model"]["backbone"],
-                "pretrained": bool(run["model"]["pretrained"] or run["model"]["pretrained_path"]),
+                "pretrained": bool(run["model"]["pretrained"] or run["model"]["pretrained_path"] or run["model"].get("factory")),
                 "cfg_group": spec.get("group"),
                 "cfg_method": run["method"]["name"],
                 "min_levels": "+".join(run["method"]["min_levels"]),
