@@ -4,6 +4,7 @@ refused with exit status 2, naming the file or the key, and nothing is written."
 
 from __future__ import annotations
 
+import socket
 import sys
 import textwrap
 from pathlib import Path
@@ -21,6 +22,17 @@ from hsat.models import load_trained_model
 from hsat.train import pretrain
 
 FACTORY_MODULE = "hsat_test_user_encoder"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Nothing is downloaded: any attempt to open a connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def _save(model: torch.nn.Module, path: Path) -> Path:
