@@ -123,6 +123,14 @@ def test_pickled_code_is_never_run(tmp_path, capsys):
     assert str(evil) in capsys.readouterr().err
 
 
+def test_a_normalisation_of_unequal_lengths_is_refused(tmp_path):
+    weights = _save(timm.create_model("test_resnet"), tmp_path / "w.safetensors")
+    with pytest.raises(HSATError, match="model.mean"):
+        import_encoder({"method": {"name": "pretrained"}, "model": {"backbone": "test_resnet", "pretrained_path": str(weights),
+                                                                    "mean": [0.5, 0.5, 0.5], "std": [0.2]}}, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_pretrained_entry_without_weights_is_refused(tmp_path):
     with pytest.raises(HSATError, match="model.pretrained_path"):
         import_encoder({"method": {"name": "pretrained"}, "model": {"backbone": "test_resnet"}}, tmp_path / "run")

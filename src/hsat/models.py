@@ -165,6 +165,8 @@ def build_model(
     their patch grid and position embeddings match the training crops. `mean` / `std` replace
     the architecture's input normalisation (an encoder's own preprocessing).
     """
+    if mean is not None and std is not None and len(mean) != len(std):
+        raise HSATError(f"model.mean {list(mean)} and model.std {list(std)}: one value per input channel each")
     if factory:
         net = backbone_from_factory(factory, backbone_args or {}, image_size)
         if pretrained_path is not None:
