@@ -39,7 +39,11 @@ def _pretrain(args: argparse.Namespace) -> int:
             overrides.append(f"data.manifest={args.manifest}")
         cfg = load_run_config(args.config, overrides)
     from hsat.distributed import cleanup
+    from hsat.gpus import claim_for_process
     from hsat.provenance import code_version
+
+    if cfg["device"] != "cpu":  # a GPU of its own before CUDA starts (none visible: nothing happens)
+        claim_for_process(1)
 
     try:
         out = pretrain(cfg, args.out, on_config_change="restart" if args.restart_if_changed else "error",
