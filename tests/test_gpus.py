@@ -74,6 +74,27 @@ def test_concurrent_jobs_never_share_a_device_and_a_killed_one_frees_its_own(tmp
         _stop(holders)
 
 
+# Marks its device in use with an exclusive create (fails if another job holds the same device),
+# keeps it a moment, then clears it: a shared device makes some job exit 3.
+USE = ("import os, sys, time; d = os.environ['CUDA_VISIBLE_DEVICES']; p = os.path.join(sys.argv[1], d)\n"
+       "try:\n    open(p, 'x').close()\nexcept FileExistsError:\n    sys.exit(3)\n"
+       "time.sleep(0.3); os.remove(p); print(d)")
+
+
+def test_more_jobs_than_devices_take_turns_and_never_overlap(tmp_path):
+    """Eight jobs on four devices, all started at once: the surplus waits its turn (no
+    HSAT_GPU_WAIT), and no two ever hold a device together."""
+    env = _env(tmp_path / "locks", wait=None)
+    marks = tmp_path / "in_use"
+    marks.mkdir()
+    jobs = [subprocess.Popen([sys.executable, "-m", "hsat.gpus", "1", sys.executable, "-c", USE, str(marks)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    results = [(j.wait(timeout=300), j.stdout.read().strip(), j.stderr.read()) for j in jobs]
+    assert all(code == 0 for code, _, _ in results), results
+    assert {device for _, device, _ in results} <= {"0", "1", "2", "3"}
+    assert not any(marks.iterdir())
+
+
 def test_a_torchrun_launcher_takes_its_processes_worth_of_devices(tmp_path):
     env = _env(tmp_path / "locks")
     holders = [_holder(env, count=2) for _ in range(2)]
