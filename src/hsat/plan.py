@@ -201,14 +201,14 @@ def _hours(h: float) -> str:
     return f"{h:.1f}" if h >= 10 else f"{h:.2f}"
 
 
-def format_plan(plan: pd.DataFrame, source: str, patches: Mapping[str, int]) -> str:
+def format_plan(plan: pd.DataFrame, source: str, patches: Mapping[str, int], patches_source: str = "given") -> str:
     """Per stage and in all: jobs and GPU-hours, then what the figures assume."""
     by_stage = plan.groupby("stage", sort=False).agg(jobs=("model", "size"), gpu_hours=("gpu_hours", "sum"))
     lines = [f"{'stage':<12}{'jobs':>6}{'GPU-hours':>12}"]
     for stage, row in by_stage.iterrows():
         lines.append(f"{stage:<12}{int(row['jobs']):>6}{_hours(row['gpu_hours']):>12}")
     lines.append(f"{'total':<12}{len(plan):>6}{_hours(plan['gpu_hours'].sum()):>12}")
-    lines.append(f"patches: {patches['train']:,} train, {patches['val']:,} validation")
+    lines.append(f"patches: {patches['train']:,} train, {patches['val']:,} validation ({patches_source})")
     lines.append(f"throughputs: {source}")
     lines.append("estimates (+-50 %), one GPU per job: the wall time is at best the total over your GPUs")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""`hsat bench`: time the HSAT step against its floor and a naive loop; write a JSON report."""
+"""`hsat bench`: time the HSAT step against its floor and a naive loop; write a JSON report.
+`hsat plan`: a study's GPU-hours per stage, from its sizes and such measured (or default) throughputs."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def _plan(args: argparse.Namespace) -> int:
         throughputs = {**DEFAULT_THROUGHPUT, **measured}
         source = f"{args.bench} for {', '.join(sorted(measured))}, the defaults for the rest"
     plan = plan_study(study, patches, throughputs)
-    print(format_plan(plan, source, patches).replace(" validation\n", f" validation ({counted})\n", 1))
+    print(format_plan(plan, source, patches, counted))
     if args.csv:
         write_csv(args.csv, plan)
     return 0
