@@ -189,3 +189,10 @@ def test_workflow_wraps_torchrun_only_on_cuda(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         cmds = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if " pretrain --study" in line]
         assert cmds and all(c.split("OMP_NUM_THREADS=1 ", 1)[1].startswith(want) for c in cmds), cmds
+
+
+def test_an_unusable_lock_folder_is_named(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("", encoding="utf-8")
+    with pytest.raises(HSATError, match="not_a_folder.*cannot use the GPU lock files.*HSAT_GPU_LOCKS"):
+        claim(1, ["0"], blocker / "locks")

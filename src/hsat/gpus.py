@@ -99,7 +99,13 @@ def lock_dir(env: Mapping[str, str] | None = None) -> Path:
 
 
 def _try_lock(path: Path) -> int | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    """The locked descriptor of `path`, or None when another process holds it. Another user's
+    lock file (in a shared HSAT_GPU_LOCKS) is locked read-only: flock needs no write access."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        writable = True
+    except PermissionError:
+        fd, writable = os.open(path, os.O_RDONLY), False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -107,8 +113,9 @@ def _try_lock(path: Path) -> int | None:
         if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
             return None
         raise
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a person looking; the lock is the flock
+    if writable:  # who holds it, for a person looking; the lock itself is the flock
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
     return fd
 
 
@@ -132,7 +139,15 @@ def claim(count: int, pool: list[str], locks: Path, wait: float | None = None) -
     if count > len(pool):
         raise HSATError(f"a job asks for {count} GPU(s) but only {len(pool)} are visible "
                         f"({','.join(pool) or 'none'}; HSAT_GPU_IDS / CUDA_VISIBLE_DEVICES / nvidia-smi -L)")
-    locks.mkdir(parents=True, exist_ok=True)
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        return _claim(count, pool, locks, wait)
+    except OSError as exc:
+        raise HSATError(f"{locks}: cannot use the GPU lock files there ({exc.strerror}); "
+                        "set HSAT_GPU_LOCKS to a folder you can write") from None
+
+
+def _claim(count: int, pool: list[str], locks: Path, wait: float | None) -> Claim:
     deadline = None if wait is None else time.monotonic() + wait
     said = False
     while True:
