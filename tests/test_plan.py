@@ -145,3 +145,14 @@ def test_cli_plan_prints_stages_and_total_and_writes_csv(tmp_path, capsys):
     assert main(["plan", "--configfile", str(REPO / "config" / "opensrh.yaml"), "--base", str(REPO / "config" / "config.yaml"),
                  "--set", "pretrain.model.backbone=convnext_tiny", "--patches", "10", "10"]) == 2
     assert "no throughput for backbone 'convnext_tiny'" in capsys.readouterr().err
+
+
+def test_max_val_patches_caps_the_attacked_subset_but_not_the_slide_attack(study):
+    capped = copy.deepcopy(study)
+    capped["evaluation"]["max_val_patches"] = PATCHES["val"] // 2
+    base = plan_study(capped, PATCHES)
+    more = plan_study(capped, {**PATCHES, "val": 2 * PATCHES["val"]})
+    for stage in ("whitebox", "autoattack", "sanity", "transfer"):
+        assert _hours(more, stage) == pytest.approx(_hours(base, stage))
+    assert _hours(more, "mil") == pytest.approx(2 * _hours(base, "mil"))
+    assert _hours(base, "whitebox") == pytest.approx(_hours(plan_study(study, PATCHES), "whitebox") / 2)

@@ -150,8 +150,9 @@ def plan_study(study: Mapping[str, Any], patches: Mapping[str, int],
     if n_train < 0 or n_val < 0:
         raise HSATError(f"patch counts must be >= 0, got {dict(patches)}")
     ev = resolve_evaluation(study.get("evaluation", {}))
+    n_slides_val = n_val  # the MIL bag attack attacks every validation slide whole
     if ev["max_val_patches"]:
-        n_val = min(n_val, int(ev["max_val_patches"]))
+        n_val = min(n_val, int(ev["max_val_patches"]))  # the attacked subset
     models = list(study["models"])
     wb = ev["whitebox"]
     attack_prec = ev["attack_precision"]
@@ -193,7 +194,7 @@ def plan_study(study: Mapping[str, Any], patches: Mapping[str, int],
             add("transfer", name, eval_run, crafted + scored, attack_prec)
         if name in mil_models:
             add("mil", name, eval_run,
-                n_val * int(wb["steps"]) * len(wb["eps"]) * len(mil["attacks"]) * len(mil["objectives"]), attack_prec)
+                n_slides_val * int(wb["steps"]) * len(wb["eps"]) * len(mil["attacks"]) * len(mil["objectives"]), attack_prec)
     return pd.DataFrame(rows, columns=PLAN_COLUMNS)
 
 
@@ -201,7 +202,8 @@ def _hours(h: float) -> str:
     return f"{h:.1f}" if h >= 10 else f"{h:.2f}"
 
 
-def format_plan(plan: pd.DataFrame, source: str, patches: Mapping[str, int], patches_source: str = "given") -> str:
+def format_plan(plan: pd.DataFrame, source: str, patches: Mapping[str, int], patches_source: str = "given",
+                max_val_patches: int | None = None) -> str:
     """Per stage and in all: jobs and GPU-hours, then what the figures assume."""
     by_stage = plan.groupby("stage", sort=False).agg(jobs=("model", "size"), gpu_hours=("gpu_hours", "sum"))
     lines = [f"{'stage':<12}{'jobs':>6}{'GPU-hours':>12}"]
@@ -209,6 +211,8 @@ def format_plan(plan: pd.DataFrame, source: str, patches: Mapping[str, int], pat
         lines.append(f"{stage:<12}{int(row['jobs']):>6}{_hours(row['gpu_hours']):>12}")
     lines.append(f"{'total':<12}{len(plan):>6}{_hours(plan['gpu_hours'].sum()):>12}")
     lines.append(f"patches: {patches['train']:,} train, {patches['val']:,} validation ({patches_source})")
+    if max_val_patches and max_val_patches < patches["val"]:
+        lines.append(f"attacks on {max_val_patches:,} of the validation patches (evaluation.max_val_patches)")
     lines.append(f"throughputs: {source}")
     lines.append("estimates (+-50 %), one GPU per job: the wall time is at best the total over your GPUs")
     return "\n".join(lines)

@@ -89,7 +89,7 @@ def _plan(args: argparse.Namespace) -> int:
         throughputs = {**DEFAULT_THROUGHPUT, **measured}
         source = f"{args.bench} for {', '.join(sorted(measured))}, the defaults for the rest"
     plan = plan_study(study, patches, throughputs)
-    print(format_plan(plan, source, patches, counted))
+    print(format_plan(plan, source, patches, counted, study["evaluation"]["max_val_patches"]))
     if args.csv:
         write_csv(args.csv, plan)
     return 0
