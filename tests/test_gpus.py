@@ -162,7 +162,9 @@ def test_gpu_verbs_claim_before_they_run(monkeypatch):
     assert gpus_needed(parser.parse_args(["mil", "--embeddings", "e", "--study", "s", "--model", "x", "--out", "o"])) == 0
     assert gpus_needed(parser.parse_args(["mil", "--embeddings", "e", "--study", "s", "--model", "x", "--out", "o",
                                           "--run", "r"])) == 1
+    assert gpus_needed(parser.parse_args(["bench", "--json", "b.json"])) == 1
     assert gpus_needed(parser.parse_args(["report", "collect", "--out", "o", "a.csv"])) == 0
+    assert gpus_needed(parser.parse_args(["plan"])) == 0
     asked = []
 
     def refuse(count):

@@ -62,7 +62,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--eval-patches", type=int, default=128, help="validation patches attacked (default 128)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="run-config overrides, values parsed as YAML (e.g. attack.steps=10 device=cuda)")
-    p.set_defaults(func=_bench)
+    p.set_defaults(func=_bench, gpus=1)  # timings on a GPU another job shares would be wrong
     add_plan_parser(subparsers)
 
 
