@@ -375,10 +375,14 @@ def model_gpus(model, per_job=1):
     return job_gpus(RUN_CONFIGS[model]["device"], per_job)
 
 
-def pretrain_launcher():
-    """`hsat`, or torchrun with one process per GPU when launcher.nproc_per_node > 1."""
+def pretrain_launcher(wildcards):
+    """`hsat`, or torchrun with one process per GPU when launcher.nproc_per_node > 1; on CUDA
+    torchrun first takes that many GPUs of its own (`python -m hsat.gpus`, docs/workflow.md "GPUs";
+    a single-process `hsat` claims its GPU itself)."""
     if NPROC > 1:
-        return f"torchrun --standalone --nproc_per_node {NPROC} -m hsat"
+        torchrun = f"torchrun --standalone --nproc_per_node {NPROC} -m hsat"
+        gpus = model_gpus(wildcards.model, NPROC)
+        return f"python -m hsat.gpus {gpus} {torchrun}" if gpus else torchrun
     return "hsat"
 
 

@@ -43,7 +43,7 @@ rule pretrain:
         run_dir=lambda wildcards: run_dir(wildcards.model),
         live_dir=lambda wildcards: f"{RESULTS}/training/{wildcards.model}",
         study=STUDY,
-        launcher=pretrain_launcher(),
+        launcher=pretrain_launcher,
         settings=run_settings,
         code=CODE_VERSION["pretrain"],
     wildcard_constraints:

@@ -9,6 +9,10 @@ the cause, exit status 74 (`hsat.io.WRITE_ERROR`), with nothing half-written lef
 `hsat VERB ARGS --then VERB ARGS ...` runs several verbs in one process, in order, stopping at the
 first that fails: the workflow chains a model's stages this way so that the imports (5-7 s of
 torch, torchvision, timm and scikit-learn) are paid once per model, not once per stage.
+
+A verb that runs a model on the GPU declares `gpus` (set_defaults): before any verb runs, the
+process claims that many GPUs of its own (`hsat.gpus`), so that jobs running side by side on a
+multi-GPU machine never share one; on a machine without GPUs nothing happens.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import sys
 
 from hsat import __version__
 from hsat.errors import HSATError
+from hsat.gpus import claim_for_process
 from hsat.io import WRITE_ERROR, describe_os_error
 
 # Verb groups, in the order `hsat --help` lists them. A missing module is skipped so that a
@@ -44,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.add_parsers(sub)
     return parser
+
+
+def gpus_needed(args: argparse.Namespace) -> int:
+    """GPUs a parsed verb uses: its `gpus` default, a number or a function of its arguments."""
+    n = getattr(args, "gpus", 0)
+    return int(n(args) if callable(n) else n)
 
 
 THEN = "--then"
@@ -71,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    try:
+        claim_for_process(max(gpus_needed(args) for args in parsed))
+    except HSATError as exc:
+        print(f"hsat {parsed[0].verb}: error: {exc}", file=sys.stderr)
+        return 2
     for args in parsed:
         code = run_verb(args)
         if code:

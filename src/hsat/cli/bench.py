@@ -1,4 +1,5 @@
-"""`hsat bench`: time the HSAT step against its floor and a naive loop; write a JSON report."""
+"""`hsat bench`: time the HSAT step against its floor and a naive loop; write a JSON report.
+`hsat plan`: a study's GPU-hours per stage, from its sizes and such measured (or default) throughputs."""
 
 from __future__ import annotations
 
@@ -61,4 +62,61 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--eval-patches", type=int, default=128, help="validation patches attacked (default 128)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="run-config overrides, values parsed as YAML (e.g. attack.steps=10 device=cuda)")
-    p.set_defaults(func=_bench)
+    p.set_defaults(func=_bench, gpus=1)  # timings on a GPU another job shares would be wrong
+    add_plan_parser(subparsers)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from hsat.config import find_default_study, resolve_study
+    from hsat.errors import HSATError
+    from hsat.io import write_csv
+    from hsat.plan import DEFAULT_THROUGHPUT, format_plan, patch_counts, plan_study, throughputs_from_bench
+
+    study, _ = resolve_study(args.base if args.base is not None else find_default_study(), args.study, args.set)
+    if args.patches:
+        patches, counted = {"train": args.patches[0], "val": args.patches[1]}, "given"
+    else:
+        patches, counted = patch_counts(study, args.manifest)
+    throughputs, source = None, "hsat.plan.DEFAULT_THROUGHPUT (one H100, rough)"
+    if args.bench:
+        try:
+            report = json.loads(args.bench.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise HSATError(f"--bench {args.bench}: cannot read a JSON report ({exc})") from None
+        measured = throughputs_from_bench(report)
+        throughputs = {**DEFAULT_THROUGHPUT, **measured}
+        source = f"{args.bench} for {', '.join(sorted(measured))}, the defaults for the rest"
+    plan = plan_study(study, patches, throughputs)
+    print(format_plan(plan, source, patches, counted, study["evaluation"]["max_val_patches"]))
+    if args.csv:
+        write_csv(args.csv, plan)
+    return 0
+
+
+def add_plan_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="GPU-hours per stage of a study, from its sizes and a throughput, before it runs",
+        description="Estimate a study's GPU-hours per stage (pretrain, embed, whitebox, autoattack, sanity, "
+        "transfer, mil) and in all: image passes counted from the config (steps, batch, views, attack steps, "
+        "attack configurations, models, patches) over throughputs per backbone -- rough defaults for one H100, "
+        "or measured ones from `hsat bench --json` on your GPU (--bench). +-50 %; data loading and the small "
+        "stages are left out.",
+        epilog="examples: hsat plan --configfile config/opensrh.yaml\n"
+        "          hsat bench --json b.json --config config/opensrh.yaml device=cuda && "
+        "hsat plan --configfile config/opensrh.yaml --bench b.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--study", "--configfile", dest="study", nargs="+", action="extend", default=[], type=Path,
+                   metavar="STUDY.yaml", help="study configs, each an overlay on the default study, applied in order "
+                   "(--configfile: the same, as snakemake names it)")
+    p.add_argument("--base", type=Path, default=None, help="the default study (default: the workflow's config/config.yaml)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="key.path=value overrides applied last")
+    p.add_argument("--bench", type=Path, metavar="B.json", help="throughputs measured by `hsat bench --json` (per backbone)")
+    p.add_argument("--manifest", metavar="CSV", help="count the patches of this manifest (default: the study's "
+                   "dataset.manifest, else OpenSRH's sizes under dataset.root, else the embedded cohort's)")
+    p.add_argument("--patches", type=int, nargs=2, metavar=("TRAIN", "VAL"), help="patches per split, given")
+    p.add_argument("--csv", type=Path, metavar="OUT.csv", help="also write one row per stage and model")
+    p.set_defaults(func=_plan)

@@ -128,13 +128,13 @@ def add_parsers(subparsers) -> None:
         "The files record the weights' sha256: embeddings of other weights are refused later.")
     _common(p, embeddings=False, model=False)
     p.add_argument("--out", required=True, metavar="EMB_DIR")
-    p.set_defaults(func=_embed)
+    p.set_defaults(func=_embed, gpus=1)
 
     p = subparsers.add_parser("evaluate", help="white-box sweep (PGD/BIM/MI-FGSM[/AutoAttack]) -> tidy CSV",
                               description="Attacks are crafted once per (attack, eps, objective) and scored by every classifier.")
     _common(p)
     p.add_argument("--out", required=True, metavar="CSV")
-    p.set_defaults(func=_evaluate)
+    p.set_defaults(func=_evaluate, gpus=1)
 
     p = subparsers.add_parser(
         "sanity", help="attack sanity checks (Carlini et al. 2019) -> CSV; failures are flagged, not fatal",
@@ -144,7 +144,7 @@ def add_parsers(subparsers) -> None:
         "`criterion`; a failed check puts the attack in doubt, not the model.")
     _common(p)
     p.add_argument("--out", required=True, metavar="CSV")
-    p.set_defaults(func=_sanity)
+    p.set_defaults(func=_sanity, gpus=1)
 
     p = subparsers.add_parser("shift", help="natural shifts (stain, blur, JPEG, intensity, noise, adversarial stain) -> tidy CSV",
                               description="Each family at severities 0-5 (evaluation.shift) on the attacked subset, scored by every "
@@ -152,7 +152,7 @@ def add_parsers(subparsers) -> None:
     _common(p)
     p.add_argument("--out", required=True, metavar="CSV")
     p.add_argument("--sanity", metavar="CSV", help="also its checks: severity 0 equals clean, accuracy falls with severity")
-    p.set_defaults(func=_shift)
+    p.set_defaults(func=_shift, gpus=1)
 
     p = subparsers.add_parser(
         "attention", help="a ViT run's last-block class-token attention, per head, on validation patches (figure)",
@@ -164,7 +164,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--out-dir", metavar="DIR", help="writes the maps here (unless --out) and draws them, as `hsat report attention` does: attention_<run>.png and .pdf")
     p.add_argument("--model", metavar="NAME", help="the model's name in the study (default: the run folder's)")
     p.add_argument("--patches-per-class", type=int, default=1, metavar="N")
-    p.set_defaults(func=_attention)
+    p.set_defaults(func=_attention, gpus=1)
 
     p = subparsers.add_parser(
         "language", help="an HLSS run's similarity to each class's markers, clean and under attack -> CSV",
@@ -173,7 +173,7 @@ def add_parsers(subparsers) -> None:
         "classifier (evaluation.language); rows per sample, marker and condition.")
     _common(p, embeddings=False)
     p.add_argument("--out", required=True, metavar="CSV")
-    p.set_defaults(func=_language)
+    p.set_defaults(func=_language, gpus=1)
 
     p = subparsers.add_parser(
         "mil", help="slide-level gated attention MIL on a model's frozen clean features -> CSV",
@@ -189,7 +189,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--manifest", metavar="CSV")
     p.add_argument("--whitebox", metavar="CSV", help="whitebox.csv rows of the ABMIL classifier, clean and under attack")
     p.add_argument("--head", metavar="FILE.safetensors", help="keep the trained MIL head")
-    p.set_defaults(func=_mil)
+    p.set_defaults(func=_mil, gpus=lambda args: 1 if args.run else 0)  # the GPU attacks slides only
 
     p = subparsers.add_parser(
         "transfer", help="black-box transfer: craft once per surrogate, evaluate on each target",
@@ -201,7 +201,7 @@ def add_parsers(subparsers) -> None:
                        "steps, objective) and store the adversarial images for any number of targets.")
     _common(c, model=False)
     c.add_argument("--out", required=True, metavar="FILE.safetensors")
-    c.set_defaults(func=_craft)
+    c.set_defaults(func=_craft, gpus=1)
     e = sub.add_parser("evaluate", help="score stored adversarial sets on a target model (loaded once)",
                        description="Score the stored sets of `hsat transfer craft` on a target: accuracy and MCA, "
                        "and their drops from the target's clean figures, per surrogate and level.")
@@ -213,4 +213,4 @@ def add_parsers(subparsers) -> None:
     e.add_argument("--target-embeddings", required=True, metavar="EMB_DIR")
     e.add_argument("--study", "--config", dest="study", required=True, metavar="STUDY.yaml")
     e.add_argument("--out", required=True, metavar="CSV")
-    e.set_defaults(func=_transfer_evaluate)
+    e.set_defaults(func=_transfer_evaluate, gpus=1)

@@ -39,6 +39,7 @@ def _pretrain(args: argparse.Namespace) -> int:
             overrides.append(f"data.manifest={args.manifest}")
         cfg = load_run_config(args.config, overrides)
     from hsat.distributed import cleanup
+    from hsat.gpus import claim_for_process
     from hsat.methods import trains_encoder
     from hsat.provenance import code_version
 
@@ -50,6 +51,9 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(f"hsat pretrain: {cfg['method']['name']} ({source}, "
               f"{cfg['model'].get('pretrained_path') or 'weights of the factory'}, no training) -> {out}")
         return 0
+    if cfg["device"] != "cpu":  # a GPU of its own before CUDA starts (none visible: nothing happens)
+        claim_for_process(1)
+
     try:
         out = pretrain(cfg, args.out, on_config_change="restart" if args.restart_if_changed else "error",
                        code_version=code_version(["hsat.cli.train"]), live_dir=args.live_dir)
