@@ -16,7 +16,7 @@ from pathlib import Path
 
 import hsat
 from hsat.backbones import is_vit
-from hsat.cluster import job_gpus
+from hsat.cluster import job_gpus, launcher_prefix, pretrain_resources
 from hsat.config import resolve_study, run_config_for_model
 from hsat.errors import HSATError
 from hsat.io import remove_temporaries, write_yaml
@@ -60,6 +60,7 @@ MODELS = list(config["models"])
 MODEL_RE = "|".join(re.escape(m) for m in sorted(MODELS, key=len, reverse=True))
 EVAL = config["evaluation"]
 NPROC = int(config["launcher"]["nproc_per_node"])
+NODES = int(config["launcher"]["nodes"])
 
 # The study config every verb reads: the validated config with defaults, written at parse time
 # only when its content changes. It is not a rule input on purpose -- its time stamp would rerun
@@ -355,10 +356,15 @@ def model_gpus(model, per_job=1):
 
 
 def pretrain_launcher():
-    """`hsat`, or torchrun with one process per GPU when launcher.nproc_per_node > 1."""
-    if NPROC > 1:
-        return f"torchrun --standalone --nproc_per_node {NPROC} -m hsat"
-    return "hsat"
+    """`hsat`, torchrun with one process per GPU when launcher.nproc_per_node > 1, or `hsat launch`
+    (srun and one torchrun per node) when launcher.nodes > 1."""
+    return launcher_prefix(NPROC, NODES)
+
+
+def pretrain_resource(name):
+    """One resource of a pretraining job (hsat.cluster.pretrain_resources): GPUs on one node, or
+    nodes, one task per node and GPUs per node for SLURM when launcher.nodes > 1; None: unset."""
+    return lambda wildcards: pretrain_resources(RUN_CONFIGS[wildcards.model]["device"], NPROC, NODES)[name]
 
 
 def report_settings(wildcards):
