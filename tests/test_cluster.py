@@ -16,9 +16,11 @@ from hsat.cluster import (
     first_host,
     launch_command,
     launcher_prefix,
+    node_address,
     pretrain_resources,
     rendezvous_port,
     slurm_allocation,
+    slurm_launch_command,
 )
 from hsat.config import validate
 from hsat.errors import HSATError
@@ -45,6 +47,14 @@ def test_two_nodes_start_one_torchrun_per_node_at_the_jobs_rendezvous():
         "srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=8",
         "torchrun", "--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=c10d",
         f"--rdzv_endpoint=gpu07:{PORT_BASE + 4242}", "--rdzv_id=4242", "-m", "hsat", *ARGV]
+
+
+def test_the_srun_way_on_one_node():
+    """The same launch inside a one-node job (what `make slurm-check` tries on its one node)."""
+    one = {**JOB, "SLURM_JOB_NODELIST": "gpu07", "SLURM_JOB_NUM_NODES": "1"}
+    cmd = slurm_launch_command(ARGV, 2, 1, env=one)
+    assert cmd[:3] == ["srun", "--nodes=1", "--ntasks=1"] and "--nnodes=1" in cmd
+    assert f"--rdzv_endpoint=gpu07:{PORT_BASE + 4242}" in cmd and cmd[-len(ARGV):] == ARGV
 
 
 def test_rendezvous_follows_the_job():
@@ -81,6 +91,14 @@ def test_several_nodes_outside_slurm_say_what_to_do():
         launcher_prefix(1, 0)
 
 
+# scontrol as it answers inside job 4242 (`show job -o ID`, `show node -o NAME`); other jobs: unknown.
+SCONTROL = """case "$2 $4" in
+  "job 4242") echo "JobId=4242 JobName=x NodeList=gpu[07-08] NumNodes=2 NumCPUs=16" ;;
+  "node gpu07") echo "NodeName=gpu07 Arch=x86_64 NodeAddr=10.1.0.7 NodeHostName=gpu07" ;;
+  *) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1 ;;
+esac"""
+
+
 def _fake_tool(folder: Path, name: str, body: str) -> None:
     folder.mkdir(exist_ok=True)
     tool = folder / name
@@ -91,21 +109,33 @@ def _fake_tool(folder: Path, name: str, body: str) -> None:
 def test_allocation_is_asked_of_scontrol_when_the_executor_left_it_out(tmp_path):
     """The SLURM executor starts a job's command with SLURM_JOB_ID only: the node list and count
     then come from `scontrol show job`."""
-    _fake_tool(tmp_path / "bin", "scontrol", 'echo "JobId=$4 JobName=x NodeList=gpu[07-08] NumNodes=2 NumCPUs=16"')
-    env = slurm_allocation({"SLURM_JOB_ID": "4242", "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"})
+    _fake_tool(tmp_path / "bin", "scontrol", SCONTROL)
+    path = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    env = slurm_allocation({"SLURM_JOB_ID": "4242", **path})
     assert env["SLURM_JOB_NODELIST"] == "gpu[07-08]" and env["SLURM_JOB_NUM_NODES"] == "2"
-    assert slurm_allocation(JOB) == JOB  # nothing asked where the environment has it
+    assert slurm_allocation({**JOB, **path}) == {**JOB, **path}  # nothing asked where the environment has it
+    with pytest.raises(HSATError, match="scontrol show job 99 gives no node list"):
+        slurm_allocation({"SLURM_JOB_ID": "99", **path})
+
+
+def test_rendezvous_host_is_the_first_nodes_address(tmp_path):
+    """Reached where SLURM reaches it (NodeAddr), the node's name where scontrol cannot say."""
+    _fake_tool(tmp_path / "bin", "scontrol", SCONTROL)
+    assert node_address("gpu07", {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}) == "10.1.0.7"
+    assert node_address("gpu07", {"PATH": str(tmp_path / "nothing")}) == "gpu07"
+    assert f"--rdzv_endpoint=10.1.0.7:{PORT_BASE + 4242}" in launch_command(ARGV, 4, 2, env=JOB, host="10.1.0.7")
 
 
 def test_hsat_launch_runs_the_built_command(tmp_path):
     """`hsat launch` (what the pretrain rule runs for launcher.nodes > 1) replaces itself by srun
     with the command built from the job's environment."""
     _fake_tool(tmp_path / "bin", "srun", f'printf "%s\\n" "$@" > {tmp_path / "argv"}')
+    _fake_tool(tmp_path / "bin", "scontrol", SCONTROL)
     env = {**os.environ, **JOB, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
     proc = subprocess.run([sys.executable, "-m", "hsat", "launch", "--nodes", "2", "--nproc-per-node", "4", "--", *ARGV],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "argv").read_text().split("\n")[:-1] == launch_command(ARGV, 4, 2, env=JOB)[1:]
+    assert (tmp_path / "argv").read_text().split("\n")[:-1] == launch_command(ARGV, 4, 2, env=JOB, host="10.1.0.7")[1:]
     env.pop("SLURM_JOB_ID")
     proc = subprocess.run([sys.executable, "-m", "hsat", "launch", "--nodes", "2", "--", *ARGV],
                           env=env, capture_output=True, text=True, timeout=120)

@@ -28,9 +28,11 @@ __all__ = [
     "pretrain_resources",
     "launcher_prefix",
     "first_host",
+    "node_address",
     "rendezvous_port",
     "slurm_allocation",
     "launch_command",
+    "slurm_launch_command",
 ]
 
 # Rendezvous ports: PORT_BASE + job id mod PORT_SPAN, below Linux's ephemeral range (32768-60999),
@@ -115,6 +117,24 @@ def rendezvous_port(job_id: str | int) -> int:
     return PORT_BASE + job % PORT_SPAN
 
 
+def _scontrol(args: Sequence[str], env: Mapping[str, str]) -> tuple[dict[str, str], str]:
+    """The KEY=VALUE fields of a one-line `scontrol show ...` record, and what went wrong ('' if nothing)."""
+    try:
+        proc = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60, env=dict(env))
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {}, str(exc)
+    if proc.returncode != 0:
+        return {}, (proc.stderr or proc.stdout).strip()[:300]
+    return dict(re.findall(r"(\w+)=(\S*)", proc.stdout)), ""
+
+
+def node_address(node: str, env: Mapping[str, str] | None = None) -> str:
+    """Where the other nodes reach `node`: its NodeAddr as SLURM knows it (the node's name unless
+    the cluster maps names to addresses), or the name itself when scontrol cannot say."""
+    record, _ = _scontrol(["show", "node", "-o", node], os.environ if env is None else env)
+    return record.get("NodeAddr") or node
+
+
 def slurm_allocation(env: Mapping[str, str]) -> dict[str, str]:
     """`env` with the allocation's node list and node count, asked of `scontrol show job` where the
     environment lacks them (the SLURM executor starts a job's command without SLURM's variables
@@ -129,33 +149,36 @@ def slurm_allocation(env: Mapping[str, str]) -> dict[str, str]:
     out.setdefault("SLURM_JOB_NUM_NODES", out.get("SLURM_NNODES", ""))
     if out["SLURM_JOB_NODELIST"] and out["SLURM_JOB_NUM_NODES"]:
         return out
-    try:
-        proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60,
-                              env=out)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise HSATError(f"cannot ask SLURM for job {job_id}'s nodes (scontrol show job): {exc}") from exc
-    record = dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
-    if proc.returncode != 0 or not record.get("NodeList") or not record.get("NumNodes"):
-        raise HSATError(f"scontrol show job {job_id} gives no node list: {(proc.stderr or proc.stdout).strip()[:300]}")
+    record, problem = _scontrol(["show", "job", "-o", job_id], out)
+    if not record.get("NodeList") or not record.get("NumNodes"):
+        raise HSATError(f"scontrol show job {job_id} gives no node list: {problem or record}")
     out["SLURM_JOB_NODELIST"] = out["SLURM_JOB_NODELIST"] or record["NodeList"]
     out["SLURM_JOB_NUM_NODES"] = out["SLURM_JOB_NUM_NODES"] or record["NumNodes"].split("-")[0]
     return out
 
 
 def launch_command(argv: Sequence[str], nproc_per_node: int = 1, nodes: int = 1,
-                   env: Mapping[str, str] | None = None) -> list[str]:
+                   env: Mapping[str, str] | None = None, host: str | None = None) -> list[str]:
     """The command that runs `hsat ARGV` with `nproc_per_node` processes on each of `nodes` nodes.
 
     One node: `launcher_prefix` + ARGV, nothing read from `env`. Several: srun, inside the SLURM
     allocation that `env` describes (`slurm_allocation`), starts one torchrun per node; they meet
-    at a c10d rendezvous on the first node of SLURM_JOB_NODELIST, port `rendezvous_port`, id the
-    job id. Each task gets the job's CPUs per task (SLURM_CPUS_PER_TASK, else OMP_NUM_THREADS,
+    at a c10d rendezvous on the first node of SLURM_JOB_NODELIST (reached at `host`, by default
+    that node's name; `node_address` asks SLURM), port `rendezvous_port`, id the job id. Each task gets the job's CPUs per task (SLURM_CPUS_PER_TASK, else OMP_NUM_THREADS,
     which the rule sets to the threads it asked SLURM for) and, by srun's default, all of the
     job's GPUs on its node.
     """
     _check_launcher(nproc_per_node, nodes)
     if nodes == 1:
         return [*launcher_prefix(nproc_per_node, 1).split(), *argv]
+    return slurm_launch_command(argv, nproc_per_node, nodes, env, host)
+
+
+def slurm_launch_command(argv: Sequence[str], nproc_per_node: int = 1, nodes: int = 1,
+                         env: Mapping[str, str] | None = None, host: str | None = None) -> list[str]:
+    """`launch_command`'s way across nodes, for any number of them (one: to try it on a one-node
+    SLURM): srun, one torchrun per node, the c10d rendezvous from the job's environment."""
+    _check_launcher(nproc_per_node, nodes)
     env = os.environ if env is None else env
     job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
     if not job_id or not env.get("SLURM_JOB_NODELIST"):
@@ -170,6 +193,6 @@ def launch_command(argv: Sequence[str], nproc_per_node: int = 1, nodes: int = 1,
     if cpus and cpus.isdigit() and int(cpus) > 0:
         srun.append(f"--cpus-per-task={cpus}")
     torchrun = ["torchrun", f"--nnodes={nodes}", f"--nproc_per_node={nproc_per_node}", "--rdzv_backend=c10d",
-                f"--rdzv_endpoint={first_host(env['SLURM_JOB_NODELIST'])}:{rendezvous_port(job_id)}",
+                f"--rdzv_endpoint={host or first_host(env['SLURM_JOB_NODELIST'])}:{rendezvous_port(job_id)}",
                 f"--rdzv_id={job_id}", "-m", "hsat"]
     return [*srun, *torchrun, *argv]

@@ -55,13 +55,16 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     """Replace this process by the command that runs `hsat ARGV` over the SLURM allocation."""
-    from hsat.cluster import launch_command, slurm_allocation
+    from hsat.cluster import first_host, launch_command, node_address, slurm_allocation
 
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not argv:
         raise HSATError("launch needs the hsat verb to run after `--` (e.g. hsat launch --nodes 2 -- pretrain ...)")
-    env = slurm_allocation(os.environ) if args.nodes > 1 else dict(os.environ)
-    cmd = launch_command(argv, args.nproc_per_node, args.nodes, env)
+    env, host = dict(os.environ), None
+    if args.nodes > 1:
+        env = slurm_allocation(env)
+        host = node_address(first_host(env["SLURM_JOB_NODELIST"]), env)
+    cmd = launch_command(argv, args.nproc_per_node, args.nodes, env, host)
     print("hsat launch: " + " ".join(cmd), file=sys.stderr, flush=True)
     try:
         os.execvpe(cmd[0], cmd, env)
