@@ -510,7 +510,7 @@ def main() -> int:
                 f"(2-process gloo pretraining{', cancelled once and resumed' if cancelled else ''})")
 
             # The launch across nodes (srun, one torchrun per node, c10d), tried on this one node.
-            srun_failures = srun_way_pretraining(local, remote, cluster, seconds=300)
+            srun_failures = srun_way_pretraining(local, remote, cluster, max(300, BUDGET - (time.monotonic() - started)))
             failures += srun_failures
             log(f"srun + c10d launch (launcher.nodes > 1's way) on one node: "
                 f"{'weights byte-identical to the local run' if not srun_failures else 'FAILED'}")

@@ -164,9 +164,9 @@ def launch_command(argv: Sequence[str], nproc_per_node: int = 1, nodes: int = 1,
     One node: `launcher_prefix` + ARGV, nothing read from `env`. Several: srun, inside the SLURM
     allocation that `env` describes (`slurm_allocation`), starts one torchrun per node; they meet
     at a c10d rendezvous on the first node of SLURM_JOB_NODELIST (reached at `host`, by default
-    that node's name; `node_address` asks SLURM), port `rendezvous_port`, id the job id. Each task gets the job's CPUs per task (SLURM_CPUS_PER_TASK, else OMP_NUM_THREADS,
-    which the rule sets to the threads it asked SLURM for) and, by srun's default, all of the
-    job's GPUs on its node.
+    that node's name; `node_address` asks SLURM), port `rendezvous_port`, id the job id. Each task
+    gets the job's CPUs per task (SLURM_CPUS_PER_TASK, else OMP_NUM_THREADS, which the rule sets
+    to the threads it asked SLURM for) and, by srun's default, all of the job's GPUs on its node.
     """
     _check_launcher(nproc_per_node, nodes)
     if nodes == 1:
