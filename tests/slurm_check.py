@@ -380,13 +380,14 @@ def srun_way_pretraining(local: Path, remote: Path, cluster: Cluster, seconds: f
     if state != "COMPLETED":
         return [f"the srun-way pretraining (job {job}) ended {state or 'not in time'}:\n{text[-2000:]}"]
     failures = []
-    addr = dict(re.findall(r"(\w+)=(\S*)", run(["scontrol", "show", "node", "-o", cluster.node], env=cluster.env).stdout))
+    node = run(["scontrol", "show", "node", "-o", cluster.node], env=cluster.env).stdout
+    addr = dict(re.findall(r"(\w+)=(\S*)", node))
     endpoint = f"--rdzv_endpoint={addr.get('NodeAddr')}:{rendezvous_port(job)} --rdzv_id={job} "
     if not re.search(r"^launch: srun --nodes=1 .*--cpus-per-task=2 torchrun --nnodes=1 --nproc_per_node=2 "
                      r"--rdzv_backend=c10d " + re.escape(endpoint), text, re.M):
         failures.append(f"the srun-way launch is not srun + torchrun at {endpoint.strip()}:\n{text[-1500:]}")
-    if not filecmp.cmp(local / RESULTS / "runs" / MODEL / "model.safetensors", remote / "srun-way" / "run" / "model.safetensors",
-                       shallow=False):
+    weights = "model.safetensors"
+    if not filecmp.cmp(local / RESULTS / "runs" / MODEL / weights, remote / "srun-way" / "run" / weights, shallow=False):
         failures.append("the srun-way pretraining's weights differ from the local run's")
     return failures
 
