@@ -16,7 +16,7 @@ from pathlib import Path
 
 import hsat
 from hsat.backbones import is_vit
-from hsat.cluster import job_gpus
+from hsat.cluster import job_gpus, launcher_prefix, pretrain_resources
 from hsat.config import resolve_study, run_config_for_model
 from hsat.errors import HSATError
 from hsat.io import remove_temporaries, write_yaml
@@ -73,6 +73,7 @@ TRAINED_RE = models_re([m for m in MODELS if m not in IMPORTED_MODELS])
 IMPORTED_RE = models_re(IMPORTED_MODELS)
 EVAL = config["evaluation"]
 NPROC = int(config["launcher"]["nproc_per_node"])
+NODES = int(config["launcher"]["nodes"])
 
 # The study config every verb reads: the validated config with defaults, written at parse time
 # only when its content changes. It is not a rule input on purpose -- its time stamp would rerun
@@ -376,14 +377,19 @@ def model_gpus(model, per_job=1):
 
 
 def pretrain_launcher(wildcards):
-    """`hsat`, or torchrun with one process per GPU when launcher.nproc_per_node > 1; on CUDA
-    torchrun first takes that many GPUs of its own (`python -m hsat.gpus`, docs/workflow.md "GPUs";
-    a single-process `hsat` claims its GPU itself)."""
-    if NPROC > 1:
-        torchrun = f"torchrun --standalone --nproc_per_node {NPROC} -m hsat"
-        gpus = model_gpus(wildcards.model, NPROC)
-        return f"python -m hsat.gpus {gpus} {torchrun}" if gpus else torchrun
-    return "hsat"
+    """`hsat`, torchrun with one process per GPU when launcher.nproc_per_node > 1, or `hsat launch`
+    (srun and one torchrun per node) when launcher.nodes > 1. On CUDA a one-node torchrun first
+    takes that many GPUs of its own (`python -m hsat.gpus`, docs/workflow.md "GPUs"); a
+    single-process `hsat` claims its GPU itself, and across nodes SLURM's allocation decides."""
+    prefix = launcher_prefix(NPROC, NODES)
+    gpus = model_gpus(wildcards.model, NPROC) if NPROC > 1 and NODES == 1 else 0
+    return f"python -m hsat.gpus {gpus} {prefix}" if gpus else prefix
+
+
+def pretrain_resource(name):
+    """One resource of a pretraining job (hsat.cluster.pretrain_resources): GPUs on one node, or
+    nodes, one task per node and GPUs per node for SLURM when launcher.nodes > 1; None: unset."""
+    return lambda wildcards: pretrain_resources(RUN_CONFIGS[wildcards.model]["device"], NPROC, NODES)[name]
 
 
 def report_settings(wildcards):

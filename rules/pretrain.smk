@@ -50,8 +50,13 @@ rule pretrain:
         model=TRAINED_RE,
     threads: 1
     resources:
-        gpu=lambda wildcards: model_gpus(wildcards.model, NPROC),
-        nodes=1,  # torchrun --standalone: every process on the node that holds the GPUs
+        # One node (torchrun --standalone: every process on the node that holds the GPUs), or with
+        # launcher.nodes > 1 one task per node, each with nproc_per_node GPUs under device cuda.
+        gpu=pretrain_resource("gpu"),
+        nodes=pretrain_resource("nodes"),
+        tasks=pretrain_resource("tasks"),
+        mpi=pretrain_resource("mpi"),  # the SLURM executor: the job's command starts its tasks (srun)
+        slurm_extra=pretrain_resource("slurm_extra"),
     log:
         f"{RESULTS}/logs/pretrain/{{model}}.log",
     benchmark:

@@ -11,7 +11,9 @@ as CPUs, went to its partition and asked for no GPU (device cpu); the pretrainin
 its first checkpoint, was submitted again by the profile and resumed from it; every result file
 equals the local run's, byte for byte. The GPU side: a dry run under `device: cuda` lists GPUs for
 the GPU rules only, and the cluster accepts and records each such request (an sbatch with the
-same partition, GPUs and CPUs).
+same partition, GPUs and CPUs). The launch that `launcher.nodes` > 1 uses (srun starting torchrun
+with a c10d rendezvous read from the job's environment) runs the same pretraining once more in a
+one-node job and must end byte-identical too; a cluster of several nodes is not tried.
 
 Exit status 0: passed; 1: a check failed; 77: skipped (no root, no apt-get, a SLURM of the
 machine's own, SLURM does not start), with the reason on a `SKIP:` line. Every daemon it starts is
@@ -23,6 +25,7 @@ from __future__ import annotations
 import filecmp
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -42,7 +45,7 @@ BUDGET = float(os.environ.get("HSAT_SLURM_CHECK_BUDGET", 600))
 MODEL = "hsat"
 # The chain's study: the tiny one, pretraining as two gloo processes, long enough (and
 # checkpointed often enough) that a job cancelled after its first checkpoint has steps left.
-STUDY = {"launcher": {"nproc_per_node": 2},
+STUDY = {"launcher": {"nproc_per_node": 2, "nodes": 1},
          "pretrain": {"train": {"steps": 40, "checkpoint_every": 5, "log_every": 5}}}
 RESULTS = "results/tiny"
 COMPARED = ["manifest.csv", f"runs/{MODEL}/model.safetensors", f"embeddings/{MODEL}/features.safetensors",
@@ -335,6 +338,60 @@ def cancel_pretraining_after_first_checkpoint(wf: Path, cluster: Cluster, proc: 
     return None
 
 
+# Inside a one-node job, the launch `hsat launch` builds for several nodes (srun, one torchrun per
+# node, c10d rendezvous from the job's environment), with the environment the SLURM executor
+# leaves a job's command (the job's identity only).
+SRUN_WAY = """\
+import os, sys
+from hsat.cluster import first_host, node_address, slurm_allocation, slurm_launch_command
+keep = {"SLURM_JOB_ID", "SLURM_JOBID", "SLURM_CLUSTER_NAME", "SLURM_SUBMIT_DIR", "SLURM_SUBMIT_HOST"}
+env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "SBATCH_")) or k in keep}
+env = slurm_allocation(env)
+host = node_address(first_host(env["SLURM_JOB_NODELIST"]), env)
+cmd = slurm_launch_command(sys.argv[2:], int(sys.argv[1]), 1, env, host)
+print("launch: " + " ".join(cmd), flush=True)
+os.execvpe(cmd[0], cmd, env)
+"""
+
+
+def srun_way_pretraining(local: Path, remote: Path, cluster: Cluster, seconds: float) -> list[str]:
+    """The model's 2-process pretraining started the multi-node way inside one sbatch job of one
+    node: it must meet at the rendezvous SLURM's records give (the node's address, the port of the
+    job id) and end byte-identical to the local run. Returns the failures."""
+    sys.path.insert(0, str(REPO / "src"))
+    from hsat.cluster import rendezvous_port
+
+    (remote / "srun_way.py").write_text(SRUN_WAY, encoding="utf-8")
+    argv = ["pretrain", "--study", f"{RESULTS}/config.resolved.yaml", "--model", MODEL, "--manifest",
+            f"{RESULTS}/manifest.csv", "--out", "srun-way/run", "--live-dir", "srun-way/live"]
+    wrap = shlex.join(["env", "OMP_NUM_THREADS=2", sys.executable, "srun_way.py", "2", *argv])
+    job = run(["sbatch", "--parsable", "-p", "cpu", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1",
+               "--cpus-per-task=2", "--mem=200", "-t", "10", "-J", "srun-way", "-o", str(remote / "srun-way.log"),
+               "-D", str(remote), "--wrap", wrap], env=env_for(remote, cluster)).stdout.strip()
+    end, state = time.monotonic() + seconds, ""
+    while time.monotonic() < end:
+        state = job_records(cluster).get(job, {}).get("JobState", "")
+        if state in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}:
+            break
+        time.sleep(1)
+    else:
+        run(["scancel", job], check=False, env=cluster.env)
+    text = (remote / "srun-way.log").read_text(errors="replace") if (remote / "srun-way.log").exists() else ""
+    if state != "COMPLETED":
+        return [f"the srun-way pretraining (job {job}) ended {state or 'not in time'}:\n{text[-2000:]}"]
+    failures = []
+    node = run(["scontrol", "show", "node", "-o", cluster.node], env=cluster.env).stdout
+    addr = dict(re.findall(r"(\w+)=(\S*)", node))
+    endpoint = f"--rdzv_endpoint={addr.get('NodeAddr')}:{rendezvous_port(job)} --rdzv_id={job} "
+    if not re.search(r"^launch: srun --nodes=1 .*--cpus-per-task=2 torchrun --nnodes=1 --nproc_per_node=2 "
+                     r"--rdzv_backend=c10d " + re.escape(endpoint), text, re.M):
+        failures.append(f"the srun-way launch is not srun + torchrun at {endpoint.strip()}:\n{text[-1500:]}")
+    weights = "model.safetensors"
+    if not filecmp.cmp(local / RESULTS / "runs" / MODEL / weights, remote / "srun-way" / "run" / weights, shallow=False):
+        failures.append("the srun-way pretraining's weights differ from the local run's")
+    return failures
+
+
 def main() -> int:
     started = time.monotonic()
     failures: list[str] = []
@@ -452,6 +509,12 @@ def main() -> int:
             log(f"{len(submitted)} jobs through sbatch ({len(records)} SLURM job records incl. the GPU requests); "
                 f"{len(same)}/{len(COMPARED)} result files byte-identical to the local run "
                 f"(2-process gloo pretraining{', cancelled once and resumed' if cancelled else ''})")
+
+            # The launch across nodes (srun, one torchrun per node, c10d), tried on this one node.
+            srun_failures = srun_way_pretraining(local, remote, cluster, max(300, BUDGET - (time.monotonic() - started)))
+            failures += srun_failures
+            log(f"srun + c10d launch (launcher.nodes > 1's way) on one node: "
+                f"{'weights byte-identical to the local run' if not srun_failures else 'FAILED'}")
         except Skip as exc:
             print(f"SKIP: {exc}", flush=True)
             return SKIP

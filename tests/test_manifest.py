@@ -187,6 +187,10 @@ def test_run_data_errors_name_the_key_and_what_to_set(png_manifest):
         patient="010", slide=lambda d: d.slide + "b")])
     [msg] = run_data_errors(_run(patients_per_batch=4), three, nproc=2)
     assert "set pretrain.data.patients_per_batch: 2" in msg
+    # across nodes the batch is split over every node's processes
+    assert run_data_errors(_run(patients_per_batch=2), png_manifest, nproc=1, nodes=2) == []
+    [msg] = run_data_errors(_run(patients_per_batch=2), png_manifest, nproc=2, nodes=2)
+    assert "the 4 processes (launcher.nodes=2 x launcher.nproc_per_node=2)" in msg and "use at most 2 processes" in msg
     one = png_manifest[png_manifest.patient != "009"]
     assert any("1 training patient(s)" in m for m in run_data_errors(_run(), one))
     assert any("one class" in m for m in run_data_errors(_run(), png_manifest.assign(label="benign")))

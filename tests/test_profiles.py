@@ -175,3 +175,90 @@ def test_job_gpus_follow_the_device():
     assert job_gpus("cuda") == 1
     with pytest.raises(HSATError, match="mps"):
         job_gpus("mps")
+
+
+# ---------------------------------------------------------------- the paper's study, one node and several
+@pytest.fixture
+def opensrh_workflow(tmp_path: Path) -> Path:
+    """The workflow with its profiles; config/opensrh.yaml's dataset.root is a fake OpenSRH."""
+    from hsat.data.fake_opensrh import write_fake_opensrh
+
+    copy_workflow(tmp_path, extra=("profiles",))
+    write_fake_opensrh(tmp_path / "opensrh", size=16, patches=1)
+    for nodes in (1, 2):
+        (tmp_path / f"nodes{nodes}.yaml").write_text(yaml.safe_dump(
+            {"dataset": {"root": str(tmp_path / "opensrh")}, "launcher": {"nproc_per_node": 4, "nodes": nodes}}),
+            encoding="utf-8")
+    return tmp_path
+
+
+@needs_plugin
+@pytest.mark.slow
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_opensrh_dry_run_lists_gpus_per_job(opensrh_workflow, nodes):
+    """`snakemake all --profile profiles/slurm --workflow-profile <site overlay> --configfile
+    config/opensrh.yaml -n` (device cuda) with four processes per node: one GPU for each evaluation
+    job, four for each pretraining -- on its one node (`gpu`), or on each of two nodes, one task per
+    node (`slurm_extra`'s --gpus-per-node) -- and none for the CPU-only rules."""
+    proc = snakemake("-n", "all", "--profile", "profiles/slurm", "--workflow-profile", SITE,
+                     "--configfile", "config/opensrh.yaml", f"nodes{nodes}.yaml", cwd=opensrh_workflow)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = _jobs(proc.stdout + proc.stderr)
+    models = _load("config/opensrh.yaml")["models"]
+    rules = [j["rule"] for j in jobs]
+    assert rules.count("pretrain") == len(models) and rules.count("evaluate") == len(models)
+    assert {"sanity", "attention", "language", "transfer_craft", "transfer_evaluate", "prepare", "tables"} <= set(rules)
+    gpu_partition = _load(SITE)["set-resources"]["pretrain"]["slurm_partition"]
+    for job in jobs:
+        res, rule = job["resources"], job["rule"]
+        if rule == "pretrain" and nodes == 1:
+            assert (res["gpu"], res["nodes"]) == ("4", "1") and not {"tasks", "mpi", "slurm_extra"} & set(res), job
+        elif rule == "pretrain":
+            assert (res["gpu"], res["nodes"], res["tasks"]) == ("0", "2", "2") and "mpi" in res, job
+            assert res["slurm_extra"] == "--ntasks-per-node=1 --gpus-per-node=4", job
+        elif rule in GPU_RULES:
+            assert res["gpu"] == "1" and "slurm_extra" not in res and "gres" not in res, job
+        else:
+            assert int(res.get("gpu", 0)) == 0 and not {"slurm_extra", "gres", "nodes"} & set(res), job
+        assert (res["slurm_partition"] == gpu_partition) == (rule in GPU_RULES), job
+
+
+class _Resources(dict):
+    """A job's resources as the executor reads them (`.get` and attributes)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError as exc:
+            raise AttributeError(name) from exc
+
+
+@needs_plugin
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_pretraining_sbatch_request(nodes):
+    """The sbatch options the SLURM executor builds from the pretrain rule's resources (four GPUs
+    per node, eight threads): --gpus on one node; on two, both nodes with one task each and four
+    GPUs on each, never a per-job GPU count or tasks per GPU."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+    from snakemake_executor_plugin_slurm.validation import validate_slurm_extra
+
+    from hsat.cluster import pretrain_resources
+
+    resources = {k: v for k, v in pretrain_resources("cuda", 4, nodes).items() if v is not None}
+    job = SimpleNamespace(resources=_Resources(resources), threads=8)
+    validate_slurm_extra(job)  # no option the executor sets itself
+    params = {"run_uuid": "run", "slurm_logfile": "log", "comment_str": "rule_pretrain", "account": "",
+              "partition": "-p gpu", "workdir": ""}
+    options = (get_submit_command(job, params) + set_gres_string(job)).split()
+    assert "--cpus-per-task=8" in options and f"--nodes={nodes}" in options
+    assert not any(o.startswith(("--ntasks-per-gpu", "--gres")) for o in options), options
+    if nodes == 1:
+        assert "--gpus=4" in options and not any(o.startswith("--ntasks-per-node") for o in options), options
+        assert "mpi" not in job.resources  # the executor runs the command in a one-task srun step
+    else:
+        assert {"--ntasks=2", "--ntasks-per-node=1", "--gpus-per-node=4"} <= set(options), options
+        assert not any(o.startswith("--gpus=") for o in options), options
+        assert "mpi" in job.resources  # the command itself starts the tasks (hsat launch -> srun)

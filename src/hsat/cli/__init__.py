@@ -29,7 +29,7 @@ from hsat.io import WRITE_ERROR, describe_os_error
 
 # Verb groups, in the order `hsat --help` lists them. A missing module is skipped so that a
 # partial installation still offers the verbs it has.
-GROUPS = ("config", "data", "train", "evaluate", "report", "bench", "export")
+GROUPS = ("config", "data", "train", "launch", "evaluate", "report", "bench", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

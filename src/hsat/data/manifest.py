@@ -270,13 +270,14 @@ def split_warnings(df: pd.DataFrame) -> list[str]:
     return out
 
 
-def run_data_errors(run_cfg: Mapping[str, Any], df: pd.DataFrame, nproc: int = 1) -> list[str]:
+def run_data_errors(run_cfg: Mapping[str, Any], df: pd.DataFrame, nproc: int = 1, nodes: int = 1) -> list[str]:
     """What in a run config cannot work on this manifest, each naming the key and what to set.
 
     The workflow and `hsat config show` call it when the study is planned, so that a setting that
     does not fit the data stops the dry run, not the training after it. Settings the data decides
     are not listed: data.patients_per_batch above the number of training patients takes them all
-    (hsat.train.fit_to_data), the attacked subset and kNN's k shrink to what there is.
+    (hsat.train.fit_to_data), the attacked subset and kNN's k shrink to what there is. The batch
+    is split over every process: `nproc` per node on each of `nodes`.
     """
     errors = []
     classes = class_names(df)
@@ -288,13 +289,15 @@ def run_data_errors(run_cfg: Mapping[str, Any], df: pd.DataFrame, nproc: int = 1
     if n_train < 2:
         errors.append(f"the manifest has {n_train} training patient(s); pretraining draws at least 2 per step "
                       "(more patients, or a smaller `hsat prepare --val-fraction`)")
-    elif min(batch, n_train) % nproc:
-        used = min(batch, n_train)
-        fit = used - used % nproc
+    elif min(batch, n_train) % (nproc * nodes):
+        used, world = min(batch, n_train), nproc * nodes
+        fit = used - used % world
         todo = (f"set pretrain.data.patients_per_batch: {fit}" if fit
                 else f"use at most {n_train} processes")
+        procs = (f"launcher.nproc_per_node={nproc}" if nodes == 1
+                 else f"the {world} processes (launcher.nodes={nodes} x launcher.nproc_per_node={nproc})")
         errors.append(f"data.patients_per_batch={batch} ({used} with the manifest's {n_train} training patients) "
-                      f"must be divisible by launcher.nproc_per_node={nproc}: {todo}")
+                      f"must be divisible by {procs}: {todo}")
     hlss = (run_cfg.get("method") or {}).get("hlss")
     if hlss and hlss.get("descriptions"):
         described = _described_classes(hlss["descriptions"])
@@ -314,10 +317,11 @@ def study_data_errors(study: Mapping[str, Any]) -> list[str]:
     if not path or not Path(path).is_file():
         return []
     table = read_manifest(path, check_files=False)
-    nproc = int((study.get("launcher") or {}).get("nproc_per_node", 1))
+    launcher = study.get("launcher") or {}
+    nproc, nodes = int(launcher.get("nproc_per_node", 1)), int(launcher.get("nodes", 1))
     found: dict[str, list[str]] = {}
     for name in study["models"]:
-        for message in run_data_errors(run_config_for_model(study, name), table, nproc):
+        for message in run_data_errors(run_config_for_model(study, name), table, nproc, nodes):
             found.setdefault(message, []).append(name)
     return [f"{path}: {message} (models: {', '.join(names)})" for message, names in found.items()]
 
