@@ -192,6 +192,85 @@ def test_stratified_subset_is_deterministic_and_balanced():
     assert np.bincount(labels[stratified_subset(labels, 3)]).tolist() == [1, 1, 1]
 
 
+def _cohort(slide_sizes: dict[str, list[int]]) -> tuple[np.ndarray, list[str], list[str]]:
+    """(labels, slides, patients) per patch: patient P<i> of class i % 3 with slides of the given sizes."""
+    labels, slides, patients = [], [], []
+    for i, (patient, sizes) in enumerate(slide_sizes.items()):
+        for s, size in enumerate(sizes):
+            labels += [i % 3] * size
+            slides += [f"{patient}-S{s}"] * size
+            patients += [patient] * size
+    return np.array(labels), slides, patients
+
+
+UNEVEN = {f"P{i}": [2 + i % 4, 5, 1 + 3 * (i % 2)][: 1 + i % 3] for i in range(9)}
+"""Nine patients with one to three slides of 1 to 5 patches: 18 slides, 66 patches."""
+
+
+def test_slide_stratified_subset_takes_every_slide_and_patient():
+    labels, slides, patients = _cohort(UNEVEN)
+    n_slides = len(set(slides))
+    for n in (n_slides, n_slides + 7, 40):
+        chosen = ev.slide_stratified_subset(labels, slides, n, seed=0, patients=patients)
+        assert len(chosen) == n and chosen == sorted(set(chosen))
+        cov = ev.subset_coverage(slides, patients, chosen)
+        assert cov == {"patches": n, "slides": n_slides, "patients": 9, "slides_total": n_slides, "patients_total": 9}
+        # round-robin: a slide holds fewer than the most-sampled slide only when it has nothing left
+        taken = pd.Series(np.asarray(slides)[chosen]).value_counts()
+        size = pd.Series(slides).value_counts()
+        short = taken.reindex(size.index) < taken.max() - 1
+        assert (taken.reindex(size.index)[short] == size[short]).all()
+    assert ev.slide_stratified_subset(labels, slides, None) is None
+    assert ev.slide_stratified_subset(labels, slides, len(labels)) is None
+
+
+def test_slide_stratified_subset_is_deterministic_and_ids_are_values():
+    labels, slides, patients = _cohort(UNEVEN)
+    a = ev.slide_stratified_subset(labels, slides, 25, seed=3, patients=patients)
+    assert a == ev.slide_stratified_subset(labels, slides, 25, seed=3, patients=patients)
+    # the same cohort with its ids as text (a manifest's label names) gives the same subset
+    named = np.array(["a", "b", "c"])[labels]
+    assert a == ev.slide_stratified_subset(named, pd.Series(slides, dtype=object), 25, seed=3, patients=list(patients))
+    assert a != ev.slide_stratified_subset(labels, slides, 25, seed=4, patients=patients)  # the seed draws within slides
+
+
+def test_slide_stratified_subset_below_the_slide_count_warns_and_spreads(caplog):
+    labels, slides, patients = _cohort(UNEVEN)
+    with caplog.at_level("WARNING", logger="hsat.evaluate.metrics"):
+        chosen = ev.slide_stratified_subset(labels, slides, 7, seed=0, patients=patients)
+    cov = ev.subset_coverage(slides, patients, chosen)
+    assert cov["slides"] == 7 and cov["patients"] == 7 and cov["slides_total"] == 18  # one slide per patient first
+    assert sorted(np.bincount(labels[chosen]).tolist()) == [2, 2, 3]  # classes take turns
+    assert "leaves 11 of 18 validation slides" in caplog.text and "at least 18" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hsat.evaluate.metrics"):
+        ev.slide_stratified_subset(labels, slides, 18, seed=0, patients=patients)
+    assert "validation slides" not in caplog.text
+    with pytest.raises(HSATError, match="slide ids"):
+        ev.slide_stratified_subset(labels, slides[:-1], 5)
+
+
+def test_every_attack_stage_draws_the_same_positions(cli_study):
+    """The embeddings' subset (every CLI stage), the dataset's (library callers) and the manifest's
+    (the tables' coverage) are one subset: example ids line up across models and attacks."""
+    from hsat.cli import main
+
+    root, run, manifest = cli_study
+    emb_dir = root / "emb_positions" / "m1"
+    assert main(["embed", "--run", str(run), "--manifest", str(manifest), "--config", str(root / "study.yaml"),
+                 "--out", str(emb_dir)]) == 0
+    emb = ev.load_embeddings(emb_dir)
+    (val,), _ = ev.datasets(manifest, 32, ("val",), run)
+    for cap in (14, 3):
+        cfg = {"max_val_patches": cap}
+        positions = ev.attacked_positions(emb, cfg)
+        assert positions == ev.attack_subset(val, cfg) and len(positions) == cap
+        val_index = emb.val_index
+        assert ev.attacked_coverage(manifest, cfg) == ev.subset_coverage(val_index["slide"], val_index["patient"], positions)
+    cov = ev.attacked_coverage(manifest, {"max_val_patches": 14})
+    assert cov["slides"] == cov["slides_total"] and cov["patients"] == cov["patients_total"]
+
+
 # ----------------------------------------------------------------------------- probe, embeddings
 
 

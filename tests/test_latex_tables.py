@@ -123,6 +123,16 @@ def test_every_generated_table_passes_the_structural_check(tex_tables):
         assert latex_problems(path.read_text(encoding="utf-8")) == [], path.name
 
 
+def test_both_protocols_and_the_attacked_subset_pass_the_structural_check(whitebox, transfer, study_aa, tmp_path):  # noqa: F811
+    head = whitebox[whitebox["objective"] == "feature"].assign(objective="head")
+    coverage = {"patches": 12, "slides": 12, "patients": 7, "slides_total": 14, "patients_total": 7}
+    write_tables(pd.concat([whitebox, head], ignore_index=True), transfer, study_aa, tmp_path, coverage=coverage)
+    tex = (tmp_path / "table1.tex").read_text(encoding="utf-8")
+    assert "PGD 8/255 (head)" in tex and "12 of 14 validation slides" in tex
+    for path in sorted(tmp_path.glob("*.tex")):
+        assert latex_problems(path.read_text(encoding="utf-8")) == [], path.name
+
+
 def compile_latex(tex_files: list[Path], workdir: Path) -> subprocess.CompletedProcess:
     """pdfLaTeX on one article that \\input's every file."""
     body = "\n\\clearpage\n".join(f"\\input{{{p.resolve().as_posix()}}}" for p in tex_files)

@@ -528,6 +528,78 @@ def test_compact_table1_has_the_papers_columns_and_the_full_one_is_kept(whitebox
     assert {"patch Clean", "patient Worst case 8/255"} <= set(full.columns) and len(full) == len(table)
 
 
+def _with_head_protocol(whitebox: pd.DataFrame) -> pd.DataFrame:
+    """The tidy frame with the head protocol's rows: each feature-objective attack again under
+    `head`, 5 points lower (the paper's released evaluation attacks the projection head)."""
+    head = whitebox[whitebox["objective"] == "feature"].assign(objective="head")
+    head["acc"] -= 5.0
+    return pd.concat([whitebox, head], ignore_index=True)
+
+
+def test_compact_table1_shows_both_paper_protocols_then_the_worst_case(whitebox, study_aa):
+    from hsat.report.tables import table1_compact
+
+    both = _with_head_protocol(whitebox)
+    table, caption = table1_compact(both, study_aa)
+    attacks = ["PGD 4/255", "PGD 8/255", "BIM 4/255", "BIM 8/255", "MI-FGSM 4/255", "MI-FGSM 8/255"]
+    assert list(table.columns) == ["n", "Clean", *[f"{a} (feature)" for a in attacks], *[f"{a} (head)" for a in attacks],
+                                   "Worst case 8/255"]
+    assert table["n"].tolist() == [3, 3, 1, 1, 1, 1]
+    pick = dict(method="hsat", classifier="knn", level="patch", eps=8)
+    assert table.loc["HSAT", "PGD 8/255 (feature)"] == _cell(_sel(both, attack="pgd", objective="feature", **pick)["acc"])
+    assert table.loc["HSAT", "BIM 8/255 (head)"] == _cell(_sel(both, attack="bim_r", objective="head", **pick)["acc"])
+    assert table.loc["HSAT", "Worst case 8/255"] == _cell(_sel(both, attack="worst_case", **pick)["acc"])
+    assert "feature objective" in caption and "head objective" in caption and "Not in these results" not in caption
+
+
+def test_compact_table1_says_which_paper_protocol_is_missing(whitebox, study_aa):
+    from hsat.report.tables import table1_compact
+
+    table, caption = table1_compact(whitebox, study_aa)  # the fixture ran no head protocol
+    assert "Not in these results" in caption and "head protocol" in caption
+    assert not any("(head)" in c for c in table.columns)
+    only_head = _with_head_protocol(whitebox)
+    only_head = only_head[only_head["objective"] != "feature"]
+    table, caption = table1_compact(only_head, study_aa)
+    assert "PGD 8/255" in table.columns and "feature protocol" in caption and "optimise the head objective" in caption
+    neither = whitebox[whitebox["objective"] != "feature"]
+    table, caption = table1_compact(neither, study_aa)
+    assert "feature and head protocols" in caption and "PGD 8/255" in table.columns  # the primary objective's attacks
+
+
+def test_white_box_tables_say_how_many_slides_and_patients_were_attacked(whitebox, transfer, study_aa, tmp_path):
+    partial = {"patches": 12, "slides": 12, "patients": 7, "slides_total": 14, "patients_total": 7}
+    write_tables(_with_head_protocol(whitebox), transfer, study_aa, tmp_path, coverage=partial)
+    for name in ("table1", "table3", "table4", "table5"):
+        md = (tmp_path / f"{name}.md").read_text()
+        assert "12 validation patches from 12 of 14 validation slides and 7 of 7 patients" in md, name
+        assert "speak for those alone" in md and "max\\_val\\_patches" in (tmp_path / f"{name}.tex").read_text()
+    assert "validation slides" not in (tmp_path / "table2.md").read_text()
+    assert "(head)" in (tmp_path / "table1.md").read_text().split("\n\n")[1]  # the compact table, before the notes
+    full = {"patches": 210, "slides": 70, "patients": 35, "slides_total": 70, "patients_total": 35}
+    write_tables(whitebox, transfer, study_aa, tmp_path, coverage=full)
+    md = (tmp_path / "table1.md").read_text()
+    assert "from 70 of 70 validation slides and 35 of 35 patients." in md and "speak for those alone" not in md
+    write_tables(whitebox, transfer, study_aa, tmp_path)
+    assert "validation slides" not in (tmp_path / "table1.md").read_text()
+
+
+def test_cli_tables_caption_counts_the_attacked_slides_of_the_manifest(whitebox, transfer, study, tiny_manifest, tmp_path):
+    """`hsat report tables --manifest`: the captions give the subset the evaluation attacked."""
+    from hsat.cli import main
+    from hsat.io import write_yaml
+
+    cfg = tmp_path / "study.yaml"
+    write_yaml(cfg, {**study, "evaluation": {"max_val_patches": 10}})  # 14 validation slides: 4 left out
+    wb, tr = tmp_path / "wb.csv", tmp_path / "tr.csv"
+    whitebox.to_csv(wb, index=False)
+    transfer.to_csv(tr, index=False)
+    assert main(["report", "tables", "--study", str(cfg), "--whitebox", str(wb), "--transfer", str(tr),
+                 "--out-dir", str(tmp_path / "tables"), "--manifest", str(tiny_manifest)]) == 0
+    md = (tmp_path / "tables" / "table1.md").read_text()
+    assert "10 validation patches from 10 of 14 validation slides and 7 of 7 patients" in md
+
+
 def test_table2_names_models_by_method_then_seed(transfer, study, tmp_path, whitebox):
     from hsat.report.tables import with_model_labels
 

@@ -72,6 +72,15 @@ def test_stored_examples_are_lossless_and_in_the_ball(crafted_file):
     assert adv["metadata"]["eps"] == 8 and adv["metadata"]["objective"] == "feature"
 
 
+def test_crafted_subset_is_the_whitebox_subset_and_spans_every_slide(crafted_file):
+    """The surrogate crafts on the white-box sweep's subset (example ids line up), and with 12
+    patches for the 12 validation slides every slide and patient is in it."""
+    _, crafted, val = crafted_file
+    assert crafted["positions"].tolist() == ev.attack_subset(val, {"max_val_patches": 12})
+    slides, patients = ev.dataset_groups(val)
+    assert set(crafted["slides"]) == set(slides) and set(crafted["patients"]) == set(patients)
+
+
 def test_target_sees_exactly_the_stored_examples(crafted_file):
     path, crafted, val = crafted_file
     target = Recorder()

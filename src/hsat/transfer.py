@@ -32,9 +32,9 @@ from hsat.evaluate import (
     Embeddings,
     LinearProbe,
     attack_name,
+    attack_subset,
     attacked_positions,
     classify,
-    dataset_labels,
     default_device,
     eval_image_size,
     level_metrics,
@@ -42,7 +42,6 @@ from hsat.evaluate import (
     load_for_eval,
     patch_accuracy,
     run_attacks,
-    stratified_subset,
     sweep_alpha,
 )
 from hsat.evaluate.sanity import check_whitebox_vs_transfer as whitebox_vs_transfer  # noqa: F401 (public name)
@@ -90,7 +89,7 @@ def craft(
     resolved = resolve_evaluation({"transfer": dict(cfg_transfer), **({"knn": dict(knn)} if knn else {})})
     cfg_transfer, knn = resolved["transfer"], resolved["knn"]
     if indices is None and max_val_patches:
-        indices = stratified_subset(dataset_labels(val_dataset), max_val_patches, seed=attack_seed)
+        indices = attack_subset(val_dataset, {"max_val_patches": max_val_patches}, seed=attack_seed)
     # BIM and MI-FGSM under a label-free objective start at random, as in the white-box sweep
     spec = AttackSpec(attack_name(cfg_transfer["attack"], cfg_transfer["objective"]), float(cfg_transfer["eps"]),
                       int(cfg_transfer["steps"]), cfg_transfer["objective"], float(alpha), attack_seed)

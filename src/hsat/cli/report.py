@@ -24,14 +24,16 @@ def _tables(args: argparse.Namespace) -> int:
 
     cfg = load_study_config(args.study)
     whitebox, transfer = read_tidy(args.whitebox), read_tidy(args.transfer)
-    write_tables(whitebox, transfer, cfg, args.out_dir)
+    n_examples = coverage = None
+    if args.manifest:
+        from hsat.evaluate.runs import attacked_coverage, attacked_patch_count
+
+        cfg_eval = resolve_evaluation(cfg["evaluation"])
+        n_examples = attacked_patch_count(args.manifest, cfg_eval)
+        coverage = attacked_coverage(args.manifest, cfg_eval)
+    write_tables(whitebox, transfer, cfg, args.out_dir, coverage=coverage)
     sanity = read_tidy(args.sanity) if args.sanity else None
     language = read_tidy(args.language) if args.language else None
-    n_examples = None
-    if args.manifest:
-        from hsat.evaluate.runs import attacked_patch_count
-
-        n_examples = attacked_patch_count(args.manifest, resolve_evaluation(cfg["evaluation"]))
     found = claims(whitebox, transfer, sanity, cfg, language, n_examples=n_examples) if args.metrics or args.claims else []
     if args.claims:
         write_claims(found, args.claims)
@@ -171,7 +173,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--language", default=None, help="results/language.csv (HLSS models): the marker-similarity claims")
     t.add_argument("--manifest", default=None,
                    help="the study's manifest: the claims' sampling term counts the validation patches the attacks ran on "
-                        "(without it: evaluation.max_val_patches)")
+                        "(without it: evaluation.max_val_patches), and the white-box tables' captions say how many "
+                        "validation slides and patients those patches come from")
     t.add_argument(
         "--claims", default=None,
         help="also write each claim with its numbers, seeds, spread, interval, p-value and verdict as Markdown here "

@@ -2,7 +2,7 @@
 
 - `classifiers`: kNN, its differentiable soft copy (the adaptive attack's target), linear probe;
 - `embeddings`: clean features once per model (`hsat embed`) and their files;
-- `metrics`: slide/patient aggregation, Acc/MCA/top-k/mAP, the stratified attack subset;
+- `metrics`: slide/patient aggregation, Acc/MCA/top-k/mAP, the slide-stratified attack subset;
 - `sweep`: the white-box attack grid and the sweep that crafts each batch once;
 - `worst_case`: the per-example worst case over every attack and objective;
 - `sanity`: the attack sanity checks, one small function each;
@@ -14,7 +14,7 @@ Everything a user or another module needs is importable from `hsat.evaluate`.
 """
 
 from hsat.evaluate.classifiers import CLASSIFIERS, LinearProbe, SoftKNN, classify, fit_linear_probe, knn_predict, load_probe
-from hsat.evaluate.embeddings import Embeddings, dataset_labels, embed, index_frame, load_embeddings, loader, write_embeddings
+from hsat.evaluate.embeddings import Embeddings, dataset_groups, dataset_labels, embed, index_frame, load_embeddings, loader, write_embeddings
 from hsat.evaluate.metrics import (
     LEVELS_EVAL,
     aggregate,
@@ -22,9 +22,12 @@ from hsat.evaluate.metrics import (
     classification_metrics,
     level_metrics,
     patch_accuracy,
+    slide_stratified_subset,
     stratified_subset,
+    subset_coverage,
 )
 from hsat.evaluate.runs import (
+    attacked_coverage,
     attention_run,
     attacked_patch_count,
     attacked_positions,
@@ -79,11 +82,11 @@ __all__ = [
     "rgb_to_hed", "shift_checks", "shift_run", "shift_sweep",
     "AUTOATTACK_OBJECTIVE", "AttackResults", "AttackSpec", "CLASSIFIERS", "Embeddings", "LABEL_FREE_OBJECTIVES",
     "LEVELS_EVAL", "LinearProbe", "OBJECTIVES", "ProbeClassifier", "SANITY_COLUMNS", "SoftKNN", "WHITEBOX_COLUMNS",
-    "WORST_CASE", "aggregate", "attack_name", "attack_subset", "attention_run", "attacked_patch_count", "attacked_positions",
-    "binomial_se", "classification_metrics", "classify", "craft_batch", "dataset_labels", "datasets",
+    "WORST_CASE", "aggregate", "attack_name", "attack_subset", "attention_run", "attacked_coverage", "attacked_patch_count", "attacked_positions",
+    "binomial_se", "classification_metrics", "classify", "craft_batch", "dataset_groups", "dataset_labels", "datasets",
     "default_device", "embed", "embed_run", "eval_frozen", "eval_image_size", "fit_linear_probe", "index_frame",
     "knn_predict", "level_metrics", "load_embeddings", "load_for_eval", "load_probe", "loader", "make_objective",
     "mil_run", "model_info", "patch_accuracy", "run_attacks", "sanity_checks", "sanity_report_run", "sanity_run",
-    "stratified_subset", "study_checks", "sweep_alpha", "whitebox_run", "whitebox_specs", "whitebox_sweep", "worst_case_correct",
+    "slide_stratified_subset", "stratified_subset", "study_checks", "subset_coverage", "sweep_alpha", "whitebox_run", "whitebox_specs", "whitebox_sweep", "worst_case_correct",
     "worst_case_rows",
 ]

@@ -159,3 +159,13 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
         if val is not None and len(val) == len(dataset):
             return np.asarray(val, dtype=np.int64)
     return np.asarray([int(dataset[i]["label"]) for i in range(len(dataset))], dtype=np.int64)
+
+
+def dataset_groups(dataset: Dataset) -> tuple[list[str], list[str]]:
+    """(slide, patient) of every item, from the dataset's table (`rows`) where it has one, so the
+    attacked subset is drawn without reading every image."""
+    rows = getattr(dataset, "rows", None)
+    if isinstance(rows, pd.DataFrame) and {"slide", "patient"} <= set(rows.columns) and len(rows) == len(dataset):
+        return rows["slide"].astype(str).tolist(), rows["patient"].astype(str).tolist()
+    items = [dataset[i] for i in range(len(dataset))]
+    return [str(it["slide"]) for it in items], [str(it["patient"]) for it in items]

@@ -1,5 +1,5 @@
 """Scores -> numbers: slide/patient aggregation, accuracy, MCA, top-k, mAP, and the
-class-stratified subset the attacks run on.
+slide-stratified subset the attacks run on.
 
 Slide and patient predictions sum the patch probability vectors of the slide or patient (the
 OpenSRH evaluation), then L1-normalise the sum so average precision compares like with like.
@@ -7,6 +7,7 @@ OpenSRH evaluation), then L1-normalise the sum so average precision compares lik
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Any, Sequence
@@ -23,6 +24,8 @@ from sklearn.metrics import (
 )
 
 from hsat.errors import HSATError
+
+log = logging.getLogger(__name__)
 
 LEVELS_EVAL: tuple[str, ...] = ("patch", "slide", "patient")
 """Levels at which every classifier is scored, finest first."""
@@ -149,3 +152,66 @@ def stratified_subset(labels: Sequence[int], n: int | None, seed: int = 0) -> li
         members = np.flatnonzero(labels == c)
         chosen.extend(rng.permutation(members)[:t].tolist())
     return sorted(int(i) for i in chosen)
+
+
+def slide_stratified_subset(labels: Sequence[Any], slides: Sequence[Any], n: int | None, seed: int = 0,
+                            patients: Sequence[Any] | None = None) -> list[int] | None:
+    """A deterministic subset of n positions (sorted) drawn from every slide, or None for all.
+
+    Slide- and patient-level accuracy under attack only speak for the slides the subset holds, so
+    patches are dealt round-robin: each round takes one more patch (a seeded draw within the
+    slide) from every slide that has one left, until n are taken. Within a round every patient's
+    first slide comes before any patient's second one, and classes take turns (a seeded order),
+    so a round the budget cuts short still spreads over patients and classes. Ids are compared as
+    text (the same ids as strings or numbers give the same subset). With n below the number of
+    slides some slides are left out, and a warning says how many.
+    """
+    labels = np.asarray(labels)
+    slide_ids = pd.Series(np.asarray(slides, dtype=object)).astype(str)
+    patient_ids = slide_ids if patients is None else pd.Series(np.asarray(patients, dtype=object)).astype(str)
+    if not len(slide_ids) == len(patient_ids) == len(labels):
+        raise HSATError(f"slide-stratified subset: {len(labels)} labels, {len(slide_ids)} slide ids and "
+                        f"{len(patient_ids)} patient ids; give one of each per patch")
+    if n is None or n >= len(labels):
+        return None
+    rng = np.random.default_rng(seed)
+    slide_code, _ = pd.factorize(slide_ids, sort=False)
+    n_slides = int(slide_code.max()) + 1
+    by_slide = np.argsort(slide_code, kind="stable")  # positions grouped by slide, in order within each
+    members = np.split(by_slide, np.cumsum(np.bincount(slide_code, minlength=n_slides))[:-1])
+    first = np.array([m[0] for m in members])
+    members = [rng.permutation(m) for m in members]
+    # The order slides are visited in each round: patients' first slides, then their second ones;
+    # within that, classes in turn (a seeded order of classes and of the slides of each).
+    slide_class, _ = pd.factorize(pd.Series(labels[first], dtype=object).astype(str), sort=False)
+    slide_patient, _ = pd.factorize(patient_ids.iloc[first], sort=False)
+    patient_turn = np.empty(n_slides, dtype=np.int64)
+    for pat in range(int(slide_patient.max()) + 1):
+        own = np.flatnonzero(slide_patient == pat)
+        patient_turn[rng.permutation(own)] = np.arange(len(own))
+    class_turn = rng.permutation(int(slide_class.max()) + 1)[slide_class]
+    tiebreak = pd.Series(rng.permutation(n_slides))
+    class_rank = tiebreak.groupby([patient_turn, slide_class]).rank(method="first").to_numpy()
+    visit = np.lexsort((class_turn, class_rank, patient_turn))
+    depth = np.empty(len(labels), dtype=np.int64)
+    turn = np.empty(len(labels), dtype=np.int64)
+    for t, s in enumerate(visit):
+        depth[members[s]] = np.arange(len(members[s]))
+        turn[members[s]] = t
+    chosen = np.lexsort((turn, depth))[:n]  # round by round, slides in visiting order
+    if n < n_slides:
+        log.warning("attacking %d validation patches leaves %d of %d validation slides without an attacked patch: "
+                    "slide- and patient-level results under attack cover the other %d (raise "
+                    "evaluation.max_val_patches to at least %d to cover every slide)", n, n_slides - n, n_slides, n, n_slides)
+    return sorted(int(i) for i in chosen)
+
+
+def subset_coverage(slides: Sequence[Any], patients: Sequence[Any], indices: Sequence[int] | None) -> dict[str, int]:
+    """How many patches, slides and patients the attacked subset `indices` (None: all) holds, and
+    how many slides and patients there are: what slide- and patient-level results speak for."""
+    slides = pd.Series(np.asarray(slides, dtype=object)).astype(str)
+    patients = pd.Series(np.asarray(patients, dtype=object)).astype(str)
+    chosen = list(range(len(slides))) if indices is None else list(indices)
+    return {"patches": len(chosen), "slides": int(slides.iloc[chosen].nunique()),
+            "patients": int(patients.iloc[chosen].nunique()), "slides_total": int(slides.nunique()),
+            "patients_total": int(patients.nunique())}

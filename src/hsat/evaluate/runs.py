@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from hsat import attacks
 from hsat.config import read_yaml, resolve_evaluation, run_config_for_model, validate
-from hsat.data.manifest import class_names, read_manifest, stored_paths
+from hsat.data.manifest import class_names, label_ids, read_manifest, stored_paths
 from hsat.data.srh import read_array
 from hsat.data.sampler import PatchDataset
 from hsat.errors import HSATError
@@ -22,7 +22,7 @@ from hsat.evaluate.attention import attention_under_attack, write_attention_maps
 from hsat.evaluate.classifiers import fit_linear_probe
 from hsat.evaluate.embeddings import Embeddings, dataset_labels, embed, load_embeddings, write_embeddings
 from hsat.evaluate.language import language_rows, pick_per_class
-from hsat.evaluate.metrics import patch_accuracy, stratified_subset
+from hsat.evaluate.metrics import patch_accuracy, slide_stratified_subset, subset_coverage
 from hsat.evaluate.mil import fit_mil, mil_rows, mil_whitebox_rows, save_mil
 from hsat.evaluate.sanity import SANITY_COLUMNS, sanity_checks, study_checks
 from hsat.evaluate.shift import shift_checks, shift_sweep
@@ -135,8 +135,11 @@ def load_for_eval(run_dir, manifest, emb_dir, study: Mapping[str, Any], device):
 
 
 def attacked_positions(emb: Embeddings, cfg_eval: Mapping[str, Any], seed: int = 0) -> list[int] | None:
-    """Validation positions every attack stage runs on (the stratified subset; None: all)."""
-    return stratified_subset(emb.val_labels.numpy(), cfg_eval["max_val_patches"], seed=seed)
+    """Validation positions every attack stage runs on (the slide-stratified subset of
+    `evaluation.max_val_patches`; None: all), the same for every model of a manifest."""
+    val = emb.val_index
+    return slide_stratified_subset(emb.val_labels.numpy(), val["slide"], cfg_eval["max_val_patches"] or None, seed=seed,
+                                   patients=val["patient"])
 
 
 def whitebox_run(run_dir, manifest, emb_dir, study, model_name: str, out, device=None, progress: bool = True) -> pd.DataFrame:
@@ -204,6 +207,19 @@ def attacked_patch_count(manifest: str | Path, cfg_eval: Mapping[str, Any]) -> i
     n_val = int((read_manifest(manifest)["split"] == "val").sum())
     cap = cfg_eval["max_val_patches"]
     return min(n_val, int(cap)) if cap else n_val
+
+
+def attacked_coverage(manifest: str | Path, cfg_eval: Mapping[str, Any], seed: int = 0) -> dict[str, int]:
+    """How many validation patches, slides and patients the attacks ran on, and how many slides
+    and patients the validation split has (`subset_coverage`): the subset `attacked_positions`
+    draws, from the manifest alone."""
+    df = read_manifest(manifest)
+    val = df[df["split"] == "val"].reset_index(drop=True)
+    if val.empty:
+        raise HSATError(f"{manifest}: no 'val' patches")
+    indices = slide_stratified_subset(label_ids(val, class_names(df)), val["slide"], cfg_eval["max_val_patches"] or None,
+                                      seed=seed, patients=val["patient"])
+    return subset_coverage(val["slide"], val["patient"], indices)
 
 
 def sanity_report_run(per_model: Sequence[str | Path], whitebox: str | Path, transfer: str | Path,

@@ -38,8 +38,8 @@ from hsat import attacks
 from hsat.config import resolve_evaluation
 from hsat.errors import HSATError
 from hsat.evaluate.classifiers import LinearProbe, SoftKNN, classify
-from hsat.evaluate.embeddings import dataset_labels, loader
-from hsat.evaluate.metrics import level_metrics, stratified_subset
+from hsat.evaluate.embeddings import dataset_groups, dataset_labels, loader
+from hsat.evaluate.metrics import level_metrics, slide_stratified_subset
 from hsat.evaluate.worst_case import worst_case_rows
 from hsat.oom import HalvingBatches
 from hsat.precision import autocast_factory, exact_fp32
@@ -414,10 +414,13 @@ def whitebox_specs(cfg_eval: Mapping[str, Any], seed: int = 0, model_name: str |
 
 
 def attack_subset(dataset: Dataset, cfg_eval: Mapping[str, Any], seed: int = 0) -> list[int] | None:
-    """The class-stratified validation subset of `evaluation.max_val_patches` (None: all)."""
+    """The slide-stratified validation subset of `evaluation.max_val_patches` (None: all): the
+    positions `hsat.evaluate.attacked_positions` gives from the same model's embeddings."""
     if not cfg_eval["max_val_patches"]:
         return None
-    return stratified_subset(dataset_labels(dataset), cfg_eval["max_val_patches"], seed=seed)
+    slides, patients = dataset_groups(dataset)
+    return slide_stratified_subset(dataset_labels(dataset), slides, cfg_eval["max_val_patches"], seed=seed,
+                                   patients=patients)
 
 
 def metric_rows(
@@ -458,7 +461,7 @@ def whitebox_sweep(
 
     `cfg_eval` is an `evaluation` section (validated here, defaults from the schema). `bank` is
     the clean training bank (features, labels) computed once by `hsat embed`. Attacks run on
-    `indices` of `val_dataset` or, when None, on the class-stratified subset of
+    `indices` of `val_dataset` or, when None, on the slide-stratified subset of
     `evaluation.max_val_patches` (all patches if null).
     """
     cfg_eval = resolve_evaluation(cfg_eval)

@@ -19,6 +19,7 @@ import pandas as pd
 from hsat import LEVELS
 from hsat.config import run_config_for_model, validate
 from hsat.errors import HSATError
+from hsat.evaluate.mil import MIL_CLASSIFIER
 from hsat.io import write_csv, write_text
 from hsat.methods import VARIANTS, methods_with_role
 from hsat.report import method_label
@@ -36,6 +37,11 @@ POSITIVES_ORDER = ("patch", "slide", "patient")
 WHITEBOX_REQUIRED = ("model", "method", "attack", "eps", "classifier", "level", "acc", "mca")
 TRANSFER_REQUIRED = ("surrogate", "target", "level", "acc_drop", "mca_drop")
 LABEL_FREE_OBJECTIVES = ("feature", "head")
+PAPER_PROTOCOLS = {
+    "feature": "the cosine distance of the backbone features, what kNN and the probe classify",
+    "head": "the cosine distance of the projection-head output, what the paper's released evaluation attacks",
+}
+"""The paper's two label-free attack protocols (`objective` in whitebox.csv), in Table 1's order."""
 RANDOM_START = {"bim": "bim_r", "mifgsm": "mifgsm_r"}
 """Attacks that run from a uniform random start under the label-free objectives (start at x otherwise)."""
 WORST_CASE = "worst_case"
@@ -186,8 +192,9 @@ def _with_model_info(df: pd.DataFrame, study_cfg: Mapping[str, Any]) -> pd.DataF
 
 
 def _prepare_whitebox(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any],
-                      classifier: str | None = None) -> tuple[pd.DataFrame, str, str]:
-    """Rows of the primary classifier: clean, the primary objective's attacks and the worst case.
+                      classifier: str | None = None, objective: str | None = None) -> tuple[pd.DataFrame, str, str]:
+    """Rows of the primary classifier: clean, the primary objective's attacks (or `objective`'s)
+    and the worst case.
 
     Under a label-free objective BIM and MI-FGSM ran from a random start (`bim_r`, `mifgsm_r`);
     those rows stand in for `bim`/`mifgsm` so the paper's columns fill. `attack_raw` keeps the
@@ -197,8 +204,9 @@ def _prepare_whitebox(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any],
     df = whitebox.copy()
     if "objective" not in df:
         df["objective"] = "none"
-    primary, objective = primary_setting(df, study_cfg)
+    primary, primary_objective = primary_setting(df, study_cfg)
     classifier = primary if classifier is None else classifier
+    objective = primary_objective if objective is None else objective
     clean, worst = df["attack"] == "none", df["attack"] == WORST_CASE
     own = df[(df["classifier"] == classifier) & ~clean & ~worst]["objective"]
     if len(own) and not (own == objective).any():
@@ -401,27 +409,70 @@ def table1(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[pd.Dat
     return _split_index(table, ["Group", "Method", "Backbone", "n"], ["Level", "Condition"]), caption
 
 
+def protocols_present(whitebox: pd.DataFrame, classifier: str) -> list[str]:
+    """The paper protocols (`PAPER_PROTOCOLS`) with attack rows scored by `classifier`, in order."""
+    if "objective" not in whitebox:
+        return []
+    attacked = whitebox[(whitebox["classifier"] == classifier) & ~whitebox["attack"].isin(["none", WORST_CASE])]
+    return [p for p in PAPER_PROTOCOLS if (attacked["objective"] == p).any()]
+
+
+def _compact_block(df: pd.DataFrame, conditions: Sequence[tuple[str, float]], suffix: str = "") -> pd.DataFrame:
+    """Acc of `conditions` per series (index: Method), columns the condition labels + `suffix`."""
+    if not conditions:
+        return pd.DataFrame()
+    table = _wide_table(df, conditions, ["series"], lambda k: {"Method": k["series"]}, metrics=("acc",), level_outer=True)
+    table.columns = [f"{c[1]}{suffix}" if isinstance(c, tuple) else c for c in table.columns]  # one level: no level row
+    return table.set_index("Method")
+
+
 def table1_compact(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
     """Table 1 as a paper prints it: accuracy at the finest level (patch) of the primary classifier,
-    clean, each attack at each eps and the worst case at the largest eps; one row per method (a
-    method's other group or backbone on a row of its own), methods in registry order."""
+    clean, each attack at each eps under each of the paper's protocols (`feature`, then `head`;
+    a column per protocol, marked when both ran), then the worst case at the largest eps; one row
+    per method (a method's other group or backbone on a row of its own), methods in registry
+    order. A protocol without rows is named in the caption, not dropped in silence."""
     df, classifier, objective = _prepare_whitebox(whitebox, study_cfg)
     level = _levels(df)[0]
-    df = df[df["level"] == level].copy()
+    present = protocols_present(whitebox, classifier)
+    shown = present or [objective]
     names = model_names_for(study_cfg, df)
     rank = {m: i for i, m in enumerate(names["model"])}
-    df["series"] = df["model"].map(dict(zip(names["model"], names["series"])))
-    df = df.assign(_rank=df["model"].map(rank)).sort_values("_rank", kind="stable").drop(columns="_rank")
-    attacked = [(a, e) for a, e in condition_order(study_cfg, df) if a != WORST_CASE]
-    worst = _pick_eps(df, WORST_CASE, max((e for a, e in attacked if a != "none"), default=None))
-    conditions = attacked + ([(WORST_CASE, worst)] if worst is not None else [])
-    table = _wide_table(df, conditions, ["series"], lambda k: {"Method": k["series"]}, metrics=("acc",), level_outer=True)
-    table.columns = [c[1] if isinstance(c, tuple) else c for c in table.columns]  # one level: no level row
-    caption = (
-        f"Table 1: white-box robustness at {level} level, accuracy (Acc, %) of the {classifier} classifier; "
-        f"attacks optimise the {objective} objective; eps in 1/255."
-    )
-    if df["attack_raw"].isin(list(RANDOM_START.values())).any():
+    series = dict(zip(names["model"], names["series"]))
+
+    def at_level(frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame[frame["level"] == level].copy()
+        frame["series"] = frame["model"].map(series)
+        return frame.assign(_rank=frame["model"].map(rank)).sort_values("_rank", kind="stable").drop(columns="_rank")
+
+    frames = {p: at_level(_prepare_whitebox(whitebox, study_cfg, classifier, objective=p)[0]) for p in shown}
+    base = at_level(df)
+    attacked = {p: [(a, e) for a, e in condition_order(study_cfg, f) if a not in ("none", WORST_CASE)]
+                for p, f in frames.items()}
+    worst = _pick_eps(base, WORST_CASE, max((e for c in attacked.values() for _, e in c), default=None))
+    blocks = [_compact_block(base, [("none", 0.0)] if (base["attack"] == "none").any() else [])]
+    blocks += [_compact_block(frames[p], attacked[p], f" ({p})" if len(shown) > 1 else "") for p in shown]
+    blocks += [_compact_block(base, [(WORST_CASE, worst)] if worst is not None else [])]
+    blocks = [b for b in blocks if not b.empty]
+    order = list(dict.fromkeys(base["series"]))
+    n = pd.concat([b["n"] for b in blocks], axis=1).max(axis=1)
+    table = pd.concat([b.drop(columns="n") for b in blocks], axis=1)
+    table.insert(0, "n", n.astype(int))
+    table = table.reindex([m for m in order if m in table.index]).fillna("–")
+    table.index.name = "Method"
+    caption = f"Table 1: white-box robustness at {level} level, accuracy (Acc, %) of the {classifier} classifier; "
+    if present:
+        caption += "; ".join(f"attacks{' marked (' + p + ')' if len(shown) > 1 else ''} optimise the {p} objective "
+                             f"({PAPER_PROTOCOLS[p]})" for p in present) + "; eps in 1/255."
+    else:
+        caption += f"attacks optimise the {objective} objective; eps in 1/255."
+    missing = [p for p in PAPER_PROTOCOLS if p not in present]
+    if missing:
+        absent = " and ".join(missing)
+        plural = "s" if len(missing) > 1 else ""
+        caption += (f" Not in these results: the paper's {absent} protocol{plural} (no rows of the {absent} "
+                    f"objective{plural} for the {classifier} classifier; see evaluation.whitebox.objectives).")
+    if any(f["attack_raw"].isin(list(RANDOM_START.values())).any() for f in frames.values()):
         caption += " BIM and MI-FGSM start from a uniform random point in the eps-ball here (label-free objective)."
     if worst is not None:
         caption += (
@@ -430,7 +481,7 @@ def table1_compact(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tupl
         )
     caption += (" Mean ± std over n models (seeds). Every level is in the full table, every classifier, objective, "
                 "attack and MCA in the long one (CSV files beside this one).")
-    return table.set_index("Method"), caption
+    return table, caption
 
 
 def table1_long(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> pd.DataFrame:
@@ -735,8 +786,28 @@ def table2_summary(transfer: pd.DataFrame | None, study_cfg: Mapping[str, Any]) 
     return table, caption
 
 
+def coverage_note(coverage: Mapping[str, int] | None, abmil: bool = False) -> str:
+    """The caption sentence that says what the white-box numbers speak for: how many validation
+    patches, slides and patients the attacked subset holds (`hsat.evaluate.attacked_coverage`)
+    out of how many; "" without `coverage`. `abmil`: the table has ABMIL rows, which attack every
+    validation slide whatever the subset."""
+    if not coverage:
+        return ""
+    c = coverage
+    text = (f" The patch classifiers are scored on the attacked subset: {c['patches']} validation patches from "
+            f"{c['slides']} of {c['slides_total']} validation slides and {c['patients']} of {c['patients_total']} "
+            "patients")
+    if c["slides"] < c["slides_total"] or c["patients"] < c["patients_total"]:
+        text += " (slide and patient levels speak for those alone; evaluation.max_val_patches is below the slide count)"
+    text += "."
+    if abmil:
+        text += " ABMIL attacks every validation slide."
+    return text
+
+
 def write_tables(
-    whitebox: pd.DataFrame, transfer: pd.DataFrame, study_cfg: Mapping[str, Any], out_dir: str | Path
+    whitebox: pd.DataFrame, transfer: pd.DataFrame, study_cfg: Mapping[str, Any], out_dir: str | Path,
+    coverage: Mapping[str, int] | None = None,
 ) -> list[Path]:
     """Write results/tables/table{1..5}.{csv,md,tex}, table1_full.csv and table2_summary.csv; return
     every path written.
@@ -744,12 +815,15 @@ def write_tables(
     table1.md/.tex are the paper's compact Table 1 (patch level), table1_full.csv every level as
     `table1` lays it out (the Markdown shows it too), table1.csv the long form (every classifier,
     objective and attack); table2.md/.tex name models by method and seed and carry the
-    same-method vs other-method summary under the matrix.
+    same-method vs other-method summary under the matrix. `coverage` (patches, slides, patients
+    of the attacked subset and the validation totals, `hsat.evaluate.attacked_coverage`) is
+    stated in the captions of the white-box tables (1, 3, 4, 5).
     """
     if whitebox.empty:
         raise HSATError("whitebox results are empty: nothing to tabulate")
     summary, summary_caption = table2_summary(transfer, study_cfg)
     full, full_caption = table1(whitebox, study_cfg)
+    full_caption += coverage_note(coverage)
     matrix, matrix_caption = table2(transfer, study_cfg)
     names = model_names_for(study_cfg)
     labels = dict(zip(names["model"], names["label"]))
@@ -761,6 +835,7 @@ def write_tables(
                    "notes": [("The models' runs:", runs)] if shown else []},
     }
     written: list[Path] = []
+    abmil = bool((whitebox["classifier"] == MIL_CLASSIFIER).any())
     for name, (table, caption) in (
         ("table1", table1_compact(whitebox, study_cfg)),
         ("table2", (with_model_labels(matrix, labels), matrix_caption)),
@@ -768,6 +843,8 @@ def write_tables(
         ("table4", table4(whitebox, study_cfg)),
         ("table5", table5(whitebox, study_cfg)),
     ):
+        if name != "table2":
+            caption += coverage_note(coverage, abmil=abmil and name == "table5")
         if table.empty:
             log.warning("%s: no matching results; writing an empty table", name)
             table = pd.DataFrame({"note": ["no matching results in this study"]})
