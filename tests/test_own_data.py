@@ -102,7 +102,7 @@ def test_folder_tree_to_tables_with_the_documented_overlay(workdir, cohort):
 
     # hsat prepare --folders: the split by patient (a one-patient class stays in train, with a warning).
     proc = subprocess.run([hsat, "prepare", "--folders", "tree", "--out", "data/manifest.csv", "--val-fraction", "0.5",
-                           "--seed", "0"], cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=120)
+                           "--seed", "0"], cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     manifest = pd.read_csv(workdir / "data" / "manifest.csv")
@@ -124,7 +124,7 @@ def test_folder_tree_to_tables_with_the_documented_overlay(workdir, cohort):
 
     # What will run, checked against the data before anything runs (the page's step 3).
     proc = subprocess.run([hsat, "config", "show", "--study", "overlay.yaml"], cwd=workdir, env=_env(workdir),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "preset: he  # overlay" in proc.stdout, proc.stdout[-2000:] + proc.stderr
 
     proc = snakemake("all", "--cores", "2", "--configfile", "overlay.yaml", cwd=workdir, timeout=2000)
@@ -183,11 +183,11 @@ def test_folder_tree_to_tables_with_the_documented_overlay(workdir, cohort):
     params.write_text(yaml.safe_dump(p))
     dvc = str(Path(sys.executable).parent / "dvc")
     init = subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=workdir, env=_env(workdir),
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=900)
     assert init.returncode == 0, init.stderr
     shutil.copytree(REPO / ".dvc" / "plots", workdir / ".dvc" / "plots")
     proc = subprocess.run([dvc, "plots", "show", "--json"], cwd=workdir, env=_env(workdir),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (plot,) = json.loads(proc.stdout)["data"]["training_loss"]
     rows = plot["content"]["data"]["values"]
