@@ -1,6 +1,7 @@
 """The workflow through its command line: dry runs build the DAG, the linter is clean, and the
 tiny study runs end to end under `dvc repro`, after which nothing is left to do and changing one
-model's settings reruns only that model's chain; in another folder it gives the same bytes."""
+model's settings reruns only that model's chain; in another folder it gives the same bytes, and
+killed mid-run it resumes with the documented commands to the same bytes."""
 
 from __future__ import annotations
 
