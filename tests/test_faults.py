@@ -121,3 +121,26 @@ def test_what_killed_writes_leave_is_found_and_nothing_else(tmp_path):
     for target, tmp in left.items():
         assert remove_temporaries(target) == [Path(tmp)]
     assert all(p.exists() for p in kept) and not any(Path(p).exists() for p in left.values())
+
+
+def test_a_cohort_build_cut_short_leaves_nothing_after_the_next_start(tmp_path):
+    """A synthetic cohort is built in a folder beside its target and renamed into place, an old
+    one moved aside first: a kill in between leaves those folders; the next `hsat synth` (and a
+    workflow's start: remove_temporaries of its outputs) removes them, and only them."""
+    from hsat.data.synthetic import synthesize_cohort
+    from hsat.io import make_temp_dir, temporary_dir_prefix
+
+    out = tmp_path / "dataset"
+    building = make_temp_dir(tmp_path, prefix=temporary_dir_prefix(out))
+    (building / "studies" / "SYN001").mkdir(parents=True)
+    moved_aside = make_temp_dir(tmp_path, prefix=temporary_dir_prefix(out, "old"))
+    kept = [tmp_path / ".dataset.tmp-mine", tmp_path / ".cohort.tmp-0123456789ab", tmp_path / ".dataset.old-12345"]
+    for path in kept:
+        path.mkdir()
+    assert remove_temporaries(out) == sorted([building, moved_aside])
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+
+    building = make_temp_dir(tmp_path, prefix=temporary_dir_prefix(out))
+    synthesize_cohort(out, patients=7, slides=1, patches=1, size=8)
+    synthesize_cohort(out, patients=7, slides=1, patches=1, size=8, seed=1)  # replaces the first: moves it aside
+    assert sorted(tmp_path.iterdir()) == sorted([*kept, out]) and (out / "meta" / "synthetic.json").is_file()

@@ -1,6 +1,7 @@
 """The workflow through its command line: dry runs build the DAG, the linter is clean, and the
 tiny study runs end to end under `dvc repro`, after which nothing is left to do and changing one
-model's settings reruns only that model's chain; in another folder it gives the same bytes."""
+model's settings reruns only that model's chain; in another folder it gives the same bytes, and
+killed mid-run it resumes with the documented commands to the same bytes."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,6 +310,95 @@ def test_tiny_study_is_the_same_bytes_in_two_folders_and_after_a_move(tiny_dvc, 
     proc = snakemake("all", "--cores", "2", "--configfile", "config/tiny.yaml", cwd=moved)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert differing(study_files(results), first.files) == []
+
+
+def documented_resume(doc: Path = REPO / "docs" / "workflow.md") -> list[list[str]]:
+    """The commands docs/workflow.md gives for resuming after a kill (the ```bash block after
+    "**After a kill**"), one argv each: the test runs what the reader is told to run."""
+    text = doc.read_text(encoding="utf-8").split("**After a kill**", 1)[1]
+    block = re.search(r"^```bash\n(.*?)^```", text, re.M | re.S).group(1)
+    commands = [shlex.split(line, comments=True) for line in block.splitlines()]
+    commands = [c for c in commands if c]
+    assert commands and all(c[0] == "snakemake" for c in commands), block
+    return commands
+
+
+def leftovers(results: Path) -> list[str]:
+    """Hidden files and folders a study folder holds but Snakemake's own marker of a directory
+    output: temporary files of atomic writes (hsat.io), half-built cohorts, ..."""
+    return sorted(p.relative_to(results).as_posix() for p in results.rglob(".*") if p.name != ".snakemake_timestamp")
+
+
+def kill_when(proc: subprocess.Popen, condition: Callable[[], object], timeout: float = 900) -> None:
+    """SIGKILL the process group of `proc` (started in a session of its own) once `condition()`
+    holds, polled. The group is stopped (SIGSTOP) and the condition checked again before the
+    kill, so it still holds after it whatever the scheduler did; `timeout` (generous) only ends a
+    hung run."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if condition():
+            os.killpg(proc.pid, signal.SIGSTOP)
+            if condition():
+                break
+            os.killpg(proc.pid, signal.SIGCONT)
+        time.sleep(0.1)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_a_killed_study_resumes_with_the_documented_commands_to_the_same_bytes(tiny_dvc, tmp_path):
+    """SIGKILL to Snakemake and every job (its process group: `kill -9`, a lost node) while the
+    first pretraining trains: what is left is whole, but an unfinished pretraining's run folder
+    (it resumes) and the temporary files of interrupted writes; the same command stops on the
+    stale lock, as the docs say; the docs' commands then finish the study to the bytes of an
+    uninterrupted run, leaving no temporary file and no incomplete-job marker."""
+    assert tiny_dvc.proc.returncode == 0, tiny_dvc.proc.stdout[-4000:] + tiny_dvc.proc.stderr[-4000:]
+    from hsat.io import is_temporary
+
+    commands = documented_resume()
+    run = commands[-1]  # the docs: "rerun the same command"
+    assert run[1] == "all" and "--unlock" not in run, commands
+    workdir = copy_workflow(tmp_path / "study", extra=("profiles",))  # profiles/default: as in a checkout
+    results = workdir / "results" / "tiny"
+    training = lambda: {p.parent.name for p in results.glob("runs/*/log.jsonl")  # noqa: E731
+                        if not (p.parent / "model.safetensors").exists()}  # took a step, not done
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", *run], cwd=workdir, env=_env(workdir), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            kill_when(proc, training)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+
+    # Killed mid-run: a pretraining had taken a step and not finished, the report far off.
+    unfinished = training()
+    assert unfinished and not (results / "tables").exists()
+    # Nothing truncated: every file is the uninterrupted run's, but those an unfinished
+    # pretraining writes in place (it resumes from them) and atomic writes' temporary files.
+    left = study_files(results)
+    truncated = [rel for rel, digest in left.items() if digest != tiny_dvc.files.get(rel)
+                 and not is_temporary(Path(rel).name)
+                 and not (rel.split("/")[0] in ("runs", "training") and rel.split("/")[1] in unfinished)]
+    assert truncated == []
+
+    # The same command stops on the lock the kill left, with the message the docs quote.
+    proc = snakemake(*run[1:], cwd=workdir)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Error: Directory cannot be locked." in out, out[-3000:]
+    assert "Error: Directory cannot be locked." in (REPO / "docs" / "workflow.md").read_text()
+    assert study_files(results) == left
+
+    for command in commands:  # as documented: unlock, then the same command
+        proc = snakemake(*command[1:], cwd=workdir, timeout=1200)
+        assert proc.returncode == 0, f"{shlex.join(command)}\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert differing(study_files(results), tiny_dvc.files) == []
+    assert leftovers(results) == []
+    assert list((workdir / ".snakemake" / "incomplete").iterdir()) == []
 
 
 DVC_COMMANDS = (("repro",), ("status",), ("metrics", "show"), ("plots", "show"))

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -161,25 +162,36 @@ def is_temporary(name: str) -> bool:
     return bool(match) and (match["name"].endswith(match["suffix"]) or match["suffix"] == ".tmp")
 
 
+def temporary_dir_prefix(path: str | os.PathLike, kind: str = "tmp") -> str:
+    """The name prefix (for `make_temp_dir`) of a folder a writer builds `path` in ("tmp") or
+    moves an old `path` aside to ("old") before renaming: `remove_temporaries` knows it."""
+    return f".{Path(path).name}.{kind}-"
+
+
 def remove_temporaries(path: str | os.PathLike) -> list[Path]:
     """Delete what interrupted atomic writes of `path` left beside it; returns them.
 
-    A kill during a write leaves its temporary file; only the one process that writes `path`
-    may call this (another's write in progress would lose its file).
+    A kill during a write leaves its temporary file, or for a folder written whole (a synthetic
+    cohort) the folder it was being built in or the old one moved aside
+    (`temporary_dir_prefix`); only the one process that writes `path` may call this (another's
+    write in progress would lose it).
     """
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    return _remove([p for p in path.parent.glob(f".{path.name}.*") if is_temporary(p.name)])
+    prefixes = "|".join(re.escape(temporary_dir_prefix(path, kind)) for kind in ("tmp", "old"))
+    folder = re.compile(f"(?:{prefixes})[0-9a-f]{{12}}")  # make_temp_dir's 12 random hex digits
+    return _remove(sorted(p for p in path.parent.glob(f".{path.name}.*")
+                          if (p.is_file() and is_temporary(p.name)) or (p.is_dir() and folder.fullmatch(p.name))))
 
 
 def _remove(paths: list[Path]) -> list[Path]:
-    removed = []
     for tmp in paths:
-        if tmp.is_file():
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
             tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
+    return paths
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -36,7 +37,9 @@ import tifffile
 
 from hsat import CLASSES
 from hsat.errors import HSATError
-from hsat.io import make_temp_dir
+from hsat.io import make_temp_dir, remove_temporaries, temporary_dir_prefix
+
+log = logging.getLogger(__name__)
 
 MARKER = Path("meta") / "synthetic.json"
 """Provenance file written beside the OpenSRH meta files; marks a directory as ours to replace."""
@@ -389,7 +392,9 @@ def synthesize_cohort(
     ids = [f"SYN{i + 1:0{width}d}" for i in range(patients)]
     split = stratified_split(labels, val_fraction, np.random.default_rng([seed, 0x5EED]))
 
-    tmp = make_temp_dir(out.parent, prefix=f".{out.name}.tmp-")
+    for left in remove_temporaries(out):  # what a killed run left: it never became the cohort
+        log.info("removed %s (left by an interrupted run)", left)
+    tmp = make_temp_dir(out.parent, prefix=temporary_dir_prefix(out))
     try:
         meta: dict[str, dict] = {}
         for i, (pid, label) in enumerate(zip(ids, labels)):
@@ -432,8 +437,8 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     old = None
     if out.is_dir():
         if any(out.iterdir()):
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
+            old = make_temp_dir(out.parent, prefix=temporary_dir_prefix(out, "old"))
+            os.replace(out, old)  # onto the empty folder: a kill here leaves it for remove_temporaries
         else:
             out.rmdir()
     os.replace(tmp, out)
