@@ -89,7 +89,7 @@ def dvc_repro_tiny(workdir: Path) -> subprocess.CompletedProcess:
 
 def dvc(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=workdir, env=_env(workdir),
-                          capture_output=True, text=True, timeout=1100)
+                          capture_output=True, text=True, timeout=3000)  # a hang guard: generous for a loaded machine
 
 
 def study_files(results: Path) -> dict[str, str]:
