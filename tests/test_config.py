@@ -250,22 +250,26 @@ def test_default_study_runs_autoattack_on_every_model():
 
 
 def test_ablations_overlay_adds_seeds_to_the_papers_study_and_reuses_its_models():
-    """config/ablations.yaml is config/core.yaml plus seeds 1 and 2 of each HSAT ablation: every model of
-    `make study` keeps its run config and its place on the evaluation lists (so its jobs are not rerun), and
-    the new seeds get AutoAttack like seed 0 (their worst case takes the same attacks)."""
+    """config/ablations.yaml is config/core.yaml plus three seeds of each HSAT ablation (seed 0 and the "clean
+    samples also" run are the default study's): every model of `make study` and of the default study keeps its
+    run config and its place on the evaluation lists (so its jobs are not rerun), and the new seeds get
+    AutoAttack like seed 0 (their worst case takes the same attacks)."""
+    default, _ = resolve_study(BASE)
     core, _ = resolve_study(BASE, [ROOT / "config" / "core.yaml"])
     abl, _ = resolve_study(BASE, [ROOT / "config" / "ablations.yaml"])
     assert set(core["models"]) < set(abl["models"])
     for model in core["models"]:
         assert run_config_for_model(abl, model) == run_config_for_model(core, model), model
-    new = sorted(set(abl["models"]) - set(core["models"]))
+    for model in set(abl["models"]) & set(default["models"]):
+        assert run_config_for_model(abl, model) == run_config_for_model(default, model), model
+    new = sorted(set(abl["models"]) - set(core["models"]) - {"hsat_clean_adv"})
     ablations = {"hsat_patch", "hsat_slide", "hsat_lmax_patch", "hsat_lmax_patch_slide"}
     assert sorted((abl["models"][m]["method"]["name"], abl["models"][m]["seed"]) for m in new) == sorted(
-        (a, s) for a in ablations for s in (1, 2))
+        (a, s) for a in ablations for s in (0, 1, 2))
     for model in new:
-        seed0 = next(m for m in core["models"] if core["models"][m]["method"]["name"] == abl["models"][model]["method"]["name"])
+        seed0 = next(m for m in default["models"] if default["models"][m]["method"]["name"] == abl["models"][model]["method"]["name"])
         assert {k: v for k, v in run_config_for_model(abl, model).items() if k != "seed"} == {
-            k: v for k, v in run_config_for_model(core, seed0).items() if k != "seed"}, model
+            k: v for k, v in run_config_for_model(default, seed0).items() if k != "seed"}, model
     aa = abl["evaluation"]["whitebox"]["autoattack"]["models"]
     assert not aa or set(abl["models"]) <= set(aa)
     assert abl["results_dir"] == core["results_dir"]
