@@ -192,3 +192,36 @@ def test_claims_refuse_examples_of_another_evaluation(two_method_study):
     ex.loc[(ex["model"] == "hsat_s1") & (ex["attack"] == "worst_case"), "correct"] = 0
     with pytest.raises(HSATError, match="hsat_s1.*different evaluations"):
         claims(wb, None, None, two_method_study, examples=ex)
+
+
+def test_cli_tables_reads_the_examples_and_replicates_lines_up_two_draws(two_method_study, tmp_path):
+    import json
+
+    from hsat.cli import main
+    from hsat.io import write_yaml
+
+    cfg = tmp_path / "study.yaml"
+    write_yaml(cfg, two_method_study)
+    tr = tmp_path / "tr.csv"
+    tr.write_text("")
+    metrics = {}
+    for draw, shift in (("draw0", 0.4), ("draw1", 0.0)):
+        wb, ex = _claim_frames(shift=shift)
+        wb.to_csv(tmp_path / f"wb_{draw}.csv", index=False)
+        parts = []
+        for model, rows in ex.groupby("model"):
+            parts.append(tmp_path / f"{draw}_{model}.csv")
+            rows.to_csv(parts[-1], index=False)
+        metrics[draw] = tmp_path / f"metrics_{draw}.json"
+        assert main(["report", "tables", "--study", str(cfg), "--whitebox", str(tmp_path / f"wb_{draw}.csv"),
+                     "--transfer", str(tr), "--out-dir", str(tmp_path / f"tables_{draw}"), "--metrics", str(metrics[draw]),
+                     "--examples", *map(str, parts)]) == 0
+    found = {c["id"]: c for c in json.loads(metrics["draw0"].read_text())["claims"]}
+    assert found["whitebox_worst_case"]["numbers"]["tests"][0]["bootstrap"]["patients"] == 35
+    out = tmp_path / "replicates.md"
+    assert main(["report", "replicates", "--out", str(out), *(f"{d}={p}" for d, p in metrics.items())]) == 0
+    text = out.read_text()
+    assert "draw0 verdict" in text and "draw1 verdict" in text
+    row = next(line for line in text.splitlines() if line.startswith("| whitebox_worst_case "))
+    assert "holds" in row and "differs" in row  # draw1 has no gap: not "holds" there
+    assert main(["report", "replicates", "--out", str(out), "draw0"]) == 2

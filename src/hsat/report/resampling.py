@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from hsat.errors import HSATError
+from hsat.io import read_tidy
 
 N_BOOT = 2000
 """Bootstrap draws per comparison: percentiles of a 95 % interval to about +-0.5 % coverage."""
@@ -75,6 +76,13 @@ def per_example(examples: pd.DataFrame | None, models: Sequence[str], accs: Sequ
     first = rows.drop_duplicates("example").set_index("example").loc[table.columns]
     return PerExample(table.to_numpy(dtype=float), tuple(int(e) for e in table.columns),
                       tuple(first["patient"].astype(str)), tuple(first["label"].astype(str)))
+
+
+def read_examples(paths: Sequence[str]) -> pd.DataFrame | None:
+    """The per-example CSVs of a study as one frame (None when none is given)."""
+    frames = [read_tidy(p) for p in paths]
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 def _patient_codes(patients: Sequence[str], strata: Sequence[str] | None) -> tuple[np.ndarray, list[np.ndarray]]:
