@@ -17,10 +17,11 @@ a - b is judged by Welch's t-test (`welch_gap`), two-sided at ALPHA = 0.05:
   no per-example rows, so this component is taken as known (infinite degrees of freedom) in the
   Welch-Satterthwaite df, which thus counts the seeds only. Where N is unknown (null: every
   validation patch, and no manifest) the interval covers the seeds only, and says so;
-- the honest limit: the binomial term treats the N patches as independent draws, while they come
-  from a few dozen patients (and are shared by every model, which makes a difference of two arms
-  less noisy than the sum of their variances). A patient-level hierarchical bootstrap (seeds, then
-  patients) would need per-example outputs, which the evaluation does not write yet;
+- with the per-example results (`claims(examples=...)`, `results/examples/<model>.csv`), a
+  white-box comparison replaces the binomial term, which treats the N patches as independent and
+  each arm as if it had its own, by the variance over patient draws of a hierarchical bootstrap
+  (`hsat.report.resampling`: seeds, then patients by class, the same patients for both arms), and
+  the bootstrap's own percentile interval must agree with the t interval (`agreed_sign`);
 - the difference counts when |t| exceeds the t quantile at its df (equivalently: its 95 % interval
   excludes 0); each claim records the interval, t, df and p-value in `numbers` (per gap for chains).
 
@@ -86,8 +87,12 @@ RULES = (
     f"Both sides need >= {MIN_SEEDS} seeds; with fewer on either side the claim cannot be judged.",
     "The variance of each side is its seed variance sd^2/n plus the binomial variance of its accuracy over the N "
     "validation examples the attacks ran on (100^2 p(1-p)/N; N = evaluation.max_val_patches or the cohort's validation "
-    "patches if fewer), taken as known in the df; without N the interval covers the seeds only. This treats the patches as independent: it ignores their clustering by patient "
-    "(a patient-level hierarchical bootstrap needs per-example outputs, which the evaluation does not write yet).",
+    "patches if fewer), taken as known in the df; without N the interval covers the seeds only. Without per-example "
+    "results this treats the patches as independent: it ignores their clustering by patient. With them (white-box "
+    "claims, results/examples/), the clustering counts: the variance over patient draws of a "
+    "hierarchical bootstrap (seeds, then patients within each class, the same patients for both sides; 2000 draws) "
+    "replaces the binomial term, and a difference counts only when the bootstrap's percentile interval agrees with the t "
+    "interval.",
     "Same-method transfer: one unit per target seed (its mean drop over its same-method surrogates), since the "
     "ordered seed pairs that share a target are not independent.",
     "holds: every difference points the claimed way beyond the noise; does not hold: one points the other "
