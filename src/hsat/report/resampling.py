@@ -86,12 +86,16 @@ def read_examples(paths: Sequence[str]) -> pd.DataFrame | None:
 
 
 def _patient_codes(patients: Sequence[str], strata: Sequence[str] | None) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(patient index of each example, the patient indices of each stratum); a patient's stratum is its first example's."""
+    """(patient index of each example, the patient indices of each stratum); a patient's stratum is
+    its first example's. A stratum of one patient cannot be resampled (it would always draw that
+    patient, and the bootstrap would see no sampling noise): then all patients form one stratum."""
     names, codes = np.unique(np.asarray(patients, dtype=str), return_inverse=True)
+    everyone = [np.arange(len(names))]
     if strata is None:
-        return codes, [np.arange(len(names))]
+        return codes, everyone
     first = pd.Series(np.asarray(strata, dtype=str)).groupby(codes).first()
-    return codes, [np.asarray(idx) for _, idx in first.groupby(first.values).groups.items()]
+    groups = [np.asarray(idx) for _, idx in first.groupby(first.values).groups.items()]
+    return codes, groups if min(len(g) for g in groups) > 1 else everyone
 
 
 def patient_weights(n_patients: int, strata: Sequence[np.ndarray], n_boot: int, rng: np.random.Generator) -> np.ndarray:
