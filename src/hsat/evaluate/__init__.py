@@ -91,4 +91,5 @@ __all__ = [
     "mil_run", "model_info", "patch_accuracy", "run_attacks", "sanity_checks", "sanity_report_run", "sanity_run",
     "slide_stratified_subset", "stratified_subset", "study_checks", "subset_coverage", "sweep_alpha", "whitebox_run", "whitebox_specs", "whitebox_sweep", "worst_case_correct",
     "worst_case_rows",
+    "EXAMPLE_COLUMNS", "example_rows",
 ]
