@@ -9,6 +9,7 @@ rule evaluate:
         manifest=MANIFEST,
     output:
         whitebox=f"{RESULTS}/whitebox/{{model}}.csv",
+        examples=f"{RESULTS}/examples/{{model}}.csv",
         **EMBED_OUT,
         **(MIL_OUT if MIL_IN_EVALUATE else {}),
     params:
@@ -35,7 +36,7 @@ rule evaluate:
         " --study {params.study} --out {params.emb_dir}"
         " --then evaluate --run {params.run_dir} --manifest {input.manifest}"
         " --embeddings {params.emb_dir} --study {params.study} --model {wildcards.model} --out {output.whitebox}"
-        "{params.mil} > {log} 2>&1"
+        " --examples {output.examples}{params.mil} > {log} 2>&1"
 
 
 rule sanity:

@@ -61,6 +61,7 @@ rule tables:
         transfer=f"{RESULTS}/transfer.csv",
         sanity=f"{RESULTS}/sanity.csv",
         language=[f"{RESULTS}/language.csv"] if LANGUAGE_MODELS else [],
+        examples=[f"{RESULTS}/examples/{m}.csv" for m in MODELS],
         manifest=MANIFEST,
     output:
         tables=[
@@ -86,7 +87,7 @@ rule tables:
     shell:
         "hsat report tables --study {params.study} --whitebox {input.whitebox} --transfer {input.transfer}"
         " --sanity {input.sanity} --out-dir {params.out_dir} --metrics {output.metrics}"
-        " --claims {output.claims} --manifest {input.manifest}{params.language} > {log} 2>&1"
+        " --claims {output.claims} --manifest {input.manifest}{params.language} --examples {input.examples} > {log} 2>&1"
 
 
 rule figures:

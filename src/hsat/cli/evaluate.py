@@ -30,7 +30,8 @@ def _embed(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from hsat.evaluate import whitebox_run
 
-    df = whitebox_run(args.run, args.manifest, args.embeddings, _study(args), args.model, args.out)
+    df = whitebox_run(args.run, args.manifest, args.embeddings, _study(args), args.model, args.out,
+                      examples_out=args.examples)
     log.info("%d white-box rows written to %s", len(df), args.out)
     return 0
 
@@ -134,6 +135,9 @@ def add_parsers(subparsers) -> None:
                               description="Attacks are crafted once per (attack, eps, objective) and scored by every classifier.")
     _common(p)
     p.add_argument("--out", required=True, metavar="CSV")
+    p.add_argument("--examples", default=None, metavar="CSV",
+                   help="also write each attacked patch's correctness (clean, PGD, worst case; patient and slide): "
+                        "what the claims' patient-level bootstrap resamples")
     p.set_defaults(func=_evaluate, gpus=1)
 
     p = subparsers.add_parser(

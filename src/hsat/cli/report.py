@@ -1,4 +1,4 @@
-"""`hsat report collect|tables|figures|dvc|calibration|cost`: concatenate tidy CSVs, write Tables 1-4, draw the figures,
+"""`hsat report collect|tables|figures|dvc|calibration|replicates|cost`: concatenate tidy CSVs, write Tables 1-4, draw the figures,
 write DVC's compact views, judge a cohort, sum the jobs' benchmarks."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def _collect(args: argparse.Namespace) -> int:
 def _tables(args: argparse.Namespace) -> int:
     from hsat.report import read_tidy
     from hsat.report.claims import claims, write_claims
+    from hsat.report.resampling import read_examples
     from hsat.report.tables import headline, write_tables
 
     cfg = load_study_config(args.study)
@@ -34,7 +35,9 @@ def _tables(args: argparse.Namespace) -> int:
     write_tables(whitebox, transfer, cfg, args.out_dir, coverage=coverage)
     sanity = read_tidy(args.sanity) if args.sanity else None
     language = read_tidy(args.language) if args.language else None
-    found = claims(whitebox, transfer, sanity, cfg, language, n_examples=n_examples) if args.metrics or args.claims else []
+    examples = read_examples(args.examples) if args.examples else None
+    found = (claims(whitebox, transfer, sanity, cfg, language, n_examples=n_examples, examples=examples)
+             if args.metrics or args.claims else [])
     if args.claims:
         write_claims(found, args.claims)
     if args.metrics:
@@ -99,6 +102,22 @@ def _language(args: argparse.Namespace) -> int:
     from hsat.report.figures import language_similarity, save_figure
 
     save_figure(language_similarity(read_tidy(args.language)), args.out_dir, "language_similarity")
+    return 0
+
+
+def _replicates(args: argparse.Namespace) -> int:
+    from hsat.report.replicates import write_replicates
+
+    draws = {}
+    for item in args.draws:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise HSATError(f"hsat report replicates: {item!r} is not NAME=metrics.json")
+        if name in draws:
+            raise HSATError(f"hsat report replicates: draw {name!r} given twice")
+        draws[name] = path
+    table = write_replicates(draws, args.out)
+    print(f"{len(table)} claims on {len(draws)} draws -> {args.out}; verdicts differ on {int((table['agreement'] == 'differs').sum())}")
     return 0
 
 
@@ -175,6 +194,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="the study's manifest: the claims' sampling term counts the validation patches the attacks ran on "
                         "(without it: evaluation.max_val_patches), and the white-box tables' captions say how many "
                         "validation slides and patients those patches come from")
+    t.add_argument("--examples", nargs="*", default=None, metavar="CSV",
+                   help="results/examples/*.csv (hsat evaluate --examples): the white-box claims resample patients "
+                        "(a hierarchical bootstrap) instead of counting the patches as independent")
     t.add_argument(
         "--claims", default=None,
         help="also write each claim with its numbers, seeds, spread, interval, p-value and verdict as Markdown here "
@@ -214,6 +236,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--title", default="Calibration", help="heading of the Markdown")
     cal.add_argument("inputs", nargs="+", help="whitebox CSVs (per model or collected)")
     cal.set_defaults(func=_calibration)
+
+    rep = verbs.add_parser(
+        "replicates", help="the claims' verdicts on independent draws of the cohort, side by side",
+        description="Read the metrics.json of each draw of the study (config/replicates.yaml runs another draw) and "
+        "write one table: per claim, each draw's verdict and difference, and whether the verdicts agree.",
+    )
+    rep.add_argument("--out", required=True, help="Markdown to write (e.g. results/replicates.md)")
+    rep.add_argument("draws", nargs="+", metavar="NAME=METRICS",
+                     help="e.g. draw0=results/metrics.json draw1=results/replicate1/metrics.json")
+    rep.set_defaults(func=_replicates)
 
     co = verbs.add_parser("cost", help="where the study's time went: its jobs' Snakemake benchmarks by rule and by method",
                           description="Sum the study's Snakemake benchmark files by rule and by method, with a lower "

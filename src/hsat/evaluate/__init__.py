@@ -5,6 +5,7 @@
 - `metrics`: slide/patient aggregation, Acc/MCA/top-k/mAP, the slide-stratified attack subset;
 - `sweep`: the white-box attack grid and the sweep that crafts each batch once;
 - `worst_case`: the per-example worst case over every attack and objective;
+- `examples`: each attacked patch's correctness (clean, PGD, worst case), for the claims' patient bootstrap;
 - `sanity`: the attack sanity checks, one small function each;
 - `shift`: natural shifts (stain, blur, JPEG, intensity, noise, an adversarial stain) and their sweep;
 - `language`: HLSS's similarities to each class's markers, clean and under attack;
@@ -14,6 +15,7 @@ Everything a user or another module needs is importable from `hsat.evaluate`.
 """
 
 from hsat.evaluate.classifiers import CLASSIFIERS, LinearProbe, SoftKNN, classify, fit_linear_probe, knn_predict, load_probe
+from hsat.evaluate.examples import EXAMPLE_COLUMNS, example_rows
 from hsat.evaluate.embeddings import Embeddings, dataset_groups, dataset_labels, embed, index_frame, load_embeddings, loader, write_embeddings
 from hsat.evaluate.metrics import (
     LEVELS_EVAL,
@@ -89,4 +91,5 @@ __all__ = [
     "mil_run", "model_info", "patch_accuracy", "run_attacks", "sanity_checks", "sanity_report_run", "sanity_run",
     "slide_stratified_subset", "stratified_subset", "study_checks", "subset_coverage", "sweep_alpha", "whitebox_run", "whitebox_specs", "whitebox_sweep", "worst_case_correct",
     "worst_case_rows",
+    "EXAMPLE_COLUMNS", "example_rows",
 ]

@@ -21,6 +21,7 @@ from hsat.errors import HSATError
 from hsat.evaluate.attention import attention_under_attack, write_attention_maps
 from hsat.evaluate.classifiers import fit_linear_probe
 from hsat.evaluate.embeddings import Embeddings, dataset_labels, embed, load_embeddings, write_embeddings
+from hsat.evaluate.examples import example_rows
 from hsat.evaluate.language import language_rows, pick_per_class
 from hsat.evaluate.metrics import patch_accuracy, slide_stratified_subset, subset_coverage
 from hsat.evaluate.mil import fit_mil, mil_rows, mil_whitebox_rows, save_mil
@@ -142,15 +143,22 @@ def attacked_positions(emb: Embeddings, cfg_eval: Mapping[str, Any], seed: int =
                                    patients=val["patient"])
 
 
-def whitebox_run(run_dir, manifest, emb_dir, study, model_name: str, out, device=None, progress: bool = True) -> pd.DataFrame:
-    """`hsat evaluate`: the white-box sweep of one model, written to `out`."""
+def whitebox_run(run_dir, manifest, emb_dir, study, model_name: str, out, device=None, progress: bool = True,
+                 examples_out=None) -> pd.DataFrame:
+    """`hsat evaluate`: the white-box sweep of one model, written to `out`; with `examples_out`,
+    its per-example correctness too (`hsat.evaluate.examples`)."""
     device = torch.device(device) if device else default_device()
     info = model_info(study, model_name)
     model, emb, val_ds = load_for_eval(run_dir, manifest, emb_dir, study, device)
     cfg_eval = resolve_evaluation(study["evaluation"])
+    base = {"model": info["model"], "method": info["method"], "group": info["group"], "seed": info["seed"]}
+    kept: list[pd.DataFrame] = []
     df = whitebox_sweep(model, emb.probe, emb.bank, val_ds, cfg_eval, model_name=info["model"], method=info["method"],
                         group=info["group"], seed=info["seed"], device=device,
-                        indices=attacked_positions(emb, cfg_eval), progress=progress)
+                        indices=attacked_positions(emb, cfg_eval), progress=progress,
+                        on_results=lambda res: kept.append(example_rows(res, base)))
+    if examples_out is not None:
+        write_csv(examples_out, kept[0])
     write_csv(out, df)
     return df
 

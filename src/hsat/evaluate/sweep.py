@@ -454,6 +454,7 @@ def whitebox_sweep(
     indices: Sequence[int] | None = None,
     attack_seed: int = 0,
     progress: bool = True,
+    on_results: Callable[[AttackResults], None] | None = None,
 ) -> pd.DataFrame:
     """White-box robustness table of one model: clean rows, one row per (attack, eps, objective,
     classifier, level), and the per-example worst case over all of them at each eps
@@ -462,7 +463,8 @@ def whitebox_sweep(
     `cfg_eval` is an `evaluation` section (validated here, defaults from the schema). `bank` is
     the clean training bank (features, labels) computed once by `hsat embed`. Attacks run on
     `indices` of `val_dataset` or, when None, on the slide-stratified subset of
-    `evaluation.max_val_patches` (all patches if null).
+    `evaluation.max_val_patches` (all patches if null). `on_results` receives the scores the table
+    is computed from (`hsat.evaluate.examples` keeps them per example).
     """
     cfg_eval = resolve_evaluation(cfg_eval)
     if indices is None:
@@ -477,6 +479,8 @@ def whitebox_sweep(
         device=device, progress=progress, desc=f"whitebox {model_name}".strip(),
         precision=cfg_eval["attack_precision"],
     )
+    if on_results is not None:
+        on_results(res)
     base = {"model": model_name, "method": method, "group": group, "seed": seed}
     rows = metric_rows(base, {"attack": "none", "eps": 0.0, "steps": 0, "objective": "none"}, res.clean, res, num_classes)
     for spec, scores in zip(res.specs, res.adv):

@@ -73,15 +73,27 @@ def mean_class_accuracy(correct: np.ndarray, labels: np.ndarray) -> float:
     return 100.0 * float(np.mean([correct[labels == c].mean() for c in classes]))
 
 
+def worst_case_eps(res: "AttackResults") -> list[float]:
+    """The eps values a worst case is formed at: every eps an attack (not the noise baseline) ran at."""
+    return sorted({spec.eps for spec in res.specs if spec.attack not in NOT_ATTACKS})
+
+
+def worst_case_scores(res: "AttackResults", eps: float, clf: str) -> list[np.ndarray]:
+    """The score arrays classifier `clf`'s worst case at `eps` combines: clean, then every attack
+    at that eps or below."""
+    return [res.clean[clf]] + [scores[clf] for spec, scores in zip(res.specs, res.adv)
+                               if spec.attack not in NOT_ATTACKS and spec.eps <= eps]
+
+
 def worst_case_rows(res: "AttackResults") -> list[dict[str, Any]]:
     """Worst-case rows (without the model identity columns) for every eps and classifier of `res`."""
     rows = []
     attacked = [(spec, scores) for spec, scores in zip(res.specs, res.adv) if spec.attack not in NOT_ATTACKS]
-    for eps in sorted({spec.eps for spec, _ in attacked}):
+    for eps in worst_case_eps(res):
         at_eps = [(spec, scores) for spec, scores in attacked if spec.eps <= eps]
         steps = max(spec.steps for spec, _ in at_eps)
-        for clf, clean in res.clean.items():
-            score_list = [clean] + [scores[clf] for _, scores in at_eps]
+        for clf in res.clean:
+            score_list = worst_case_scores(res, eps, clf)
             for level in LEVELS_EVAL:
                 groups = None if level == "patch" else (res.slides if level == "slide" else res.patients)
                 correct, labels = worst_case_correct(score_list, res.labels, groups, k=1)

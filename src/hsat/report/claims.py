@@ -17,10 +17,11 @@ a - b is judged by Welch's t-test (`welch_gap`), two-sided at ALPHA = 0.05:
   no per-example rows, so this component is taken as known (infinite degrees of freedom) in the
   Welch-Satterthwaite df, which thus counts the seeds only. Where N is unknown (null: every
   validation patch, and no manifest) the interval covers the seeds only, and says so;
-- the honest limit: the binomial term treats the N patches as independent draws, while they come
-  from a few dozen patients (and are shared by every model, which makes a difference of two arms
-  less noisy than the sum of their variances). A patient-level hierarchical bootstrap (seeds, then
-  patients) would need per-example outputs, which the evaluation does not write yet;
+- with the per-example results (`claims(examples=...)`, `results/examples/<model>.csv`), a
+  white-box comparison replaces the binomial term, which treats the N patches as independent and
+  each arm as if it had its own, by the variance over patient draws of a hierarchical bootstrap
+  (`hsat.report.resampling`: seeds, then patients by class, the same patients for both arms), and
+  the bootstrap's own percentile interval must agree with the t interval (`agreed_sign`);
 - the difference counts when |t| exceeds the t quantile at its df (equivalently: its 95 % interval
   excludes 0); each claim records the interval, t, df and p-value in `numbers` (per gap for chains).
 
@@ -48,6 +49,7 @@ from hsat.evaluate.language import language_summary
 from hsat.io import write_text
 from hsat.methods import methods_with_role
 from hsat.report import method_label
+from hsat.report.resampling import bootstrap_arms, per_example
 from hsat.report.tables import (
     ABLATION_METHODS,
     LEVEL_METHODS,
@@ -85,8 +87,12 @@ RULES = (
     f"Both sides need >= {MIN_SEEDS} seeds; with fewer on either side the claim cannot be judged.",
     "The variance of each side is its seed variance sd^2/n plus the binomial variance of its accuracy over the N "
     "validation examples the attacks ran on (100^2 p(1-p)/N; N = evaluation.max_val_patches or the cohort's validation "
-    "patches if fewer), taken as known in the df; without N the interval covers the seeds only. This treats the patches as independent: it ignores their clustering by patient "
-    "(a patient-level hierarchical bootstrap needs per-example outputs, which the evaluation does not write yet).",
+    "patches if fewer), taken as known in the df; without N the interval covers the seeds only. Without per-example "
+    "results this treats the patches as independent: it ignores their clustering by patient. With them (white-box "
+    "claims, results/examples/), the clustering counts: the variance over patient draws of a "
+    "hierarchical bootstrap (seeds, then patients within each class, the same patients for both sides; 2000 draws) "
+    "replaces the binomial term, and a difference counts only when the bootstrap's percentile interval agrees with the t "
+    "interval.",
     "Same-method transfer: one unit per target seed (its mean drop over its same-method surrogates), since the "
     "ordered seed pairs that share a target are not independent.",
     "holds: every difference points the claimed way beyond the noise; does not hold: one points the other "
@@ -146,13 +152,19 @@ def _arm(method: str, values: pd.Series, seeds: Sequence[Any], n_examples: int |
 
 
 def _whitebox_arm(g: pd.DataFrame, method: str, attack: str, eps: float | None, seeds: Mapping[str, Any],
-                  n_examples: int | None = None) -> dict[str, Any]:
+                  n_examples: int | None = None, examples: pd.DataFrame | None = None) -> dict[str, Any]:
+    """`examples` (per-example results): the arm also carries its models' `per_example` correctness
+    when every model has it, and its comparisons resample patients (`hsat.report.resampling`)."""
     if eps is None or g.empty:
         return _arm(method, pd.Series(dtype=float), [], n_examples)
     rows = g[(g["method"] == method) & (g["attack"] == attack) & (g["eps"] == eps)]
     per_model = rows.groupby("model")["acc"].mean().dropna()
     arm = _arm(method, per_model, [seeds.get(str(m)) for m in per_model.index], n_examples)
     arm["models"] = [str(m) for m in per_model.index]
+    if examples is not None and len(per_model):
+        raw = rows["attack_raw"] if "attack_raw" in rows else rows["attack"]
+        arm["per_example"] = per_example(examples, arm["models"], list(per_model), attack=str(raw.iloc[0]), eps=float(eps),
+                                         classifier=str(rows["classifier"].iloc[0]), objective=str(rows["objective"].iloc[0]))
     return arm
 
 
@@ -192,13 +204,16 @@ def _arm_variance(arm: Mapping[str, Any]) -> tuple[float, float]:
     return arm["sd"] ** 2 / arm["n"], sampling_variance(arm["mean"], arm.get("n_examples"))
 
 
-def t_test(estimate: float, arms: Sequence[Mapping[str, Any]], null: float = 0.0) -> dict[str, Any]:
+def t_test(estimate: float, arms: Sequence[Mapping[str, Any]], null: float = 0.0,
+           sampling_var: float | None = None) -> dict[str, Any]:
     """Welch's t of `estimate` (a mean or a difference of the arms' means) against `null`: se, the
     Welch-Satterthwaite df (the known sampling parts add to the variance, not to the df's
     denominator), t, the two-sided p-value, the t quantile at 1 - ALPHA/2, the half-width of the
-    interval (`threshold`) and the interval around `estimate`. JSON-plain: an infinite t or df is None."""
+    interval (`threshold`) and the interval around `estimate`. JSON-plain: an infinite t or df is None.
+    `sampling_var`: the estimate's validation-sampling variance measured (the patient bootstrap's),
+    in place of the arms' binomial terms."""
     parts = [_arm_variance(a) for a in arms]
-    var = sum(s + k for s, k in parts)
+    var = sum(s for s, _ in parts) + (sum(k for _, k in parts) if sampling_var is None else sampling_var)
     denom = sum(s ** 2 / (a["n"] - 1) for (s, _), a in zip(parts, arms))
     df = var ** 2 / denom if denom > 0 else math.inf
     se = math.sqrt(var)
@@ -211,7 +226,11 @@ def t_test(estimate: float, arms: Sequence[Mapping[str, Any]], null: float = 0.0
             "quantile": q, "threshold": half, "interval": [estimate - half, estimate + half]}
 
 
-def _basis(arms: Sequence[Mapping[str, Any]], unit: str) -> str:
+def _basis(arms: Sequence[Mapping[str, Any]], unit: str, boot: Mapping[str, Any] | None = None) -> str:
+    if boot is not None:
+        n = len(arms[0]["per_example"].examples)
+        return (f"Welch t over {unit} + the patient bootstrap's sampling variance, and the hierarchical bootstrap "
+                f"(seeds, then {boot['patients']} patients by class; {n} validation examples, {boot['n_boot']} draws) agreeing")
     ns = sorted({a.get("n_examples") for a in arms if a.get("n_examples")})
     if not ns:
         return f"Welch t over {unit} (seeds only: no count of validation examples)"
@@ -225,7 +244,8 @@ def welch_gap(a: Mapping[str, Any], b: Mapping[str, Any], unit: str = "seeds") -
     many units each side has. Also: gap, se, df, t, p_value, interval (95 %), threshold (its half-width), rule.
     """
     out: dict[str, Any] = {"from": b["label"], "to": a["label"], "gap": None, "threshold": None, "rule": None,
-                           "se": None, "df": None, "t": None, "p_value": None, "interval": None, "sign": None, "why": None}
+                           "se": None, "df": None, "t": None, "p_value": None, "interval": None, "sign": None, "why": None,
+                           "bootstrap": None}
     missing = [arm["label"] for arm in (a, b) if not arm["n"]]
     if missing:
         out["why"] = f"no rows for {' and '.join(missing)}"
@@ -235,11 +255,22 @@ def welch_gap(a: Mapping[str, Any], b: Mapping[str, Any], unit: str = "seeds") -
         counts = ", ".join(f"{arm['label']}: {arm['n']}" for arm in (a, b))
         out["why"] = f"fewer than {MIN_SEEDS} {unit} ({counts})"
         return out
-    test = t_test(out["gap"], [a, b])
-    out.update({k: test[k] for k in ("se", "df", "t", "p_value", "interval", "threshold")}, rule=_basis([a, b], unit))
-    lo, hi = test["interval"]
-    out["sign"] = 1 if lo > 0 else -1 if hi < 0 else 0
+    boot = bootstrap_arms(a, b, alpha=ALPHA)
+    test = t_test(out["gap"], [a, b], sampling_var=boot["sampling_var"] if boot else None)
+    out.update({k: test[k] for k in ("se", "df", "t", "p_value", "interval", "threshold")}, rule=_basis([a, b], unit, boot),
+               bootstrap=boot)
+    out["sign"] = agreed_sign([test["interval"]] + ([boot["interval"]] if boot else []))
     return out
+
+
+def agreed_sign(intervals: Sequence[Sequence[float]], null: float = 0.0) -> int:
+    """+1 (-1) when every interval lies above (below) `null`, else 0: a difference counts only when
+    Welch's t and the hierarchical bootstrap both find it, so its error rate is at most either's."""
+    if all(lo > null for lo, _ in intervals):
+        return 1
+    if all(hi < null for _, hi in intervals):
+        return -1
+    return 0
 
 
 def gap(a: Mapping[str, Any], b: Mapping[str, Any], reference: Any = None, unit: str = "seeds") -> dict[str, Any]:
@@ -252,7 +283,12 @@ def _stats_text(d: Mapping[str, Any]) -> str:
     lo, hi = d["interval"]
     t = f"{d['t']:.2f}" if d["t"] is not None else "±∞"
     df = f"{d['df']:.1f}" if d["df"] is not None else "∞"
-    return f"{_CONFIDENCE} interval {lo:+.1f} to {hi:+.1f}, t = {t}, df = {df}, p = {d['p_value']:.3g}"
+    text = f"{_CONFIDENCE} interval {lo:+.1f} to {hi:+.1f}, t = {t}, df = {df}, p = {d['p_value']:.3g}"
+    boot = d.get("bootstrap")
+    if boot:
+        blo, bhi = boot["interval"]
+        text += f"; bootstrap {blo:+.1f} to {bhi:+.1f}, p = {boot['p_value']:.3g}"
+    return text
 
 
 def _gap_text(d: Mapping[str, Any]) -> str:
@@ -274,7 +310,7 @@ def _order_verdict(gaps: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
     return HOLDS, f"every difference exceeds the noise (p < {ALPHA:g}): {detail}"
 
 
-_TEST_KEYS = ("from", "to", "gap", "se", "df", "t", "p_value", "interval", "threshold", "rule")
+_TEST_KEYS = ("from", "to", "gap", "se", "df", "t", "p_value", "interval", "threshold", "rule", "bootstrap")
 
 
 def _test_record(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -352,12 +388,14 @@ def clean_cost(base: Mapping[str, Any], hsat: Mapping[str, Any], group, backbone
         verdict, reason = UNJUDGED, d["why"]
     else:
         drop, (lo, hi) = d["gap"], d["interval"]
-        vs_paper = t_test(drop, [base, hsat], null=PAPER_CLEAN_COST)
+        boot = d["bootstrap"]
+        vs_paper = t_test(drop, [base, hsat], null=PAPER_CLEAN_COST, sampling_var=boot["sampling_var"] if boot else None)
         measured += f": a drop of {drop:.1f} points ({_CONFIDENCE} interval {lo:.1f} to {hi:.1f})"
         text = f"{_stats_text(d)}; against {PAPER_CLEAN_COST:g}: p = {vs_paper['p_value']:.3g}; {d['rule']}"
-        if lo <= PAPER_CLEAN_COST <= hi:
+        side = agreed_sign([d["interval"]] + ([boot["interval"]] if boot else []), null=PAPER_CLEAN_COST)
+        if side == 0:
             verdict, reason = HOLDS, f"the {_CONFIDENCE} interval of the drop contains {PAPER_CLEAN_COST:g} ({text})"
-        elif hi < PAPER_CLEAN_COST:
+        elif side < 0:
             verdict, reason = FAILS, (f"the drop is smaller than {PAPER_CLEAN_COST:g} beyond the noise: its {_CONFIDENCE} "
                                       f"interval lies below it ({text})")
         else:
@@ -365,6 +403,7 @@ def clean_cost(base: Mapping[str, Any], hsat: Mapping[str, Any], group, backbone
                                       f"interval lies above it ({text})")
     numbers = _numbers([base, hsat], drop=d["gap"], threshold=d["threshold"], interval=d["interval"], df=d["df"],
                        t=d["t"], se=d["se"], p_value=vs_paper.get("p_value"), p_value_drop=d["p_value"],
+                       p_value_bootstrap=(bootstrap_arms(base, hsat, null=PAPER_CLEAN_COST, alpha=ALPHA) or {}).get("p_value"),
                        paper_drop=PAPER_CLEAN_COST, tests=[_test_record(d)], **extra)
     return _claim("clean_cost", claim, paper, measured, numbers, verdict, reason, RULES[4], group, backbone)
 
@@ -469,7 +508,7 @@ def _above(arm: Mapping[str, Any], value: float) -> tuple[str, str, dict[str, An
 
 def hlss_claims(g: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[str, Any], baseline: str,
                 worst_eps: float | None, setting: Mapping[str, Any], group, backbone,
-                transfer: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+                transfer: pd.DataFrame | None = None, examples: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """HLSS vs HiDisc clean (the HLSS paper's claim), the alignment term's effect, and robust HLSS
     under white-box and transferred attacks; empty when the group has no HLSS models."""
     if g.empty or not g["method"].isin(HLSS_METHODS).any():
@@ -478,7 +517,7 @@ def hlss_claims(g: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[st
     at_worst = dict(setting, attack=WORST_CASE, eps=worst_eps)
     eps_text = f"eps {worst_eps:g}/255" if worst_eps is not None else "eps –"
     n_examples = setting.get("n_examples")
-    arm = lambda method, attack, eps: _whitebox_arm(g, method, attack, eps, seeds, n_examples)  # noqa: E731
+    arm = lambda method, attack, eps: _whitebox_arm(g, method, attack, eps, seeds, n_examples, examples)  # noqa: E731
     hlss_clean = arm("hlss", "none", 0.0)
     out = [_comparison(
         "hlss_clean", f"HLSS's clean accuracy is higher than {method_label(baseline)}'s",
@@ -515,9 +554,10 @@ def hlss_claims(g: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[st
 
 
 def _backbone_arm(g: pd.DataFrame, method: str, key: str, attack: str, eps: float | None,
-                  seeds: Mapping[str, Any], n_examples: int | None = None) -> dict[str, Any]:
+                  seeds: Mapping[str, Any], n_examples: int | None = None,
+                  examples: pd.DataFrame | None = None) -> dict[str, Any]:
     """A method's arm on some backbones, keyed `key` so two arms of one method can be compared."""
-    arm = _whitebox_arm(g, method, attack, eps, seeds, n_examples)
+    arm = _whitebox_arm(g, method, attack, eps, seeds, n_examples, examples)
     backbones = sorted(set(g.loc[g["method"] == method, "backbone"].astype(str))) if not g.empty else []
     arm["method"], arm["label"] = key, f"{method_label(method)} ({', '.join(backbones) or '–'})"
     return arm
@@ -525,7 +565,7 @@ def _backbone_arm(g: pd.DataFrame, method: str, key: str, attack: str, eps: floa
 
 def dino_claims(df: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[str, Any], worst_eps: float | None,
                 setting: Mapping[str, Any], sets: Mapping[str, frozenset],
-                transfer: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+                transfer: pd.DataFrame | None = None, examples: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """Robust DINO vs DINO on the same backbone, white-box worst case and same-method transfer
     (HSAT's two claims asked of DINO); one pair per (group, backbone) that trains robust DINO."""
     if df.empty or "backbone" not in df:
@@ -537,7 +577,7 @@ def dino_claims(df: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[s
     for (group, backbone), g in df.groupby(["group", "backbone"], sort=True):
         if not (g["method"] == "robust_dino").any():
             continue
-        robust, plain = (_whitebox_arm(g, m, WORST_CASE, worst_eps, seeds, setting.get("n_examples"))
+        robust, plain = (_whitebox_arm(g, m, WORST_CASE, worst_eps, seeds, setting.get("n_examples"), examples)
                          for m in ("robust_dino", "dino"))
         c = _comparison(
             "robust_dino_worst_case",
@@ -561,7 +601,8 @@ def dino_claims(df: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[s
 
 
 def vit_cnn_claims(df: pd.DataFrame, seeds: Mapping[str, Any], baseline: str, worst_eps: float | None,
-                   setting: Mapping[str, Any], sets: Mapping[str, frozenset]) -> list[dict[str, Any]]:
+                   setting: Mapping[str, Any], sets: Mapping[str, frozenset],
+                   examples: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """ViTs vs CNNs under the same attacks (Ghaffari Laleh et al. 2022), per group across
     backbones: DINO on a ViT vs the baseline on a CNN, and vs DINO on a CNN (the architecture
     alone). Empty when no DINO model has a ViT backbone. As every comparison, each side needs
@@ -574,11 +615,11 @@ def vit_cnn_claims(df: pd.DataFrame, seeds: Mapping[str, Any], baseline: str, wo
     for group, g in df.groupby("group", sort=True):
         vit, cnn = g[g["backbone"].map(is_vit)], g[~g["backbone"].map(is_vit)]
         n_examples = setting.get("n_examples")
-        dino_vit = _backbone_arm(vit, "dino", "dino_vit", WORST_CASE, worst_eps, seeds, n_examples)
+        dino_vit = _backbone_arm(vit, "dino", "dino_vit", WORST_CASE, worst_eps, seeds, n_examples, examples)
         if not dino_vit["n"]:
             continue
-        for cid, other in (("vit_vs_cnn_baseline", _backbone_arm(cnn, baseline, f"{baseline}_cnn", WORST_CASE, worst_eps, seeds, n_examples)),
-                           ("vit_vs_cnn_dino", _backbone_arm(cnn, "dino", "dino_cnn", WORST_CASE, worst_eps, seeds, n_examples))):
+        for cid, other in (("vit_vs_cnn_baseline", _backbone_arm(cnn, baseline, f"{baseline}_cnn", WORST_CASE, worst_eps, seeds, n_examples, examples)),
+                           ("vit_vs_cnn_dino", _backbone_arm(cnn, "dino", "dino_cnn", WORST_CASE, worst_eps, seeds, n_examples, examples))):
             c = _comparison(
                 cid, f"{dino_vit['label']}'s worst-case accuracy ({eps_text}) is higher than {other['label']}'s",
                 "ViTs far more robust than CNNs to white- and black-box attacks in computational pathology "
@@ -644,11 +685,14 @@ def claims(
     study_cfg: Mapping[str, Any],
     language: pd.DataFrame | None = None,
     n_examples: int | None = None,
+    examples: pd.DataFrame | None = None,
 ) -> list[dict[str, Any]]:
     """Every claim of the paper per (group, backbone), then the attack-quality precondition.
 
     `n_examples`: the validation examples each attack ran on (`hsat.evaluate.runs.attacked_patch_count`);
     None: `evaluation.max_val_patches` (`evaluated_examples`), which is exact unless the cohort has fewer.
+    `examples`: the per-example results (`hsat.evaluate.examples`); white-box comparisons then
+    resample patients (`hsat.report.resampling`) instead of the binomial term.
 
     Each claim is a dict: id, claim, paper, measured (text), numbers (means, sds, ns and seeds per
     method, the difference, its 95 % interval, t, df and p-value, the interval's half-width as
@@ -676,7 +720,7 @@ def claims(
     tcfg = _transfer_cfg(study_cfg)
     out: list[dict[str, Any]] = []
     for (group, backbone), g in groups:
-        arm = lambda method, attack, eps: _whitebox_arm(g, method, attack, eps, seeds, setting["n_examples"])  # noqa: E731
+        arm = lambda method, attack, eps: _whitebox_arm(g, method, attack, eps, seeds, setting["n_examples"], examples)  # noqa: E731
         worst = {m: arm(m, WORST_CASE, worst_eps) for m in {baseline, *LEVEL_METHODS, *ABLATION_METHODS, *REFERENCES}}
         clean = {m: arm(m, "none", 0.0) for m in {baseline, *LEVEL_METHODS}}
         hsat_worst = worst["hsat"]
@@ -751,11 +795,11 @@ def claims(
             elif cid == "reference_ceiling" and a["mean"]:
                 c["measured"] += f"; HSAT reaches {100 * b['mean'] / a['mean']:.0f} % of the ceiling" if b["n"] else ""
             out.append(c if missing else _same_attacks(c, [a, b], sets))
-        out += hlss_claims(g, study_cfg, seeds, baseline, worst_eps, setting, group, backbone, transfer)
+        out += hlss_claims(g, study_cfg, seeds, baseline, worst_eps, setting, group, backbone, transfer, examples)
 
     if whitebox is not None and not whitebox.empty:
-        out += vit_cnn_claims(df, seeds, baseline, worst_eps, setting, sets)
-        out += dino_claims(df, study_cfg, seeds, worst_eps, setting, sets, transfer)
+        out += vit_cnn_claims(df, seeds, baseline, worst_eps, setting, sets, examples)
+        out += dino_claims(df, study_cfg, seeds, worst_eps, setting, sets, transfer, examples)
     out += language_claims(language, seeds)
 
     quality = attack_quality(sanity)
