@@ -1,6 +1,10 @@
 """Black-box transfer: craft an adversarial validation set once per surrogate, store it losslessly,
 and evaluate exactly those tensors on every target model.
 
+Memory does not grow with the validation set: crafting streams each batch to disk as it is made
+(`AdversarialWriter`, the safetensors layout written piece by piece), and scoring reads the stored
+images batch by batch (`open_adversarial`); both hold one batch of images at a time.
+
 The stored file (safetensors) holds float32 images — never re-quantised to 8 bits, which would
 move examples off the attack's optimum and off the eps-ball boundary — plus the labels, the
 positions of the patches in the validation split, and in its metadata the attack settings and
@@ -11,18 +15,23 @@ number -- wherever the study folder has moved since.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import shutil
+import struct
+import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from hsat.config import resolve_evaluation
 from hsat.data.manifest import same_patch, stored_paths
@@ -79,12 +88,15 @@ def craft(
     attack_seed: int = 0,
     progress: bool = True,
     precision: str = "fp32",
+    sink: Callable[[torch.Tensor], None] | None = None,
 ) -> dict[str, Any]:
     """Adversarial validation set of one surrogate under `evaluation.transfer` (eps, alpha in 1/255;
     missing keys, and `knn` when None, take the schema's defaults).
 
     Returns {"images": (N, C, H, W) float32 CPU, "labels", "positions" (int64, positions in the
-    validation split), "paths", "patients", "slides", "metadata": {...}}.
+    validation split), "paths", "patients", "slides", "metadata": {...}}. With `sink` (e.g.
+    `AdversarialWriter.write`) each adversarial batch goes there, in order, instead of into
+    "images" (None): memory then stays one batch whatever the validation set's size.
     """
     resolved = resolve_evaluation({"transfer": dict(cfg_transfer), **({"knn": dict(knn)} if knn else {})})
     cfg_transfer, knn = resolved["transfer"], resolved["knn"]
@@ -95,11 +107,17 @@ def craft(
                       int(cfg_transfer["steps"]), cfg_transfer["objective"], float(alpha), attack_seed)
     classifier = cfg_transfer["classifier"]
     kept: list[torch.Tensor] = []
+    shape: list[int] = []
+
+    def keep(_spec: int, x: torch.Tensor) -> None:
+        x = x.detach().float().cpu()
+        shape[:] = list(x.shape[1:])
+        (sink or kept.append)(x)
+
     res = run_attacks(model, probe, bank, val_dataset, [spec], [classifier], probe.num_classes, knn=knn,
                       indices=indices, batch_size=batch_size, device=device, progress=progress,
-                      desc=f"craft {surrogate}".strip(), keep=lambda i, x: kept.append(x.float().cpu()),
-                      precision=precision)
-    images = torch.cat(kept).contiguous()
+                      desc=f"craft {surrogate}".strip(), keep=keep, precision=precision)
+    images = torch.cat(kept).contiguous() if sink is None else None
     meta = {
         "format": FORMAT,
         "surrogate": surrogate,
@@ -112,7 +130,7 @@ def craft(
         "precision": effective_precision(precision, device),
         "seed": attack_seed,
         "classifier": classifier,
-        "image_size": int(image_size if image_size is not None else images.shape[-1]),
+        "image_size": int(image_size if image_size is not None else shape[-1]),
         "classes": list(classes),
         "surrogate_clean_acc": patch_accuracy(res.clean[classifier], res.labels),
         "surrogate_adv_acc": patch_accuracy(res.adv[0][classifier], res.labels),
@@ -128,20 +146,128 @@ def craft(
     }
 
 
+_DTYPES = {torch.float32: ("F32", "<f4"), torch.int64: ("I64", "<i8")}
+
+
+class AdversarialWriter:
+    """Writes an adversarial set in safetensors' layout while it is crafted: image batches go to a
+    scratch file beside `path` as they come, and `finish` writes header, labels, positions and the
+    images (copied in chunks) atomically to `path`. The bytes equal `safetensors.torch.save_file`'s
+    for the same tensors (a test checks), so any safetensors reader, lazy slicing included, reads
+    it; memory is one batch, the disk holds the images twice until `finish`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, raw = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".images", dir=self.path.parent)
+        self._raw_path = Path(raw)
+        self._raw = os.fdopen(fd, "wb")
+        self._shape: tuple[int, ...] | None = None
+        self.count = 0
+
+    def write(self, images: torch.Tensor) -> None:
+        if images.dtype != torch.float32:
+            raise HSATError(f"adversarial images must be float32 to stay lossless, got {images.dtype}")
+        shape = tuple(images.shape[1:])
+        if self._shape is not None and shape != self._shape:
+            raise HSATError(f"{self.path}: image batch of shape {shape} after {self._shape}")
+        self._shape = shape
+        self._raw.write(images.detach().cpu().contiguous().numpy().astype("<f4", copy=False).tobytes())
+        self.count += images.shape[0]
+
+    def finish(self, crafted: Mapping[str, Any]) -> Path:
+        """Write the file from the streamed images and `crafted`'s labels, positions, lists and metadata."""
+        self._raw.close()
+        labels, positions = crafted["labels"].long(), crafted["positions"].long()
+        if len(labels) != self.count or len(positions) != self.count:
+            raise HSATError(f"{self.path}: {self.count} images streamed but {len(labels)} labels and "
+                            f"{len(positions)} positions")
+        metadata = dict(crafted["metadata"])
+        for key in ("paths", "patients", "slides"):
+            metadata[key] = list(crafted[key])
+        small = {"labels": labels, "positions": positions}
+        image_bytes = self.count * 4 * int(np.prod(self._shape or (0,)))
+        # One metadata key: safetensors writes several in a random order, and the file's bytes would vary.
+        header: dict[str, Any] = {"__metadata__": {METADATA_KEY: json.dumps(metadata, sort_keys=True)}}
+        offset = 0
+        for name, tensor in small.items():  # 8-byte dtypes first, by name: safetensors' own order
+            size = tensor.numel() * 8
+            header[name] = {"dtype": "I64", "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        header["images"] = {"dtype": "F32", "shape": [self.count, *(self._shape or ())],
+                            "data_offsets": [offset, offset + image_bytes]}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)
+        with atomic_path(self.path, suffix=".safetensors") as tmp, open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(text)))
+            out.write(text)
+            for tensor in small.values():
+                out.write(tensor.contiguous().numpy().astype("<i8", copy=False).tobytes())
+            with open(self._raw_path, "rb") as raw:
+                shutil.copyfileobj(raw, out, 16 << 20)
+        self._raw_path.unlink(missing_ok=True)
+        return self.path
+
+    def close(self) -> None:
+        """Drop the scratch file (after `finish`, or on an error: nothing half-written stays)."""
+        self._raw.close()
+        self._raw_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "AdversarialWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def save_adversarial(path: str | Path, crafted: Mapping[str, Any]) -> Path:
-    """Write a `craft` result as safetensors (float32 images; lists and settings in metadata)."""
-    images = crafted["images"]
-    if images.dtype != torch.float32:
-        raise HSATError(f"adversarial images must be float32 to stay lossless, got {images.dtype}")
-    tensors = {"images": images.contiguous(), "labels": crafted["labels"].long().contiguous(),
-               "positions": crafted["positions"].long().contiguous()}
-    metadata = dict(crafted["metadata"])
-    for key in ("paths", "patients", "slides"):
-        metadata[key] = list(crafted[key])
-    with atomic_path(path, suffix=".safetensors") as tmp:
-        # One key: safetensors writes several in a random order, and the file's bytes would vary.
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    return Path(path)
+    """Write a `craft` result held in memory (float32 images; lists and settings in metadata)."""
+    with AdversarialWriter(path) as writer:
+        writer.write(crafted["images"])
+        return writer.finish(crafted)
+
+
+class _LazyImages:
+    """The stored images, read a slice at a time (safetensors' lazy slicing)."""
+
+    def __init__(self, handle: Any):
+        self._slice = handle.get_slice("images")
+        self.shape = tuple(self._slice.get_shape())
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self._slice[rows]
+
+
+def _parse_adversarial(path: Path, raw: Mapping[str, str], keys: set[str]) -> dict[str, Any]:
+    try:
+        # one JSON object, or (a file written before) one JSON value per key
+        meta = json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else {k: json.loads(v) for k, v in raw.items()}
+    except ValueError as exc:
+        raise HSATError(f"{path}: metadata is not JSON ({exc})") from exc
+    if meta.get("format") != FORMAT or not {"images", "labels", "positions"} <= keys:
+        raise HSATError(f"{path}: not an hsat adversarial set (write it with `hsat transfer craft`)")
+    return meta
+
+
+@contextlib.contextmanager
+def open_adversarial(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Like `load_adversarial`, but "images" is read lazily (`x["images"][a:b]`, `.shape`): scoring
+    holds one batch, not the set."""
+    path = Path(path)
+    if not path.is_file():
+        raise HSATError(f"adversarial file not found: {path}")
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types
+        raise HSATError(f"{path}: not a readable safetensors file: {exc}") from exc
+    with handle as fh:
+        meta = _parse_adversarial(path, fh.metadata() or {}, set(fh.keys()))
+        lists = {k: meta.pop(k) for k in ("paths", "patients", "slides")}
+        yield {"images": _LazyImages(fh), "labels": fh.get_tensor("labels"), "positions": fh.get_tensor("positions"),
+               **lists, "metadata": meta}
 
 
 def load_adversarial(path: str | Path) -> dict[str, Any]:
@@ -154,13 +280,7 @@ def load_adversarial(path: str | Path) -> dict[str, Any]:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:  # safetensors raises its own error types
         raise HSATError(f"{path}: not a readable safetensors file: {exc}") from exc
-    try:
-        # one JSON object, or (a file written before) one JSON value per key
-        meta = json.loads(raw[METADATA_KEY]) if METADATA_KEY in raw else {k: json.loads(v) for k, v in raw.items()}
-    except ValueError as exc:
-        raise HSATError(f"{path}: metadata is not JSON ({exc})") from exc
-    if meta.get("format") != FORMAT or not {"images", "labels", "positions"} <= set(tensors):
-        raise HSATError(f"{path}: not an hsat adversarial set (write it with `hsat transfer craft`)")
+    meta = _parse_adversarial(path, raw, set(tensors))
     lists = {k: meta.pop(k) for k in ("paths", "patients", "slides")}
     return {**tensors, **lists, "metadata": meta}
 
@@ -201,32 +321,34 @@ def evaluate_transfer(
     target: str = "",
     batch_size: int | None = None,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> pd.DataFrame:
     """Score the stored adversarial tensors, unchanged, with the target's classifier at every level.
 
     The target's clean numbers come from its own clean validation features (`hsat embed`) of
     the same patches; acc_drop = clean_acc - acc and mca_drop likewise (the paper's Acc-D/MCA-D).
     """
-    adv = load_adversarial(adv_file)
-    _check_matches(adv, target_embeddings, str(adv_file), target or "target")
-    meta = adv["metadata"]
-    cfg_eval = resolve_evaluation(cfg_eval)
-    classifier = cfg_eval["transfer"]["classifier"]
-    bs = int(batch_size or cfg_eval["batch_size"])
-    probe = target_embeddings.probe.to(device)
-    bank = tuple(t.to(device) for t in target_embeddings.bank)
-    num_classes = probe.num_classes
-    knn = cfg_eval["knn"]
-    was_training = target_model.training
-    target_model.eval()
-    try:
-        adv_scores = []
-        images = adv["images"]
-        for start in range(0, images.shape[0], bs):
-            f = target_model.encode(images[start : start + bs].to(device))
-            adv_scores.append(classify(f, probe, bank, [classifier], num_classes, knn)[classifier])
-    finally:
-        target_model.train(was_training)
+    with open_adversarial(adv_file) as adv:
+        _check_matches(adv, target_embeddings, str(adv_file), target or "target")
+        meta = adv["metadata"]
+        cfg_eval = resolve_evaluation(cfg_eval)
+        classifier = cfg_eval["transfer"]["classifier"]
+        bs = int(batch_size or cfg_eval["batch_size"])
+        probe = target_embeddings.probe.to(device)
+        bank = tuple(t.to(device) for t in target_embeddings.bank)
+        num_classes = probe.num_classes
+        knn = cfg_eval["knn"]
+        was_training = target_model.training
+        target_model.eval()
+        try:
+            adv_scores = []
+            images = adv["images"]
+            for start in tqdm(range(0, len(images), bs), desc=f"transfer {meta.get('surrogate', '')} -> {target}",
+                              disable=not progress, leave=False):
+                f = target_model.encode(images[start : start + bs].to(device))
+                adv_scores.append(classify(f, probe, bank, [classifier], num_classes, knn)[classifier])
+        finally:
+            target_model.train(was_training)
     pos = adv["positions"]
     clean_f = target_embeddings.val_features[pos].to(device)
     clean_scores = classify(clean_f, probe, bank, [classifier], num_classes, knn)[classifier]
@@ -252,13 +374,14 @@ def craft_run(run_dir, manifest, emb_dir, study: Mapping[str, Any], out, device=
     model, emb, val_ds = load_for_eval(run_dir, manifest, emb_dir, study, device)
     cfg_eval = resolve_evaluation(study["evaluation"])
     tr = cfg_eval["transfer"]
-    crafted = craft(model, emb.probe, emb.bank, val_ds, tr, alpha=sweep_alpha(cfg_eval["whitebox"], tr["eps"], tr["steps"]),
-                    knn=cfg_eval["knn"], indices=attacked_positions(emb, cfg_eval), surrogate=Path(run_dir).name,
-                    classes=emb.classes, image_size=eval_image_size(study, run_dir),
-                    batch_size=cfg_eval["batch_size"], device=device, progress=progress,
-                    precision=cfg_eval["attack_precision"])
-    crafted["paths"] = stored_paths(crafted["paths"], manifest)  # as index.csv names them
-    return save_adversarial(out, crafted)
+    with AdversarialWriter(out) as writer:
+        crafted = craft(model, emb.probe, emb.bank, val_ds, tr, alpha=sweep_alpha(cfg_eval["whitebox"], tr["eps"], tr["steps"]),
+                        knn=cfg_eval["knn"], indices=attacked_positions(emb, cfg_eval), surrogate=Path(run_dir).name,
+                        classes=emb.classes, image_size=eval_image_size(study, run_dir),
+                        batch_size=cfg_eval["batch_size"], device=device, progress=progress,
+                        precision=cfg_eval["attack_precision"], sink=writer.write)
+        crafted["paths"] = stored_paths(crafted["paths"], manifest)  # as index.csv names them
+        return writer.finish(crafted)
 
 
 def transfer_run(adv_files, surrogates, target: str, target_run, target_emb, study: Mapping[str, Any], out,
@@ -274,7 +397,8 @@ def transfer_run(adv_files, surrogates, target: str, target_run, target_emb, stu
     device = torch.device(device) if device else default_device()
     emb = load_embeddings(target_emb)
     model = load_trained_model(target_run, device=device, fold_bn=True)
-    frames = [evaluate_transfer(adv, model, emb, study["evaluation"], surrogate=s, target=target, device=device)
+    frames = [evaluate_transfer(adv, model, emb, study["evaluation"], surrogate=s, target=target, device=device,
+                                progress=True)
               for adv, s in zip(adv_files, surrogates)]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(TRANSFER_COLUMNS))
     write_csv(out, df)
