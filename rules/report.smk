@@ -126,32 +126,33 @@ rule figures:
         " --embeddings-dir {params.emb_dir} --out-dir {params.out_dir}{params.shift} > {log} 2>&1"
 
 
-rule card:
-    """One model's robustness card (docs/shift.md): clean, L-inf worst case at 4 and 8/255, transfer
-    drop and natural-shift accuracy per level, as JSON and a one-page figure, from the collected CSVs."""
+rule cards:
+    """Every model's robustness card (docs/shift.md): clean, L-inf worst case at 4 and 8/255, transfer
+    drop and natural-shift accuracy per level, as JSON and a one-page figure, from the collected
+    CSVs; one job, so the plotting libraries are imported once."""
     input:
         whitebox=f"{RESULTS}/whitebox.csv",
         transfer=f"{RESULTS}/transfer.csv",
         shift=f"{RESULTS}/shift.csv",
     output:
-        json=f"{RESULTS}/cards/{{model}}.json",
-        png=report(f"{RESULTS}/cards/{{model}}.png", caption="../workflow/report/card.rst", category="Robustness cards"),
-        pdf=f"{RESULTS}/cards/{{model}}.pdf",
-    wildcard_constraints:
-        model=models_re(CARD_MODELS),
+        json=[f"{RESULTS}/cards/{m}.json" for m in CARD_MODELS],
+        png=[report(f"{RESULTS}/cards/{m}.png", caption="../workflow/report/card.rst", category="Robustness cards")
+             for m in CARD_MODELS],
+        pdf=[f"{RESULTS}/cards/{m}.pdf" for m in CARD_MODELS],
     params:
-        out_dir=lambda wildcards, output: str(Path(output.json).parent),
+        out_dir=f"{RESULTS}/cards",
+        models=" ".join(CARD_MODELS),
         study=STUDY,
         settings=report_settings,
         code=CODE_VERSION["report"],
     log:
-        f"{RESULTS}/logs/card/{{model}}.log",
+        f"{RESULTS}/logs/report/cards.log",
     benchmark:
-        f"{RESULTS}/benchmarks/card/{{model}}.tsv",
+        f"{RESULTS}/benchmarks/report/cards.tsv",
     conda:
         "../envs/hsat.yaml"
     shell:
-        "hsat report card --study {params.study} --model {wildcards.model} --whitebox {input.whitebox}"
+        "hsat report card --study {params.study} --model {params.models} --whitebox {input.whitebox}"
         " --transfer {input.transfer} --shift {input.shift} --out-dir {params.out_dir} > {log} 2>&1"
 
 

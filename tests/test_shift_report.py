@@ -179,11 +179,13 @@ def test_cli_card_writes_json_and_figure_and_refuses_an_unknown_model(study, tmp
     common = ["report", "card", "--study", str(cfg), "--whitebox", str(tmp_path / "whitebox.csv"),
               "--shift", str(tmp_path / "shift.csv"), "--transfer", str(tmp_path / "transfer.csv"),
               "--out-dir", str(tmp_path / "cards")]
-    assert main([*common, "--model", "hidisc_s1"]) == 0
+    assert main([*common, "--model", "hidisc_s1", "hsat_s2"]) == 0
     card = json.loads((tmp_path / "cards" / "hidisc_s1.json").read_text())
     assert card["levels"]["slide"]["clean_acc"] == 82.0 and (tmp_path / "cards" / "hidisc_s1.png").is_file()
-    assert main([*common, "--model", "nope"]) == 2
-    assert not (tmp_path / "cards" / "nope.json").exists()
+    assert (tmp_path / "cards" / "hsat_s2.pdf").is_file()
+    # an unknown model among them: exit 2, no card written (every card is built before any is written)
+    assert main([*common, "--out-dir", str(tmp_path / "bad"), "--model", "hsat_s0", "nope"]) == 2
+    assert not (tmp_path / "bad").exists()
 
 
 def test_foundation_overlay_validates_as_a_gpu_vit_l_encoder():

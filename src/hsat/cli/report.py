@@ -101,11 +101,13 @@ def _card(args: argparse.Namespace) -> int:
     from hsat.report import read_tidy
     from hsat.report.card import robustness_card, write_card
 
-    card = robustness_card(args.model, load_study_config(args.study), read_tidy(args.whitebox),
-                           read_tidy(args.shift) if args.shift else None,
-                           read_tidy(args.transfer) if args.transfer else None)
-    paths = write_card(card, args.out_dir)
-    print("robustness card ->", ", ".join(str(p) for p in paths))
+    cfg, whitebox = load_study_config(args.study), read_tidy(args.whitebox)
+    shift = read_tidy(args.shift) if args.shift else None
+    transfer = read_tidy(args.transfer) if args.transfer else None
+    cards = [robustness_card(model, cfg, whitebox, shift, transfer) for model in args.model]  # all checked first
+    for card in cards:
+        paths = write_card(card, args.out_dir)
+        print("robustness card ->", ", ".join(str(p) for p in paths))
     return 0
 
 
@@ -255,13 +257,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--shift", default=None, help="results/shift.csv: the natural-shift figure (without it: a note)")
     f.set_defaults(func=_figures)
 
-    cd = verbs.add_parser("card", help="one encoder's robustness card: JSON and a one-page figure",
+    cd = verbs.add_parser("card", help="each encoder's robustness card: JSON and a one-page figure",
                           description="One model's robustness card from the collected results, recomputing nothing: "
                           "per level, clean accuracy, the L-inf worst case at 4/255 and 8/255, the transfer drop "
                           "(when transfer.csv has the model as a target) and natural-shift accuracy per family "
-                          "(docs/shift.md). Writes MODEL.json, MODEL.png and MODEL.pdf.")
+                          "(docs/shift.md). Writes MODEL.json, MODEL.png and MODEL.pdf per model.")
     cd.add_argument("--study", required=True, help="study config (YAML): the model's method, group, backbone, seed")
-    cd.add_argument("--model", required=True, help="the model (a key of the study's models)")
+    cd.add_argument("--model", required=True, nargs="+", help="the models (keys of the study's models): one card each, "
+                    "in one process (the plotting libraries are imported once)")
     cd.add_argument("--whitebox", required=True, help="results/whitebox.csv")
     cd.add_argument("--shift", default=None, help="results/shift.csv")
     cd.add_argument("--transfer", default=None, help="results/transfer.csv")
