@@ -140,7 +140,7 @@ rule cards:
              for m in CARD_MODELS],
         pdf=[f"{RESULTS}/cards/{m}.pdf" for m in CARD_MODELS],
     params:
-        out_dir=f"{RESULTS}/cards",
+        out_dir=lambda wildcards, output: str(Path(output.json[0]).parent),
         models=" ".join(CARD_MODELS),
         study=STUDY,
         settings=report_settings,
