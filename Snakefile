@@ -27,8 +27,8 @@ include: "rules/dataset.smk"
 include: "rules/pretrain.smk"
 include: "rules/evaluate.smk"
 include: "rules/transfer.smk"
+include: "rules/shift.smk"  # before the report: its tables, figures and cards read SHIFT_MODELS
 include: "rules/report.smk"
-include: "rules/shift.smk"
 
 
 rule all:

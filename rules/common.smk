@@ -352,14 +352,14 @@ def model_outputs(model):
     return out
 
 
-FIGURES = ["robust_accuracy", "transfer_heatmap", "training_curves", "embedding_map", "attack_steps"]
+FIGURES = ["robust_accuracy", "transfer_heatmap", "training_curves", "embedding_map", "attack_steps", "natural_shift"]
 TABLES = [f"table{i}.{ext}" for i in range(1, 6) for ext in ("csv", "md", "tex")] + ["table1_full.csv", "table2_summary.csv"]
 
 
 def report_outputs():
     return (
         [f"{RESULTS}/{name}.csv" for name in ("whitebox", "transfer", "sanity")]
-        + [f"{RESULTS}/tables/{t}" for t in TABLES]
+        + [f"{RESULTS}/tables/{t}" for t in TABLES + SHIFT_TABLES]
         + [f"{RESULTS}/metrics.json", f"{RESULTS}/claims.md"]
         + [f"{RESULTS}/plots/{name}.csv" for name in ("robust_accuracy", "training_loss")] + [f"{RESULTS}/summary.json"]
         + [f"{RESULTS}/figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")]
@@ -367,6 +367,7 @@ def report_outputs():
         + ([f"{RESULTS}/language.csv"] + [f"{RESULTS}/figures/language_similarity.{e}" for e in ("png", "pdf")]
            if LANGUAGE_MODELS else [])
         + ([f"{RESULTS}/figures/attention.{ext}" for ext in ("png", "pdf")] if ATTENTION_MODELS else [])
+        + [f"{RESULTS}/cards/{m}.{ext}" for m in CARD_MODELS for ext in ("json", "png", "pdf")]
     )
 
 

@@ -62,19 +62,21 @@ rule tables:
         sanity=f"{RESULTS}/sanity.csv",
         language=[f"{RESULTS}/language.csv"] if LANGUAGE_MODELS else [],
         examples=[f"{RESULTS}/examples/{m}.csv" for m in MODELS],
+        shift=[f"{RESULTS}/shift.csv"] if SHIFT_MODELS else [],
         manifest=MANIFEST,
     output:
         tables=[
             report(f"{RESULTS}/tables/{t}", caption="../workflow/report/tables.rst", category="Tables")
             if t.endswith(".csv")
             else f"{RESULTS}/tables/{t}"
-            for t in TABLES
+            for t in TABLES + SHIFT_TABLES
         ],
         metrics=f"{RESULTS}/metrics.json",
         claims=f"{RESULTS}/claims.md",
     params:
         out_dir=lambda wildcards, output: str(Path(output.tables[0]).parent),
         language=lambda wildcards, input: f" --language {input.language[0]}" if input.language else "",
+        shift=lambda wildcards, input: f" --shift {input.shift[0]}" if input.shift else "",
         study=STUDY,
         settings=report_settings,
         code=CODE_VERSION["report"],
@@ -87,7 +89,8 @@ rule tables:
     shell:
         "hsat report tables --study {params.study} --whitebox {input.whitebox} --transfer {input.transfer}"
         " --sanity {input.sanity} --out-dir {params.out_dir} --metrics {output.metrics}"
-        " --claims {output.claims} --manifest {input.manifest}{params.language} --examples {input.examples} > {log} 2>&1"
+        " --claims {output.claims} --manifest {input.manifest}{params.language}{params.shift} --examples {input.examples}"
+        " > {log} 2>&1"
 
 
 rule figures:
@@ -97,6 +100,7 @@ rule figures:
         sanity=f"{RESULTS}/sanity.csv",
         runs=expand(f"{RESULTS}/runs/{{model}}/model.safetensors", model=MODELS),  # log.jsonl beside each
         features=expand(f"{RESULTS}/embeddings/{{model}}/features.safetensors", model=MODELS),
+        shift=[f"{RESULTS}/shift.csv"] if SHIFT_MODELS else [],
     output:
         [
             report(f"{RESULTS}/figures/{name}.png", caption=f"../workflow/report/{name}.rst", category="Figures")
@@ -107,6 +111,7 @@ rule figures:
         out_dir=lambda wildcards, output: str(Path(output[0]).parent),
         runs_dir=lambda wildcards, input: str(Path(input.runs[0]).parent.parent),
         emb_dir=lambda wildcards, input: str(Path(input.features[0]).parent.parent),
+        shift=lambda wildcards, input: f" --shift {input.shift[0]}" if input.shift else "",
         study=STUDY,
         settings=report_settings,
         code=CODE_VERSION["report"],
@@ -120,7 +125,37 @@ rule figures:
     shell:
         "OMP_NUM_THREADS={threads} hsat report figures --study {params.study} --whitebox {input.whitebox}"
         " --transfer {input.transfer} --sanity {input.sanity} --runs-dir {params.runs_dir}"
-        " --embeddings-dir {params.emb_dir} --out-dir {params.out_dir} > {log} 2>&1"
+        " --embeddings-dir {params.emb_dir} --out-dir {params.out_dir}{params.shift} > {log} 2>&1"
+
+
+rule cards:
+    """Every model's robustness card (docs/shift.md): clean, L-inf worst case at 4 and 8/255, transfer
+    drop and natural-shift accuracy per level, as JSON and a one-page figure, from the collected
+    CSVs; one job, so the plotting libraries are imported once."""
+    input:
+        whitebox=f"{RESULTS}/whitebox.csv",
+        transfer=f"{RESULTS}/transfer.csv",
+        shift=f"{RESULTS}/shift.csv",
+    output:
+        json=[f"{RESULTS}/cards/{m}.json" for m in CARD_MODELS],
+        png=[report(f"{RESULTS}/cards/{m}.png", caption="../workflow/report/card.rst", category="Robustness cards")
+             for m in CARD_MODELS],
+        pdf=[f"{RESULTS}/cards/{m}.pdf" for m in CARD_MODELS],
+    params:
+        out_dir=lambda wildcards, output: str(Path(output.json[0]).parent),
+        models=" ".join(CARD_MODELS),
+        study=STUDY,
+        settings=report_settings,
+        code=CODE_VERSION["report"],
+    log:
+        f"{RESULTS}/logs/report/cards.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/cards.tsv",
+    conda:
+        "../envs/hsat.yaml"
+    shell:
+        "hsat report card --study {params.study} --model {params.models} --whitebox {input.whitebox}"
+        " --transfer {input.transfer} --shift {input.shift} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule language_figure:

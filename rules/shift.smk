@@ -7,6 +7,9 @@ SHIFT_MODELS = _subset(EVAL["shift"]["models"]) if EVAL["shift"]["enabled"] else
 
 # The study's shift files (rule all, evaluate_all), when evaluation.shift.enabled.
 SHIFT_OUTPUTS = [f"{RESULTS}/shift.csv", f"{RESULTS}/shift_sanity.csv"] if SHIFT_MODELS else []
+# Table 6 (rule tables) and a robustness card per model of the sweep (rule cards; report_outputs).
+SHIFT_TABLES = [f"table6.{ext}" for ext in ("csv", "md", "tex")] if SHIFT_MODELS else []
+CARD_MODELS = SHIFT_MODELS
 
 
 rule shift:

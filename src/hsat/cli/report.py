@@ -1,5 +1,6 @@
-"""`hsat report collect|tables|figures|dvc|calibration|replicates|cost`: concatenate tidy CSVs, write Tables 1-4, draw the figures,
-write DVC's compact views, judge a cohort, sum the jobs' benchmarks."""
+"""`hsat report collect|tables|figures|card|dvc|calibration|replicates|cost`: concatenate tidy CSVs, write Tables 1-6,
+draw the figures and the robustness cards, write DVC's compact views, judge a cohort, compare cohort draws, sum the
+jobs' benchmarks."""
 
 from __future__ import annotations
 
@@ -32,11 +33,12 @@ def _tables(args: argparse.Namespace) -> int:
         cfg_eval = resolve_evaluation(cfg["evaluation"])
         n_examples = attacked_patch_count(args.manifest, cfg_eval)
         coverage = attacked_coverage(args.manifest, cfg_eval)
-    write_tables(whitebox, transfer, cfg, args.out_dir, coverage=coverage)
+    shift = read_tidy(args.shift) if args.shift else None
+    write_tables(whitebox, transfer, cfg, args.out_dir, coverage=coverage, shift=shift)
     sanity = read_tidy(args.sanity) if args.sanity else None
     language = read_tidy(args.language) if args.language else None
     examples = read_examples(args.examples) if args.examples else None
-    found = (claims(whitebox, transfer, sanity, cfg, language, n_examples=n_examples, examples=examples)
+    found = (claims(whitebox, transfer, sanity, cfg, language, n_examples=n_examples, examples=examples, shift=shift)
              if args.metrics or args.claims else [])
     if args.claims:
         write_claims(found, args.claims)
@@ -93,7 +95,22 @@ def _figures(args: argparse.Namespace) -> int:
         args.runs_dir,
         args.embeddings_dir,
         args.out_dir,
+        shift=read_tidy(args.shift) if args.shift else None,
     )
+    return 0
+
+
+def _card(args: argparse.Namespace) -> int:
+    from hsat.report import read_tidy
+    from hsat.report.card import robustness_card, write_card
+
+    cfg, whitebox = load_study_config(args.study), read_tidy(args.whitebox)
+    shift = read_tidy(args.shift) if args.shift else None
+    transfer = read_tidy(args.transfer) if args.transfer else None
+    cards = [robustness_card(model, cfg, whitebox, shift, transfer) for model in args.model]  # all checked first
+    for card in cards:
+        paths = write_card(card, args.out_dir)
+        print("robustness card ->", ", ".join(str(p) for p in paths))
     return 0
 
 
@@ -190,6 +207,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--metrics", default=None, help="also write the headline claims as JSON here (e.g. results/metrics.json)")
     t.add_argument("--sanity", default=None, help="results/sanity.csv: counts failed checks in --metrics and --claims")
     t.add_argument("--language", default=None, help="results/language.csv (HLSS models): the marker-similarity claims")
+    t.add_argument("--shift", default=None, help="results/shift.csv (hsat shift, collected): Table 6 and the natural-shift "
+                                                  "carry-over claims (without it Table 6 is a note)")
     t.add_argument("--manifest", default=None,
                    help="the study's manifest: the claims' sampling term counts the validation patches the attacks ran on "
                         "(without it: evaluation.max_val_patches), and the white-box tables' captions say how many "
@@ -267,4 +286,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--runs-dir", required=True, help="folder of run directories (log.jsonl)")
     f.add_argument("--embeddings-dir", required=True, help="folder of embedding directories")
     f.add_argument("--out-dir", required=True)
+    f.add_argument("--shift", default=None, help="results/shift.csv: the natural-shift figure (without it: a note)")
     f.set_defaults(func=_figures)
+
+    cd = verbs.add_parser("card", help="each encoder's robustness card: JSON and a one-page figure",
+                          description="One model's robustness card from the collected results, recomputing nothing: "
+                          "per level, clean accuracy, the L-inf worst case at 4/255 and 8/255, the transfer drop "
+                          "(when transfer.csv has the model as a target) and natural-shift accuracy per family "
+                          "(docs/shift.md). Writes MODEL.json, MODEL.png and MODEL.pdf per model.")
+    cd.add_argument("--study", required=True, help="study config (YAML): the model's method, group, backbone, seed")
+    cd.add_argument("--model", required=True, nargs="+", help="the models (keys of the study's models): one card each, "
+                    "in one process (the plotting libraries are imported once)")
+    cd.add_argument("--whitebox", required=True, help="results/whitebox.csv")
+    cd.add_argument("--shift", default=None, help="results/shift.csv")
+    cd.add_argument("--transfer", default=None, help="results/transfer.csv")
+    cd.add_argument("--out-dir", required=True, help="writes MODEL.json, .png and .pdf here (e.g. results/cards)")
+    cd.set_defaults(func=_card)

@@ -59,6 +59,9 @@ from hsat.report.tables import (
     _select_transfer,
     _transfer_cfg,
     model_info,
+    prepare_shift,
+    shift_families_present,
+    shift_label,
 )
 
 HOLDS, FAILS, UNJUDGED = "holds", "does not hold", "cannot be judged"
@@ -678,6 +681,55 @@ def language_claims(language: pd.DataFrame | None, seeds: Mapping[str, Any]) -> 
     return out
 
 
+def shift_claims(shift: pd.DataFrame | None, study_cfg: Mapping[str, Any], seeds: Mapping[str, Any], baseline: str,
+                 setting: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Does L-inf robustness carry over to natural shifts? Each robust method against its plain
+    counterpart (HSAT vs the baseline, robust DINO vs DINO, robust HLSS vs HLSS, and the references
+    supervised_at vs supervised) on the per-example worst case over every shift family at the
+    largest severity (shift.csv; patch level, primary classifier), per group and backbone, judged
+    as every comparison (`_comparison`). Each family at that severity is in `numbers.families`
+    (its gap and test, not judged: nine families would be nine chances). A pair with no rows on
+    either side is left out."""
+    if shift is None or shift.empty:
+        return []
+    df, classifier = prepare_shift(shift, study_cfg)
+    df = df[df["level"] == LEVEL].assign(eps=lambda d: d["severity"].astype(float))
+    worst = df.loc[df["attack"] == WORST_CASE, "severity"]
+    sev = float(worst.max()) if not worst.empty else None
+    families = shift_families_present(df)
+    n_examples = setting.get("n_examples")
+    pairs = (("shift_hsat", "hsat", baseline), ("shift_robust_dino", "robust_dino", "dino"),
+             ("shift_robust_hlss", "robust_hlss", "hlss"), ("shift_supervised_at", "supervised_at", "supervised"))
+    out = []
+    for (group, backbone), g in df.groupby(["group", "backbone"], sort=True):
+        for cid, robust, plain in pairs:
+            if not g["method"].isin([robust, plain]).any():
+                continue
+            arm = lambda method, attack: _whitebox_arm(g, method, attack, sev, seeds, n_examples)  # noqa: E731
+            a, b = arm(robust, WORST_CASE), arm(plain, WORST_CASE)
+            sev_text = f"severities up to {sev:g}" if sev is not None else "severity –"
+            c = _comparison(
+                cid,
+                f"L-inf robustness carries over to natural shifts: {a['label']}'s accuracy in the worst case over every "
+                f"shift family ({sev_text}) is higher than {b['label']}'s",
+                "not reported: whether adversarial robustness from hierarchical training carries over to stain, "
+                "blur, compression and noise shifts in pathology is this study's question",
+                a, b, group, backbone, level=LEVEL, classifier=classifier, attack="shift_worst_case", severity=sev,
+                n_examples=n_examples,
+            )
+            if sev is None:
+                c["verdict"], c["reason"] = UNJUDGED, "no worst_case rows in shift.csv"
+            per_family = {}
+            for family in families:
+                fa, fb = arm(robust, family), arm(plain, family)
+                per_family[family] = {"label": shift_label(family), "means": {robust: fa["mean"], plain: fb["mean"]},
+                                      **_test_record(welch_gap(fa, fb))}
+            c["numbers"]["families"] = per_family
+            c["numbers"]["clean"] = {m: _whitebox_arm(g, m, "none", 0.0, seeds)["mean"] for m in (robust, plain)}
+            out.append(c)
+    return out
+
+
 def claims(
     whitebox: pd.DataFrame | None,
     transfer: pd.DataFrame | None,
@@ -686,8 +738,10 @@ def claims(
     language: pd.DataFrame | None = None,
     n_examples: int | None = None,
     examples: pd.DataFrame | None = None,
+    shift: pd.DataFrame | None = None,
 ) -> list[dict[str, Any]]:
     """Every claim of the paper per (group, backbone), then the attack-quality precondition.
+    `shift`: shift.csv's rows, for the natural-shift carry-over claims (`shift_claims`).
 
     `n_examples`: the validation examples each attack ran on (`hsat.evaluate.runs.attacked_patch_count`);
     None: `evaluation.max_val_patches` (`evaluated_examples`), which is exact unless the cohort has fewer.
@@ -801,6 +855,7 @@ def claims(
         out += vit_cnn_claims(df, seeds, baseline, worst_eps, setting, sets, examples)
         out += dino_claims(df, study_cfg, seeds, worst_eps, setting, sets, transfer, examples)
     out += language_claims(language, seeds)
+    out += shift_claims(shift, study_cfg, seeds, baseline, setting)
 
     quality = attack_quality(sanity)
     if quality["verdict"] == FAILS:

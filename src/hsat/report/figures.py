@@ -31,12 +31,13 @@ from hsat.io import atomic_path  # noqa: E402
 from hsat.report import method_label  # noqa: E402
 from hsat.report.style import method_colours, method_order, model_names, model_styles  # noqa: E402
 from hsat.report.tables import (  # noqa: E402
-    ATTACK_LABELS, _prepare_whitebox, _select_transfer, _transfer_cfg, model_names_for, transfer_order,
+    ATTACK_LABELS, SHIFT_CLEAN, SHIFT_WORST_CASE, _prepare_whitebox, _select_transfer, _transfer_cfg, model_names_for,
+    prepare_shift, shift_families_present, shift_label, transfer_order,
 )
 
 log = logging.getLogger(__name__)
 
-FIGURES = ("robust_accuracy", "transfer_heatmap", "training_curves", "embedding_map", "attack_steps")
+FIGURES = ("robust_accuracy", "transfer_heatmap", "training_curves", "embedding_map", "attack_steps", "natural_shift")
 """Figure names; each is written as results/figures/<name>.png and .pdf."""
 
 PAGE_WIDTH = 7.0
@@ -170,6 +171,51 @@ def robust_accuracy(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any], names:
         ax.set_xticklabels([f"{e:g}" for e in eps])
     g.figure.suptitle(f"Robust accuracy: {classifier} classifier, attacks on the {objective} objective "
                       "(mean ± sd over seeds)", y=1.01, fontsize=9)
+    return g.figure
+
+
+def natural_shift(shift: pd.DataFrame | None, study_cfg: Mapping[str, Any], names: pd.DataFrame | None = None,
+                  level: str = "patch") -> plt.Figure:
+    """Accuracy against shift severity (clean at 0) per family, one panel each, then the
+    per-example worst case over every family; one line per method, mean ± sd over seeds, at
+    `level`, the primary classifier. Methods are coloured as in every figure."""
+    if shift is None or shift.empty:
+        return _no_data("Natural shifts", "no natural-shift results (evaluation.shift.enabled is false?)")
+    df, classifier = prepare_shift(shift, study_cfg)
+    df = df[df["level"] == level]
+    if df.empty:
+        return _no_data("Natural shifts", f"no {level}-level natural-shift results")
+    names = model_names_for(study_cfg, df) if names is None else names
+    families = shift_families_present(df) + ([SHIFT_WORST_CASE] if (df["attack"] == SHIFT_WORST_CASE).any() else [])
+    clean = df[df["attack"] == SHIFT_CLEAN]
+    # The clean point starts every curve that lacks its own severity 0 (the worst case always does).
+    parts = [df[df["attack"] != SHIFT_CLEAN]]
+    parts += [clean.assign(attack=f) for f in families if not ((df["attack"] == f) & (df["severity"] == 0)).any()]
+    plot = pd.concat(parts, ignore_index=True)
+    plot["Method"] = plot["method"].map(method_label)
+    series = dict(zip(names["model"], names["series"]))
+    plot["series"] = plot["model"].map(series).fillna(plot["Method"])
+    plot["Variant"] = [s[len(m):].strip(" ()") if s.startswith(m) and s != m else ("main" if s == m else s)
+                       for s, m in zip(plot["series"], plot["Method"])]
+    plot["Family"] = plot["attack"].map(shift_label)
+    hue_order = method_order(plot["Method"])
+    variants = list(dict.fromkeys(["main", *plot["Variant"]])) if plot["Variant"].nunique() > 1 else None
+    ncols = min(4, len(families))
+    g = sns.relplot(
+        data=plot, x="severity", y="acc", hue="Method", hue_order=hue_order, palette=method_colours(hue_order),
+        style="Variant" if variants else None, style_order=[v for v in (variants or []) if v in set(plot["Variant"])] or None,
+        col="Family", col_order=[shift_label(f) for f in families], col_wrap=ncols if len(families) > ncols else None,
+        kind="line", marker="o", markersize=3.5, linewidth=1.2, errorbar="sd", err_kws={"alpha": 0.12},
+        height=PAGE_WIDTH / ncols / 1.2, aspect=1.2,
+    )
+    g.set_titles(col_template="{col_name}")
+    g.set_axis_labels("severity", "accuracy (%)")
+    severities = sorted(plot["severity"].unique())
+    for ax in g.axes.flat:
+        ax.set_xticks(severities)
+        ax.set_xticklabels([f"{s:g}" for s in severities])
+    g.figure.suptitle(f"Natural shifts: {classifier} classifier, {level} level, severity 0 = clean "
+                      "(mean ± sd over seeds; worst case: every family up to that severity)", y=1.01, fontsize=9)
     return g.figure
 
 
@@ -587,10 +633,12 @@ def write_figures(
     runs_dir: str | Path,
     embeddings_dir: str | Path,
     out_dir: str | Path,
+    shift: pd.DataFrame | None = None,
 ) -> list[Path]:
     """Write every figure of FIGURES as PNG and PDF under `out_dir`; return the paths. Run logs and
     embeddings are read for the study's models only (`study_cfg["models"]`, when it names them);
-    every figure names, orders and colours models alike (`model_names_for`)."""
+    every figure names, orders and colours models alike (`model_names_for`). `shift`: shift.csv's
+    rows (none: the natural-shift figure says so)."""
     study_models = list(study_cfg["models"]) if study_cfg.get("models") else None
     sns.set_theme(style="whitegrid", context="paper")
     names = model_names_for(study_cfg, whitebox if not whitebox.empty else None)
@@ -600,6 +648,7 @@ def write_figures(
         "training_curves": lambda: training_curves(runs_dir, study_models, names),
         "embedding_map": lambda: embedding_map(embeddings_dir, whitebox, models=study_models, names=names),
         "attack_steps": lambda: attack_steps(sanity, names),
+        "natural_shift": lambda: natural_shift(shift, study_cfg, names),
     }
     written: list[Path] = []
     for name in FIGURES:

@@ -1,4 +1,4 @@
-"""Tables 1-5 as views of the tidy result CSVs (CSV, Markdown and LaTeX).
+"""Tables 1-6 as views of the tidy result CSVs (CSV, Markdown and LaTeX).
 
 Nothing is recomputed here: rows of `results/whitebox.csv` / `results/transfer.csv` are
 filtered, averaged over the models that share (group, method, backbone) -- seeds -- and laid
@@ -659,6 +659,85 @@ def table5(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[pd.Dat
     return _split_index(table, ["Classifier", "Group", "Method", "Backbone", "n"], ["Level", "Condition"]), caption
 
 
+SHIFT_REQUIRED = ("model", "method", "attack", "severity", "classifier", "level", "acc", "mca")
+SHIFT_CLEAN, SHIFT_WORST_CASE = "none", WORST_CASE
+"""`shift.csv`'s clean rows (severity 0) and its per-example worst case over every family."""
+
+
+def shift_label(family: str) -> str:
+    """Display name of a shift family (`gaussian_blur` -> Gaussian blur; clean and worst case as Table 1's)."""
+    if family in (SHIFT_CLEAN, SHIFT_WORST_CASE):
+        return ATTACK_LABELS[family]
+    text = family.replace("_", " ")
+    return {"hed stain": "HED stain", "jpeg": "JPEG"}.get(text, text[:1].upper() + text[1:])
+
+
+def shift_classifier(shift: pd.DataFrame, study_cfg: Mapping[str, Any]) -> str:
+    """The classifier the shift table, figure and claim show: the tables' primary one (the first of
+    evaluation.whitebox.classifiers) when it has rows, else the first present."""
+    configured = [c for c in _whitebox_cfg(study_cfg).get("classifiers", []) if c in set(shift["classifier"])]
+    return configured[0] if configured else str(shift["classifier"].iloc[0])
+
+
+def shift_families_present(shift: pd.DataFrame) -> list[str]:
+    """The families of `shift` in the order the sweep wrote them (clean and worst case aside)."""
+    return [a for a in dict.fromkeys(shift["attack"].astype(str)) if a not in (SHIFT_CLEAN, SHIFT_WORST_CASE)]
+
+
+def prepare_shift(shift: pd.DataFrame, study_cfg: Mapping[str, Any],
+                  classifier: str | None = None) -> tuple[pd.DataFrame, str]:
+    """Rows of one classifier (the primary by default) with the models' info, in display order."""
+    _check_columns(shift, SHIFT_REQUIRED, "shift results")
+    classifier = shift_classifier(shift, study_cfg) if classifier is None else classifier
+    df = shift[shift["classifier"] == classifier].copy()
+    df["severity"] = pd.to_numeric(df["severity"]).astype(int)
+    rank = {m: i for i, m in enumerate(model_names_for(study_cfg, df)["model"])}
+    df = df.assign(_rank=df["model"].astype(str).map(rank)).sort_values("_rank", kind="stable").drop(columns="_rank")
+    return _with_model_info(df, study_cfg), classifier
+
+
+def table6(shift: pd.DataFrame | None, study_cfg: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
+    """Natural shifts: per method, clean accuracy, each family at the largest severity and the
+    per-example worst case over every family up to it, per level (primary classifier)."""
+    caption = "Table 6: natural-shift robustness (results/shift.csv; evaluation.shift, docs/shift.md)."
+    if shift is None or shift.empty:
+        return pd.DataFrame(), caption
+    df, classifier = prepare_shift(shift, study_cfg)
+    shifted = df[df["attack"] != SHIFT_CLEAN]
+    sev = int(shifted["severity"].max()) if not shifted.empty else 0
+    conditions = [(SHIFT_CLEAN, 0)] + [(f, sev) for f in shift_families_present(df)]
+    conditions += [(SHIFT_WORST_CASE, sev)] if (df["attack"] == SHIFT_WORST_CASE).any() else []
+    summ = df.groupby(["group", "method", "backbone", "attack", "severity", "level"], sort=False, dropna=False).agg(
+        acc_mean=("acc", "mean"), acc_std=("acc", "std"), n=("model", "nunique")).reset_index()
+    levels = _levels(df)
+    rows = []
+    for (group, method, backbone), block in summ.groupby(["group", "method", "backbone"], sort=False, dropna=False):
+        row: dict[Any, Any] = {"Group": group, "Method": method_label(method), "Backbone": backbone, "n": int(block["n"].max())}
+        for level in levels:
+            for attack, s in conditions:
+                hit = block[(block["attack"] == attack) & (block["severity"] == s) & (block["level"] == level)]
+                h = hit.iloc[0] if not hit.empty else None
+                row[(level, shift_label(attack))] = "–" if h is None else fmt(float(h["acc_mean"]), float(h["acc_std"]), int(h["n"]))
+        rows.append(row)
+    caption = (
+        f"Table 6: natural-shift robustness, accuracy (Acc, %) of the {classifier} classifier per level: clean, "
+        f"each shift family at severity {sev} (of 1-5; strengths in docs/shift.md) and the worst case, where a "
+        f"patch counts as correct only if it is classified correctly clean and under every family at every "
+        f"severity up to {sev} (a slide or patient: under every patch-by-patch choice of those shifts); "
+        "mean ± std over n models. Every severity, classifier and MCA are in table6.csv."
+    )
+    return _split_index(pd.DataFrame(rows), ["Group", "Method", "Backbone", "n"], ["Level", "Condition"]), caption
+
+
+def table6_long(shift: pd.DataFrame, study_cfg: Mapping[str, Any]) -> pd.DataFrame:
+    """Table 6's CSV: Acc and MCA mean/std over seeds for every (classifier, family, severity, level)."""
+    _check_columns(shift, SHIFT_REQUIRED, "shift results")
+    df = _with_model_info(shift.copy(), study_cfg)
+    long = summarize(df, ["group", "method", "backbone", "classifier", "attack", "severity", "level"])
+    long.insert(2, "method_label", long["method"].map(method_label))
+    return long
+
+
 def _transfer_cfg(study_cfg: Mapping[str, Any]) -> Mapping[str, Any]:
     return (study_cfg.get("evaluation") or {}).get("transfer") or {}
 
@@ -807,10 +886,11 @@ def coverage_note(coverage: Mapping[str, int] | None, abmil: bool = False) -> st
 
 def write_tables(
     whitebox: pd.DataFrame, transfer: pd.DataFrame, study_cfg: Mapping[str, Any], out_dir: str | Path,
-    coverage: Mapping[str, int] | None = None,
+    coverage: Mapping[str, int] | None = None, shift: pd.DataFrame | None = None,
 ) -> list[Path]:
-    """Write results/tables/table{1..5}.{csv,md,tex}, table1_full.csv and table2_summary.csv; return
-    every path written.
+    """Write results/tables/table{1..5}.{csv,md,tex}, table1_full.csv and table2_summary.csv, and
+    table6 (natural shifts) when `shift` (shift.csv's rows) is given (a note when it has none);
+    return every path written.
 
     table1.md/.tex are the paper's compact Table 1 (patch level), table1_full.csv every level as
     `table1` lays it out (the Markdown shows it too), table1.csv the long form (every classifier,
@@ -833,6 +913,7 @@ def write_tables(
         "table1": {"long": table1_long(whitebox, study_cfg), "notes": [(f"Table 1 at every level ({TABLE1_FULL}): {full_caption.removeprefix('Table 1: ')}", full)]},
         "table2": {"blocks": [(summary_caption, summary)] if not summary.empty else [],
                    "notes": [("The models' runs:", runs)] if shown else []},
+        **({"table6": {"long": table6_long(shift, study_cfg)}} if shift is not None and not shift.empty else {}),
     }
     written: list[Path] = []
     abmil = bool((whitebox["classifier"] == MIL_CLASSIFIER).any())
@@ -842,6 +923,7 @@ def write_tables(
         ("table3", table3(whitebox, study_cfg)),
         ("table4", table4(whitebox, study_cfg)),
         ("table5", table5(whitebox, study_cfg)),
+        *([("table6", table6(shift, study_cfg))] if shift is not None else []),
     ):
         if name != "table2":
             caption += coverage_note(coverage, abmil=abmil and name == "table5")
