@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from test_evaluate import toy_cfg, toy_setup
+from test_evaluate import cli_study, toy_cfg, toy_setup  # noqa: F401  (fixture)
 from test_sanity import Quantised, hard_cfg, hard_setup
 
 import hsat.evaluate as ev
@@ -206,3 +206,33 @@ def test_above_clean_leaves_out_autoattack_on_the_probe_scored_by_the_probe():
                                     "autoattack/linear_probe/knn@8"]
     assert out["passed"].all()
     assert not ev.study_checks(_aa_rows(90.0, 90.0), pd.DataFrame(), 210, {})["passed"].any()
+
+
+def test_cli_mil_bag_attack_with_restarts_and_twice_the_steps(cli_study, tmp_path):
+    """`hsat mil --whitebox` with evaluation.mil.restarts and converged: one row per attack (the
+    restarts have none), the twice-the-steps row, a worst case below both, and the study's abmil
+    `converged` check computed from them."""
+    import yaml
+
+    from hsat.cli import main
+
+    root, run, manifest = cli_study
+    study = yaml.safe_load((root / "study.yaml").read_text())
+    study["evaluation"]["mil"] = {"restarts": 2, "converged": True}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    emb = tmp_path / "emb"
+    assert main(["embed", "--run", str(run), "--manifest", str(manifest), "--config", str(tmp_path / "study.yaml"),
+                 "--out", str(emb)]) == 0
+    wb_path = tmp_path / "wb.csv"
+    assert main(["mil", "--embeddings", str(emb), "--study", str(tmp_path / "study.yaml"), "--model", "m1",
+                 "--out", str(tmp_path / "mil.csv"), "--run", str(run), "--manifest", str(manifest),
+                 "--whitebox", str(wb_path)]) == 0
+    wb = pd.read_csv(wb_path)
+    assert not wb.duplicated(["attack", "eps", "steps", "objective", "classifier", "level"]).any()
+    pgd = wb[(wb.attack == "pgd") & (wb.level == "slide")]
+    assert sorted(pgd["steps"]) == [2, 4]
+    worst = wb.loc[(wb.attack == "worst_case") & (wb.level == "slide"), ["steps", "acc"]]
+    assert worst["steps"].item() == 4 and worst["acc"].item() <= pgd["acc"].min() + 1e-9
+    n_slides = pd.read_csv(manifest).query("split == 'val'")["slide"].nunique()
+    checks = ev.study_checks(wb, pd.DataFrame(), 14, study["evaluation"], n_slides=n_slides)
+    assert (checks["check"] == "converged").sum() == 1
