@@ -38,8 +38,9 @@ Per study (`study_checks`, from the result CSVs):
 - `above_clean`: no attack row of any model may exceed its clean accuracy by more than the noise
   (patch level; the ABMIL classifier's bag attacks at slide level, n = validation slides); not
   the rows that cannot exceed clean by construction (`cannot_exceed_clean`: the worst case,
-  which counts an example only when its clean prediction is correct too, and AutoAttack on the
-  probe scored by the probe, which keeps the clean image wherever it fails);
+  which counts an example only when its clean prediction is correct too, and AutoAttack scored
+  by the classifier whose decisions it follows, the probe's by the probe and the kNN's by the
+  kNN, as it keeps the clean image wherever it fails);
 - `converged` of the ABMIL bag attack (with `evaluation.mil.converged`): slide accuracy under
   bag PGD with twice the steps may lie at most `converge_gap` points below the sweep's steps;
 - `whitebox_vs_transfer`: white-box accuracy <= transferred accuracy for the same target and eps.
@@ -60,7 +61,8 @@ from hsat.config import resolve_evaluation
 from hsat.evaluate.classifiers import LinearProbe
 from hsat.evaluate.metrics import binomial_se, patch_accuracy
 from hsat.evaluate.mil import MIL_CLASSIFIER, MIL_LABEL_OBJECTIVE
-from hsat.evaluate.sweep import AUTOATTACK_OBJECTIVE, AttackSpec, attack_subset, restart_specs, run_attacks, sweep_alpha
+from hsat.evaluate.sweep import (AUTOATTACK_OBJECTIVE, AttackSpec, attack_subset, parse_knn_objective, restart_specs,
+                                 run_attacks, sweep_alpha)
 from hsat.evaluate.worst_case import WORST_CASE
 from hsat.precision import effective_precision
 
@@ -184,12 +186,14 @@ def check_above_clean(whitebox: pd.DataFrame, n_patches: int, z: float, level: s
 
 def cannot_exceed_clean(whitebox: pd.DataFrame) -> pd.Series:
     """Rows whose accuracy is at most clean by construction: the worst case (an example counts
-    only when its clean prediction is correct too) and AutoAttack on the linear probe scored by
-    that probe (AutoAttack keeps an adversarial image only where the probe's own fp32 logits call
-    it wrong, and returns the clean image elsewhere)."""
-    own_autoattack = ((whitebox["attack"] == "autoattack") & (whitebox["objective"] == AUTOATTACK_OBJECTIVE)
-                      & (whitebox["classifier"] == "linear"))
-    return (whitebox["attack"] == WORST_CASE) | own_autoattack
+    only when its clean prediction is correct too) and AutoAttack scored by the classifier whose
+    decisions it took -- the probe's AutoAttack by the probe, the kNN's (`KNNVote`, any soft-kNN
+    temperature) by the kNN: it keeps an adversarial image only where that classifier's fp32
+    scores call it wrong, and returns the clean image elsewhere."""
+    aa = whitebox["attack"] == "autoattack"
+    on_probe = (whitebox["objective"] == AUTOATTACK_OBJECTIVE) & (whitebox["classifier"] == "linear")
+    on_knn = whitebox["objective"].map(lambda o: parse_knn_objective(str(o)) is not None) & (whitebox["classifier"] == "knn")
+    return (whitebox["attack"] == WORST_CASE) | (aa & (on_probe | on_knn))
 
 
 def check_mil_converged(whitebox: pd.DataFrame, gap: float) -> pd.DataFrame:
