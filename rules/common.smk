@@ -210,6 +210,8 @@ def eval_settings(stage, wildcards=None):
     }[stage]
     model = wildcards.model if wildcards is not None and "model" in wildcards.keys() else None
     out = _model_lists({k: v for k, v in EVAL.items() if k not in drop}, model)
+    if stage in ("evaluate", "evaluate+mil"):  # the sweep runs the sanity check's restarts
+        out["sanity"] = {k: EVAL["sanity"][k] for k in ("enabled", "restarts")}
     if model is not None:
         out["group"] = config["models"][model].get("group")
     return canonical(out)

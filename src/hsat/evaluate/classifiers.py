@@ -74,6 +74,7 @@ class SoftKNN(nn.Module):
         self.register_buffer("bank", F.normalize(bank.detach().float(), dim=1))
         # One boolean mask per class present in the bank; an absent class gets log-probability -inf.
         self.register_buffer("masks", torch.stack([labels == c for c in range(num_classes)]))
+        self.register_buffer("labels", labels)
         self.temperature = float(temperature)
         self.num_classes = int(num_classes)
 
@@ -85,6 +86,38 @@ class SoftKNN(nn.Module):
             [torch.logsumexp(sim.masked_fill(~m, neg_inf), dim=1) for m in self.masks], dim=1
         )
         return per_class - torch.logsumexp(per_class, dim=1, keepdim=True)
+
+
+class KNNVote(nn.Module):
+    """features -> the kNN vote's log class scores, with the soft kNN's gradient (BPDA: Athalye
+    et al. 2018's forward through the true classifier, backward through a differentiable
+    approximation).
+
+    The forward value is the log of `knn_predict`'s scores (k nearest, weight exp(sim / T) at the
+    kNN's `temperature`), so every decision an attack takes from it is the decision of the kNN
+    that is scored: AutoAttack and torchattacks' APGD attack only the examples the kNN classifies
+    correctly and keep an adversarial image only where the kNN is fooled (the soft kNN's own
+    decisions differ on borderline examples, and there an AutoAttack of the soft kNN returned the
+    clean image that the kNN scores correct). The gradient is `soft`'s, over the whole bank at its
+    own temperature: the hard vote's is zero wherever all k neighbours share a label.
+    """
+
+    def __init__(self, soft: SoftKNN, k: int, temperature: float):
+        super().__init__()
+        self.soft = soft
+        self.k = int(k)
+        self.temperature = float(temperature)
+        self.num_classes = soft.num_classes
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        soft = self.soft(features)
+        with torch.no_grad():
+            sim = F.normalize(features.detach().float(), dim=1) @ self.soft.bank.T
+            top_sim, top_idx = sim.topk(min(self.k, sim.shape[1]), dim=1)
+            votes = torch.zeros_like(soft).scatter_add_(1, self.soft.labels[top_idx], (top_sim / self.temperature).exp())
+            # a class without a vote gets a large negative finite score (APGD's DLR loss sorts them)
+            vote = F.normalize(votes, p=1, dim=1).clamp_min(1e-30).log()
+        return soft + (vote - soft).detach()
 
 
 class LinearProbe(nn.Module):

@@ -37,8 +37,12 @@ Per model (`sanity_checks`, patch level):
 Per study (`study_checks`, from the result CSVs):
 - `above_clean`: no attack row of any model may exceed its clean accuracy by more than the noise
   (patch level; the ABMIL classifier's bag attacks at slide level, n = validation slides); not
-  the worst-case rows, which count an example only when its clean prediction is correct too and
-  so can never exceed clean;
+  the rows that cannot exceed clean by construction (`cannot_exceed_clean`: the worst case,
+  which counts an example only when its clean prediction is correct too, and AutoAttack scored
+  by the classifier whose decisions it follows, the probe's by the probe and the kNN's by the
+  kNN, as it keeps the clean image wherever it fails);
+- `converged` of the ABMIL bag attack (with `evaluation.mil.converged`): slide accuracy under
+  bag PGD with twice the steps may lie at most `converge_gap` points below the sweep's steps;
 - `whitebox_vs_transfer`: white-box accuracy <= transferred accuracy for the same target and eps.
 """
 
@@ -56,8 +60,9 @@ from torch.utils.data import Dataset
 from hsat.config import resolve_evaluation
 from hsat.evaluate.classifiers import LinearProbe
 from hsat.evaluate.metrics import binomial_se, patch_accuracy
-from hsat.evaluate.mil import MIL_CLASSIFIER
-from hsat.evaluate.sweep import AttackSpec, attack_subset, run_attacks, sweep_alpha
+from hsat.evaluate.mil import MIL_CLASSIFIER, MIL_LABEL_OBJECTIVE
+from hsat.evaluate.sweep import (AUTOATTACK_OBJECTIVE, AttackSpec, attack_subset, parse_knn_objective, restart_specs,
+                                 run_attacks, sweep_alpha)
 from hsat.evaluate.worst_case import WORST_CASE
 from hsat.precision import effective_precision
 
@@ -160,12 +165,11 @@ def check_above_clean(whitebox: pd.DataFrame, n_patches: int, z: float, level: s
     """Every model's accuracy at `level` under every attack row <= its clean accuracy + z SE
     (n_patches: how many examples each accuracy counts at that level).
 
-    Above-clean accuracy under attack means the attack failed to find the worst case. Worst-case
-    rows are left out: a patch (slide) counts there only when its clean prediction is correct
-    too, so they can never exceed clean and a check of them could not fail.
+    Above-clean accuracy under attack means the attack failed to find the worst case. Rows that
+    can never exceed clean are left out, as a check of them could not fail (`cannot_exceed_clean`).
     """
     rows = []
-    wb = whitebox[(whitebox["level"] == level) & (whitebox["attack"] != WORST_CASE)]
+    wb = whitebox[(whitebox["level"] == level) & ~cannot_exceed_clean(whitebox)]
     for (model, clf), g in wb.groupby(["model", "classifier"], sort=True):
         clean = g.loc[g["attack"] == "none", "acc"]
         if clean.empty:
@@ -177,6 +181,37 @@ def check_above_clean(whitebox: pd.DataFrame, n_patches: int, z: float, level: s
             rows.append(_row(model, "above_clean", "attack", f"{r.attack}/{r.objective}/{clf}@{r.eps:g}", r.acc,
                              r.acc <= clean_acc + tol, spec, clf,
                              f"acc <= clean ({clean_acc:.2f}) + {z:g} SE ({tol:.2f}), n={n_patches}"))
+    return pd.DataFrame(rows, columns=list(SANITY_COLUMNS))
+
+
+def cannot_exceed_clean(whitebox: pd.DataFrame) -> pd.Series:
+    """Rows whose accuracy is at most clean by construction: the worst case (an example counts
+    only when its clean prediction is correct too) and AutoAttack scored by the classifier whose
+    decisions it took -- the probe's AutoAttack by the probe, the kNN's (`KNNVote`, any soft-kNN
+    temperature) by the kNN: it keeps an adversarial image only where that classifier's fp32
+    scores call it wrong, and returns the clean image elsewhere."""
+    aa = whitebox["attack"] == "autoattack"
+    on_probe = (whitebox["objective"] == AUTOATTACK_OBJECTIVE) & (whitebox["classifier"] == "linear")
+    on_knn = whitebox["objective"].map(lambda o: parse_knn_objective(str(o)) is not None) & (whitebox["classifier"] == "knn")
+    return (whitebox["attack"] == WORST_CASE) | (aa & (on_probe | on_knn))
+
+
+def check_mil_converged(whitebox: pd.DataFrame, gap: float) -> pd.DataFrame:
+    """The ABMIL bag attack's `converged` check, from whitebox.csv: for each model and eps where
+    the bag PGD under `abmil_ce` ran at two step counts (`evaluation.mil.converged`), slide-level
+    accuracy at the sweep's steps - accuracy at the most steps <= `gap` points."""
+    rows = []
+    wb = whitebox[(whitebox["classifier"] == MIL_CLASSIFIER) & (whitebox["level"] == "slide")
+                  & (whitebox["attack"] == "pgd") & (whitebox["objective"] == MIL_LABEL_OBJECTIVE)]
+    for (model, eps), g in wb.groupby(["model", "eps"], sort=True):
+        if g["steps"].nunique() < 2:
+            continue
+        g = g.sort_values("steps")
+        short, long = g.iloc[0], g.iloc[-1]
+        spec_s = AttackSpec("pgd", float(eps), int(short["steps"]), MIL_LABEL_OBJECTIVE)
+        spec_l = AttackSpec("pgd", float(eps), int(long["steps"]), MIL_LABEL_OBJECTIVE)
+        rows.append(check_converged(model, (spec_s, float(short["acc"])), (spec_l, float(long["acc"])), gap,
+                                    MIL_CLASSIFIER))
     return pd.DataFrame(rows, columns=list(SANITY_COLUMNS))
 
 
@@ -226,7 +261,7 @@ def sanity_specs(cfg_eval: Mapping[str, Any], seed: int = 0) -> dict[str, list[A
         "steps_feature_knn": [AttackSpec("pgd", eps_ref, int(st), "feature", alpha, seed) for st in san["steps"]],
         "converged": [AttackSpec("pgd", eps_ref, st, obj, alpha, seed)
                       for obj in CONVERGED_OBJECTIVES for st in (steps, 2 * steps)],
-        "restarts": [AttackSpec("pgd", eps_ref, steps, "linear_ce", alpha, seed, restart=r) for r in range(int(san["restarts"]))],
+        "restarts": restart_specs(cfg_eval, seed),  # every model's sweep runs these too: they are in its worst case
         "eps": [AttackSpec("pgd", float(e), steps, "linear_ce", sweep_alpha(wb, e), seed) for e in sorted(san["eps"])],
         "large_eps_label": [AttackSpec("pgd", big, steps, "linear_ce", sweep_alpha(wb, big), seed)],
         "large_eps_feature": [AttackSpec("pgd", big, steps, "feature", sweep_alpha(wb, big), seed)],
@@ -301,14 +336,16 @@ def sanity_checks(
 
 def study_checks(whitebox: pd.DataFrame, transfer: pd.DataFrame, n_patches: int, cfg_eval: Mapping[str, Any],
                  n_slides: int | None = None) -> pd.DataFrame:
-    """The checks that need every model's results: `above_clean` and `whitebox_vs_transfer`;
-    with `n_slides` (validation slides), `above_clean` also for the slide-level ABMIL rows."""
+    """The checks that need every model's results: `above_clean`, `whitebox_vs_transfer` and the
+    ABMIL bag attack's `converged`; with `n_slides` (validation slides), `above_clean` also for
+    the slide-level ABMIL rows."""
     z = float(resolve_evaluation(cfg_eval)["sanity"]["z"])
     parts = []
     if not whitebox.empty:
         parts.append(check_above_clean(whitebox, n_patches, z))
         if n_slides:
             parts.append(check_above_clean(whitebox[whitebox["classifier"] == MIL_CLASSIFIER], n_slides, z, level="slide"))
+        parts.append(check_mil_converged(whitebox, float(resolve_evaluation(cfg_eval)["sanity"]["converge_gap"])))
         if not transfer.empty:
             parts.append(check_whitebox_vs_transfer(whitebox, transfer, n_patches, z))
     parts = [p for p in parts if not p.empty]

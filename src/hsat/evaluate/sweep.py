@@ -9,11 +9,17 @@ What keeps the numbers honest and cheap:
   point of the eps-ball: BIM and MI-FGSM run there as `bim_r` / `mifgsm_r`. Under label-based
   objectives (`linear_ce`, `knn_soft`) they start at x, as defined, and keep their names.
 - `knn_soft` is the adaptive attack on the classifier that is scored: cross-entropy of a
-  differentiable copy of the kNN vote (`SoftKNN`), with the same bank and temperature. A model
+  differentiable copy of the kNN vote (`SoftKNN`), with the same bank and temperature.
+  `evaluation.whitebox.knn_attacks` adds converged attacks on that copy: APGD-CE and APGD-T
+  (`autoattack`, objective `knn_soft`) and margin PGD (`knn_margin`, Carlini & Wagner's margin of
+  the soft kNN's log-probabilities), at the kNN's temperature and any other (`knn_soft_T0.02`). A model
   with its own classification head (the supervised references) is also scored by that head
   (classifier `head`) and attacked through it (objective `head_ce`, added automatically).
 - Every spec has its own random generator, seeded from the spec itself, so adding or removing
   other specs never changes a spec's random start.
+- The sanity check's PGD restarts (`restart_specs`) run in every model's sweep, so the worst
+  case includes every example they find; they have no rows of their own (their accuracies are
+  in sanity.csv; the first is the grid's PGD `linear_ce` where the grid has it).
 - Crafting may run in bf16 autocast (`evaluation.attack_precision`); every clean and adversarial
   image is scored in fp32, so low precision can only weaken an attack, never flatter a score —
   and the sanity check `precision` measures whether it did.
@@ -37,7 +43,7 @@ from tqdm.auto import tqdm
 from hsat import attacks
 from hsat.config import resolve_evaluation
 from hsat.errors import HSATError
-from hsat.evaluate.classifiers import LinearProbe, SoftKNN, classify
+from hsat.evaluate.classifiers import KNNVote, LinearProbe, SoftKNN, classify
 from hsat.evaluate.embeddings import dataset_groups, dataset_labels, loader
 from hsat.evaluate.metrics import level_metrics, slide_stratified_subset
 from hsat.evaluate.worst_case import worst_case_rows
@@ -53,12 +59,36 @@ AUTOATTACK_OBJECTIVE = "linear_probe"
 
 LABEL_FREE_OBJECTIVES: tuple[str, ...] = ("feature", "head")
 """Objectives that need no label; their gradient vanishes at the clean input."""
-OBJECTIVES: tuple[str, ...] = ("feature", "head", "linear_ce", "knn_soft")
+OBJECTIVES: tuple[str, ...] = ("feature", "head", "linear_ce", "knn_soft", "knn_margin")
 HEAD_OBJECTIVE = "head_ce"
+KNN_OBJECTIVES: tuple[str, ...] = ("knn_soft", "knn_margin")
+"""Objectives through the soft kNN; an objective at another temperature than `evaluation.knn`'s
+is recorded with the temperature appended (`knn_margin_T0.02`, `knn_objective`)."""
 """Cross-entropy of the model's own classification head: attacks classifier `head`."""
 
 RANDOM_START: dict[str, bool] = {"pgd": True, "bim": False, "mifgsm": False, "bim_r": True, "mifgsm_r": True}
 """Whether each iterative attack starts at a uniform random point of the eps-ball."""
+
+
+def knn_objective(base: str, temperature: float, knn_temperature: float) -> str:
+    """The recorded objective of `base` (one of `KNN_OBJECTIVES`) through a soft kNN at
+    `temperature`: the plain name at the kNN's own temperature, else `<base>_T<temperature>`."""
+    if float(temperature) == float(knn_temperature):
+        return base
+    return f"{base}_T{float(temperature):g}"
+
+
+def parse_knn_objective(objective: str) -> tuple[str, float | None] | None:
+    """(base objective, temperature or None for the kNN's own) of a soft-kNN objective; None for others."""
+    for base in KNN_OBJECTIVES:
+        if objective == base:
+            return base, None
+        if objective.startswith(f"{base}_T"):
+            try:
+                return base, float(objective[len(base) + 2:])
+            except ValueError:
+                break
+    return None
 
 
 def attack_name(attack: str, objective: str) -> str:
@@ -99,7 +129,9 @@ class AttackSpec:
 
 
 class ProbeClassifier(nn.Module):
-    """image -> linear-probe logits, the end-to-end classifier that AutoAttack sees."""
+    """image -> class logits of a classifier on backbone features, the end-to-end classifier that
+    AutoAttack sees: the linear probe, or the soft kNN (`SoftKNN`'s log-probabilities are logits:
+    their softmax is its vote, and APGD's losses, CE and DLR, only compare them)."""
 
     def __init__(self, model: nn.Module, probe: nn.Module):
         super().__init__()
@@ -124,8 +156,14 @@ def make_objective(
     feature: cosine distance between adversarial and clean backbone features (label-free, the
     paper's attack on the representation the classifiers use); head: the same on the projection
     head output (what the paper's code attacked); linear_ce: cross-entropy of the linear probe;
-    knn_soft: cross-entropy of the soft kNN (the adaptive attack on the kNN classifier).
+    knn_soft: cross-entropy of the soft kNN (the adaptive attack on the kNN classifier);
+    knn_margin: the soft kNN's margin, the largest other log-probability minus the true class's
+    (Carlini & Wagner 2017; unlike cross-entropy it stops pushing an example once it is misclassified
+    and does not saturate on confidently correct ones). `soft_knn` is at the objective's temperature.
     """
+    parsed = parse_knn_objective(objective)
+    if parsed is not None:
+        objective = parsed[0]  # the temperature is soft_knn's
     if objective == "feature":
         ref = F.normalize(clean_features.detach(), dim=1)
         return lambda xa: (1.0 - (F.normalize(model.encode(xa), dim=1) * ref).sum(1)).sum()
@@ -140,9 +178,20 @@ def make_objective(
         if soft_knn is None:
             raise HSATError("objective knn_soft needs the kNN bank")
         return lambda xa: F.nll_loss(soft_knn(model.encode(xa)), labels, reduction="sum")
+    if objective == "knn_margin":
+        if soft_knn is None:
+            raise HSATError("objective knn_margin needs the kNN bank")
+        return lambda xa: margin_loss(soft_knn(model.encode(xa)), labels).sum()
     if objective == HEAD_OBJECTIVE:
         return lambda xa: F.cross_entropy(model.logits(model.encode(xa)), labels, reduction="sum")
     raise HSATError(f"unknown attack objective {objective!r} ({', '.join(OBJECTIVES)}, {HEAD_OBJECTIVE})")
+
+
+def margin_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per example: the largest logit of another class minus the true class's (> 0: misclassified)."""
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return other - true
 
 
 DLR_MIN_CLASSES = 4
@@ -162,8 +211,10 @@ def _apgd_targeted_ce(apgdt: type) -> type:
     return APGDTargetedCE
 
 
-def autoattack(model: nn.Module, probe: LinearProbe, eps: float, version: str, steps: int, seed: int) -> Callable:
-    """AutoAttack (Croce & Hein 2020) on image -> probe logits, built from torchattacks' parts.
+def autoattack(model: nn.Module, probe: nn.Module, eps: float, version: str, steps: int, seed: int) -> Callable:
+    """AutoAttack (Croce & Hein 2020) on image -> `probe` logits, built from torchattacks' parts.
+    `probe` is a classifier on backbone features with `num_classes`: the linear probe, or the soft
+    kNN (`SoftKNN`, the kNN's AutoAttack).
 
     `standard`: APGD-CE, APGD-T (C - 1 targets), FAB-T and Square (5000 queries), each on the
     examples the previous ones left correct, with `steps` iterations (the original: 100).
@@ -210,11 +261,15 @@ def craft_batch(
     soft_knn: SoftKNN | None = None,
     autocast: Callable[[], Any] = contextlib.nullcontext,
     start: torch.Tensor | None = None,
+    knn: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """Adversarial (or noisy) version of the batch `x` under `spec`; the model must be frozen.
     `start`: the uniform draw of the random start (or of the noise), made by the caller
     (`start_draw`); None draws it from `generator`.
 
+    `soft_knn` is the soft kNN at the spec's temperature (its objective, or AutoAttack on it);
+    `knn` (k, temperature of `evaluation.knn`) the kNN whose votes AutoAttack's decisions follow
+    (`KNNVote`).
     `autocast` wraps the objective's forward passes (the iterative attacks; AutoAttack runs as
     torchattacks calls it, in fp32). What runs in fp32 runs in full fp32 on a GPU too (TF32 off:
     `hsat.precision.exact_fp32`)."""
@@ -223,9 +278,14 @@ def craft_batch(
         u = start if start is not None else torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return (x + eps * (u * 2 - 1)).clamp(0, 1)
     if spec.attack == "autoattack":
-        if probe is None:
+        target = probe
+        if parse_knn_objective(spec.objective):  # AutoAttack on the kNN
+            if soft_knn is None or knn is None:
+                raise HSATError(f"autoattack on {spec.objective} needs the kNN bank and evaluation.knn")
+            target = KNNVote(soft_knn, knn["k"], knn["temperature"])
+        if target is None:
             raise HSATError("autoattack needs a linear probe")
-        aa = autoattack(model, probe, eps, spec.version or "standard", spec.steps, spec.seed)
+        aa = autoattack(model, target, eps, spec.version or "standard", spec.steps, spec.seed)
         with exact_fp32():
             return aa(x, y).detach()
     base = spec.attack.removesuffix("_r")
@@ -294,6 +354,14 @@ class AttackResults:
     specs: list[AttackSpec]
 
 
+def spec_temperature(spec: AttackSpec, knn: Mapping[str, Any]) -> float | None:
+    """The soft kNN's temperature a spec attacks through (None: it does not use the soft kNN)."""
+    parsed = parse_knn_objective(spec.objective)
+    if parsed is None:
+        return None
+    return float(knn["temperature"]) if parsed[1] is None else parsed[1]
+
+
 def run_attacks(
     model: nn.Module,
     probe: nn.Module | None,
@@ -325,9 +393,10 @@ def run_attacks(
         bank = (bank[0].to(device), bank[1].to(device))
     if probe is not None:
         probe = probe.to(device)
-    soft_knn = None
-    if bank is not None and any(s.objective == "knn_soft" for s in specs):
-        soft_knn = SoftKNN(bank[0], bank[1], num_classes, temperature=knn["temperature"]).to(device)
+    # One soft kNN per temperature an objective asks for (None: the kNN's own).
+    temps = [spec_temperature(s, knn) for s in specs]
+    soft_knns = {t: SoftKNN(bank[0], bank[1], num_classes, temperature=t).to(device)
+                 for t in dict.fromkeys(t for t in temps if t is not None)} if bank is not None else {}
     gens = []
     for spec in specs:
         g = torch.Generator(device=device)
@@ -342,7 +411,7 @@ def run_attacks(
     labels, patients, slides, paths, positions = [], [], [], [], []
     positions_all = list(indices) if indices is not None else None
     seen = 0
-    with eval_frozen(model, probe, soft_knn):
+    with eval_frozen(model, probe, *soft_knns.values()):
         for batch in tqdm(loader(dataset, batch_size, indices), desc=desc, disable=not progress, leave=False):
             x = batch["image"].to(device)
             y = torch.as_tensor(batch["label"]).long().to(device)
@@ -359,8 +428,9 @@ def run_attacks(
                 clean[c].append(s)
             for i, spec in enumerate(specs):
                 u = start_draw(spec, x, gens[i])
+                soft_knn = soft_knns.get(temps[i])
                 x_adv = halving(lambda sl: craft_batch(model, probe, x[sl], y[sl], spec, f_clean[sl], gens[i], soft_knn,
-                                                       autocast, None if u is None else u[sl]), n)
+                                                       autocast, None if u is None else u[sl], knn), n)
                 _check_still_eval(spec, model, probe, soft_knn)
                 if keep is not None:
                     keep(i, x_adv)
@@ -388,17 +458,57 @@ def sweep_alpha(wb: Mapping[str, Any], eps: float, steps: int | None = None) -> 
     return attacks.step_size(wb["alpha"], eps, int(wb["steps"] if steps is None else steps), wb["alpha_scale"])
 
 
+def restart_specs(cfg_eval: Mapping[str, Any], seed: int = 0) -> list[AttackSpec]:
+    """The sanity check's random restarts of PGD (`evaluation.sanity.restarts`, label attack on the
+    probe at the sweep's largest eps), run in every model's sweep too while the sanity checks are
+    enabled, so the per-example worst case includes every example they find. Restart 0 is the
+    sweep's own PGD `linear_ce` spec at that eps."""
+    wb, san = cfg_eval["whitebox"], cfg_eval["sanity"]
+    eps_ref = float(max(wb["eps"]))
+    return [AttackSpec("pgd", eps_ref, int(wb["steps"]), "linear_ce", sweep_alpha(wb, eps_ref), seed, restart=r)
+            for r in range(int(san["restarts"]))]
+
+
+def listed(models: Sequence[str], model_name: str | None) -> bool:
+    """Whether a config's model list covers `model_name` (empty: every model; None: any model)."""
+    return model_name is None or not models or model_name in models
+
+
+def knn_attack_specs(cfg_eval: Mapping[str, Any], seed: int = 0, model_name: str | None = None) -> list[AttackSpec]:
+    """The converged attacks on the soft kNN of `evaluation.whitebox.knn_attacks` (none unless
+    enabled): at each eps and temperature, AutoAttack (`whitebox.autoattack.version`) on
+    image -> soft-kNN log-probabilities and margin PGD, both with `knn_attacks.steps`."""
+    wb = cfg_eval["whitebox"]
+    ka = wb["knn_attacks"]
+    if not ka["enabled"] or not listed(ka["models"], model_name):
+        return []
+    knn_t = float(cfg_eval["knn"]["temperature"])
+    steps = int(ka["steps"])
+    specs = []
+    for eps in wb["eps"]:
+        for t in ka["temperatures"] or [knn_t]:
+            if ka["autoattack"]:
+                specs.append(AttackSpec("autoattack", float(eps), steps, knn_objective("knn_soft", t, knn_t),
+                                        sweep_alpha(wb, eps, steps), seed, version=wb["autoattack"]["version"]))
+            if ka["margin"]:
+                specs.append(AttackSpec("pgd", float(eps), steps, knn_objective("knn_margin", t, knn_t),
+                                        sweep_alpha(wb, eps, steps), seed))
+    return specs
+
+
 def whitebox_specs(cfg_eval: Mapping[str, Any], seed: int = 0, model_name: str | None = None,
-                   head_classifier: bool = False) -> list[AttackSpec]:
+                   head_classifier: bool = False, restarts: bool = True) -> list[AttackSpec]:
     """The (attack, eps, objective) grid of a validated `evaluation.whitebox`.
 
     AutoAttack runs once per eps, and only for the models of `whitebox.autoattack.models` (every
     model when that list is empty, or when `model_name` is None). `head_classifier`: the model
     has its own classification head, which every iterative attack also targets (`head_ce`).
+    Then the soft kNN's attacks (`knn_attack_specs`) and, with `restarts`, the sanity check's
+    restarts (`restart_specs`, while `evaluation.sanity` is enabled).
     """
     wb = cfg_eval["whitebox"]
     aa = wb["autoattack"]
-    run_aa = model_name is None or not aa["models"] or model_name in aa["models"]
+    run_aa = listed(aa["models"], model_name)
     specs = []
     for attack in wb["attacks"]:
         for eps in wb["eps"]:
@@ -410,6 +520,9 @@ def whitebox_specs(cfg_eval: Mapping[str, Any], seed: int = 0, model_name: str |
             for objective in [*wb["objectives"], *([HEAD_OBJECTIVE] if head_classifier else [])]:
                 specs.append(AttackSpec(attack_name(attack, objective), float(eps), int(wb["steps"]), objective,
                                         sweep_alpha(wb, eps), seed))
+    specs += knn_attack_specs(cfg_eval, seed, model_name)
+    if restarts and cfg_eval["sanity"]["enabled"]:
+        specs += restart_specs(cfg_eval, seed)
     return list(dict.fromkeys(specs))  # bim and bim_r listed together would repeat a spec
 
 
@@ -456,8 +569,8 @@ def whitebox_sweep(
     progress: bool = True,
     on_results: Callable[[AttackResults], None] | None = None,
 ) -> pd.DataFrame:
-    """White-box robustness table of one model: clean rows, one row per (attack, eps, objective,
-    classifier, level), and the per-example worst case over all of them at each eps
+    """White-box robustness table of one model: clean rows, one row per (attack, eps, steps, objective,
+    classifier, level), and the per-example worst case over all of them (restarts included) at each eps
     (`attack=worst_case`, `objective=all`); columns `WHITEBOX_COLUMNS`, percentages, eps in 1/255.
 
     `cfg_eval` is an `evaluation` section (validated here, defaults from the schema). `bank` is
@@ -471,6 +584,9 @@ def whitebox_sweep(
         indices = attack_subset(val_dataset, cfg_eval, seed=attack_seed)
     has_head = getattr(model, "classifier", None) is not None
     specs = whitebox_specs(cfg_eval, seed=attack_seed, model_name=model_name or None, head_classifier=has_head)
+    # The grid's specs have rows; the sanity check's restarts only count in the worst case.
+    with_rows = set(whitebox_specs(cfg_eval, seed=attack_seed, model_name=model_name or None,
+                                   head_classifier=has_head, restarts=False))
     classifiers = list(cfg_eval["whitebox"]["classifiers"]) + (["head"] if has_head else [])
     num_classes = probe.num_classes
     res = run_attacks(
@@ -484,6 +600,8 @@ def whitebox_sweep(
     base = {"model": model_name, "method": method, "group": group, "seed": seed}
     rows = metric_rows(base, {"attack": "none", "eps": 0.0, "steps": 0, "objective": "none"}, res.clean, res, num_classes)
     for spec, scores in zip(res.specs, res.adv):
+        if spec not in with_rows:
+            continue
         rows += metric_rows(base, {"attack": spec.attack, "eps": spec.eps, "steps": spec.steps, "objective": spec.objective},
                             scores, res, num_classes)
     rows += [{**base, **r} for r in worst_case_rows(res)]
