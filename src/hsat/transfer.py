@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from hsat.config import resolve_evaluation
 from hsat.data.manifest import same_patch, stored_paths
@@ -222,7 +223,8 @@ def evaluate_transfer(
     try:
         adv_scores = []
         images = adv["images"]
-        for start in range(0, images.shape[0], bs):
+        for start in tqdm(range(0, images.shape[0], bs), desc=f"transfer score {surrogate or ''}".strip(),
+                          leave=False):  # tqdm's ETA in the log
             f = target_model.encode(images[start : start + bs].to(device))
             adv_scores.append(classify(f, probe, bank, [classifier], num_classes, knn)[classifier])
     finally:
