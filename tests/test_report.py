@@ -584,6 +584,31 @@ def test_white_box_tables_say_how_many_slides_and_patients_were_attacked(whitebo
     assert "validation slides" not in (tmp_path / "table1.md").read_text()
 
 
+def test_accuracies_carry_wilson_intervals_on_the_attacked_subset(whitebox, transfer, study_aa, tmp_path):
+    """With the attacked subset's counts the tables give each accuracy a 95 % Wilson interval:
+    in table1.csv and in a note of table1.md; the compact table keeps its cells."""
+    from hsat.report.tables import fmt_ci, table1_compact, wilson_interval
+
+    low, high = wilson_interval(50.0, 100)
+    assert (round(low, 1), round(high, 1)) == (40.4, 59.6)  # the textbook Wilson interval of 50/100
+    assert wilson_interval(0.0, 10)[0] == 0.0 and wilson_interval(0.0, 10)[1] > 25  # a width at 0 %
+    assert fmt_ci(45.2, 210).startswith("45.2 [") and fmt_ci(45.2, 0) == "45.2"
+    coverage = {"patches": 210, "slides": 70, "patients": 35, "slides_total": 70, "patients_total": 35}
+    plain, _ = table1_compact(whitebox, study_aa)
+    ci, caption = table1_compact(whitebox, study_aa, coverage=coverage)
+    assert list(ci.columns) == list(plain.columns) and "Wilson" in caption
+    mean = _sel(whitebox, method="hsat", attack="pgd", objective="feature", classifier="knn", level="patch", eps=8)["acc"]
+    assert ci.loc["HSAT", "PGD 8/255"] == fmt_ci(mean.mean(), 3 * 210)  # three seeds pooled
+
+    write_tables(whitebox, transfer, study_aa, tmp_path, coverage=coverage)
+    md = (tmp_path / "table1.md").read_text()
+    assert " [" not in md.split("\n\n")[1] and "95 % confidence intervals" in md
+    long = pd.read_csv(tmp_path / "table1.csv")
+    row = _sel(long, method="hsat", attack="pgd", objective="feature", classifier="knn", level="slide", eps=8).iloc[0]
+    assert row["examples"] == 70 and row["acc_ci_low"] <= row["acc_mean"] <= row["acc_ci_high"]
+    assert (long["acc_ci_low"] <= long["acc_ci_high"]).all()
+
+
 def test_cli_tables_caption_counts_the_attacked_slides_of_the_manifest(whitebox, transfer, study, tiny_manifest, tmp_path):
     """`hsat report tables --manifest`: the captions give the subset the evaluation attacked."""
     from hsat.cli import main

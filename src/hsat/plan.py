@@ -58,8 +58,10 @@ AUTOATTACK_SURVIVING = 0.5
 """Share of patches still correctly classified when AutoAttack's later attacks start (each runs on
 the survivors of the ones before it): robust models keep about half."""
 
-SQUARE_QUERIES = 5000
-"""Forward queries of standard AutoAttack's Square attack per patch."""
+SQUARE_QUERIES_PER_STEP = 50
+"""Forward queries of standard AutoAttack's Square attack per patch and AutoAttack step (5000 at
+the original 100 steps): hsat.evaluate.sweep.SQUARE_QUERIES_PER_STEP, kept here so that planning
+needs no torch."""
 
 OPENSRH_PATCHES = {"train": 256_000, "val": 58_000}
 """OpenSRH's patches per split (approximately), assumed for a study on `dataset.root` when no
@@ -130,7 +132,7 @@ def _autoattack_passes(version: str, steps: int) -> float:
     targets = len(CLASSES) - 1
     passes = steps * (1 + targets * AUTOATTACK_SURVIVING)  # APGD-CE, then APGD-T on the survivors
     if version == "standard":  # + FAB-T (about two passes a step) and Square (forward queries)
-        passes += 2 * steps * targets * AUTOATTACK_SURVIVING + SQUARE_QUERIES * AUTOATTACK_SURVIVING * FORWARD_FACTOR
+        passes += 2 * steps * targets * AUTOATTACK_SURVIVING + SQUARE_QUERIES_PER_STEP * steps * AUTOATTACK_SURVIVING * FORWARD_FACTOR
     return passes
 
 

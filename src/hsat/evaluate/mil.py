@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 from torch import nn
+from tqdm.auto import tqdm
 
 from hsat import attacks
 from hsat.errors import HSATError
@@ -329,7 +330,8 @@ def mil_whitebox_rows(model: nn.Module, mil: GatedAttentionMIL, val_dataset: Any
     # batch_size patches at a time, so memory follows the setting, not the slide.
     chunk = int(cfg_eval["batch_size"])
     with eval_frozen(model, mil):
-        for bags in bag_chunks(slides, chunk):
+        # A log line per chunk of slides with tqdm's ETA: on OpenSRH this attack runs for hours.
+        for bags in tqdm(bag_chunks(slides, chunk), desc="abmil attack", unit="chunk", leave=False):
             idx = np.concatenate(bags)
             x = torch.stack([val_dataset[int(i)]["image"] for i in idx]).to(device)
             sizes = [len(c) for c in bags]

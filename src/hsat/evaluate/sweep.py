@@ -211,13 +211,20 @@ def _apgd_targeted_ce(apgdt: type) -> type:
     return APGDTargetedCE
 
 
+SQUARE_QUERIES_PER_STEP = 50
+"""Square's query budget per AutoAttack step: 5000 queries at the original 100 steps, as in
+Croce & Hein's standard version, and a budget that shrinks with `steps` -- a fixed 5000 would
+make a few-step rehearsal (or a quick look) spend hours of forward passes on every survivor."""
+
+
 def autoattack(model: nn.Module, probe: nn.Module, eps: float, version: str, steps: int, seed: int) -> Callable:
     """AutoAttack (Croce & Hein 2020) on image -> `probe` logits, built from torchattacks' parts.
     `probe` is a classifier on backbone features with `num_classes`: the linear probe, or the soft
     kNN (`SoftKNN`, the kNN's AutoAttack).
 
-    `standard`: APGD-CE, APGD-T (C - 1 targets), FAB-T and Square (5000 queries), each on the
-    examples the previous ones left correct, with `steps` iterations (the original: 100).
+    `standard`: APGD-CE, APGD-T (C - 1 targets), FAB-T and Square (50 queries a step: 5000 at
+    100 steps), each on the examples the previous ones left correct, with `steps` iterations
+    (the original: 100).
     `apgd-ce+apgd-t`: the first two only (the gradient-based part; what the CPU study runs).
     With fewer than four classes APGD-T optimises the targeted cross-entropy (two classes: one
     target, the other class), as the targeted DLR loss needs four logits.
@@ -243,7 +250,8 @@ def autoattack(model: nn.Module, probe: nn.Module, eps: float, version: str, ste
     if version == "standard":
         parts += [
             torchattacks.FAB(clf, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, multi_targeted=True, n_classes=n),
-            torchattacks.Square(clf, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed),
+            torchattacks.Square(clf, norm="Linf", eps=eps, n_queries=SQUARE_QUERIES_PER_STEP * steps, n_restarts=1,
+                                seed=seed),
         ]
     elif version != "apgd-ce+apgd-t":
         raise HSATError(f"evaluation.whitebox.autoattack.version: unknown version {version!r} (standard, apgd-ce+apgd-t)")

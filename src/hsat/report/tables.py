@@ -252,6 +252,45 @@ def fmt(mean: float, std: float, n: int) -> str:
     return f"{mean:.1f}"
 
 
+CI_LEVEL = 0.95
+"""Confidence level of the binomial intervals beside the accuracies."""
+
+
+def wilson_interval(acc: float, n: int, level: float = CI_LEVEL) -> tuple[float, float]:
+    """Wilson score interval (percent) of an accuracy of `acc` % on `n` examples: the sampling
+    error of the patches attacked, which a small attacked subset makes wide. Wilson rather than
+    the normal approximation: it stays inside [0, 100] and keeps a width at 0 % and 100 %.
+    (nan, nan) without examples or an accuracy."""
+    from scipy.stats import binomtest  # local: the tables need scipy only for the intervals
+
+    if n is None or n <= 0 or acc is None or math.isnan(acc):
+        return float("nan"), float("nan")
+    k = int(round(min(max(acc, 0.0), 100.0) / 100.0 * n))
+    ci = binomtest(k, int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return 100.0 * ci.low, 100.0 * ci.high
+
+
+def fmt_ci(mean: float, n_examples: int) -> str:
+    """`45.2 [38.6, 51.9]`: the accuracy and its Wilson interval on `n_examples`."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    low, high = wilson_interval(mean, n_examples)
+    if math.isnan(low):
+        return f"{mean:.1f}"
+    return f"{mean:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def examples_per_level(coverage: Mapping[str, int] | None, classifier: str | None = None) -> dict[str, int]:
+    """Examples behind one model's accuracy at each level: the attacked subset's patches, slides
+    and patients (`hsat.evaluate.attacked_coverage`); the ABMIL classifier attacks every
+    validation slide. {} without `coverage`."""
+    if not coverage:
+        return {}
+    if classifier == MIL_CLASSIFIER:
+        return {"slide": int(coverage["slides_total"]), "patient": int(coverage["patients_total"])}
+    return {"patch": int(coverage["patches"]), "slide": int(coverage["slides"]), "patient": int(coverage["patients"])}
+
+
 def summarize(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """Mean, sample std and number of models of acc and mca over the models sharing `keys`."""
     agg = df.groupby(list(keys), sort=False, dropna=False).agg(
@@ -271,11 +310,14 @@ def _wide_table(
     row_label: Callable[[Mapping[str, Any]], dict[str, Any]],
     metrics: Sequence[str] = ("acc", "mca"),
     level_outer: bool = False,
+    examples: Mapping[str, int] | None = None,
 ) -> pd.DataFrame:
     """Rows = `row_keys` groups; columns = cells formatted mean ± std.
 
     Columns are (condition, metric, level), or (level, condition) with `level_outer` and a single
-    metric -- the paper's Table 1 groups its columns by level.
+    metric -- the paper's Table 1 groups its columns by level. `examples` (level -> examples per
+    model): cells show the mean with its Wilson interval instead (`fmt_ci`), the n models of a
+    row pooled as n x examples trials (the sampling error of the patches, not the seeds' spread).
     """
     summ = summarize(df, [*row_keys, "attack", "eps", "level"])
     levels = _levels(df)
@@ -295,7 +337,10 @@ def _wide_table(
                 row[col] = "–"
             else:
                 h = hit.iloc[0]
-                row[col] = fmt(float(h[f"{metric}_mean"]), float(h[f"{metric}_std"]), int(h["n"]))
+                if examples is None:
+                    row[col] = fmt(float(h[f"{metric}_mean"]), float(h[f"{metric}_std"]), int(h["n"]))
+                else:
+                    row[col] = fmt_ci(float(h[f"{metric}_mean"]), int(h["n"]) * examples.get(level, 0))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -417,22 +462,28 @@ def protocols_present(whitebox: pd.DataFrame, classifier: str) -> list[str]:
     return [p for p in PAPER_PROTOCOLS if (attacked["objective"] == p).any()]
 
 
-def _compact_block(df: pd.DataFrame, conditions: Sequence[tuple[str, float]], suffix: str = "") -> pd.DataFrame:
+def _compact_block(df: pd.DataFrame, conditions: Sequence[tuple[str, float]], suffix: str = "",
+                   examples: Mapping[str, int] | None = None) -> pd.DataFrame:
     """Acc of `conditions` per series (index: Method), columns the condition labels + `suffix`."""
     if not conditions:
         return pd.DataFrame()
-    table = _wide_table(df, conditions, ["series"], lambda k: {"Method": k["series"]}, metrics=("acc",), level_outer=True)
+    table = _wide_table(df, conditions, ["series"], lambda k: {"Method": k["series"]}, metrics=("acc",), level_outer=True,
+                        examples=examples)
     table.columns = [f"{c[1]}{suffix}" if isinstance(c, tuple) else c for c in table.columns]  # one level: no level row
     return table.set_index("Method")
 
 
-def table1_compact(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
+def table1_compact(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any],
+                   coverage: Mapping[str, int] | None = None) -> tuple[pd.DataFrame, str]:
     """Table 1 as a paper prints it: accuracy at the finest level (patch) of the primary classifier,
     clean, each attack at each eps under each of the paper's protocols (`feature`, then `head`;
     a column per protocol, marked when both ran), then the worst case at the largest eps; one row
     per method (a method's other group or backbone on a row of its own), methods in registry
-    order. A protocol without rows is named in the caption, not dropped in silence."""
+    order. A protocol without rows is named in the caption, not dropped in silence. With
+    `coverage` (the attacked subset's counts) each cell is the accuracy with its 95 % Wilson
+    interval instead of mean ± std (`fmt_ci`)."""
     df, classifier, objective = _prepare_whitebox(whitebox, study_cfg)
+    examples = examples_per_level(coverage, classifier) if coverage else None
     level = _levels(df)[0]
     present = protocols_present(whitebox, classifier)
     shown = present or [objective]
@@ -450,9 +501,10 @@ def table1_compact(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tupl
     attacked = {p: [(a, e) for a, e in condition_order(study_cfg, f) if a not in ("none", WORST_CASE)]
                 for p, f in frames.items()}
     worst = _pick_eps(base, WORST_CASE, max((e for c in attacked.values() for _, e in c), default=None))
-    blocks = [_compact_block(base, [("none", 0.0)] if (base["attack"] == "none").any() else [])]
-    blocks += [_compact_block(frames[p], attacked[p], f" ({p})" if len(shown) > 1 else "") for p in shown]
-    blocks += [_compact_block(base, [(WORST_CASE, worst)] if worst is not None else [])]
+    blocks = [_compact_block(base, [("none", 0.0)] if (base["attack"] == "none").any() else [], examples=examples)]
+    blocks += [_compact_block(frames[p], attacked[p], f" ({p})" if len(shown) > 1 else "", examples=examples)
+               for p in shown]
+    blocks += [_compact_block(base, [(WORST_CASE, worst)] if worst is not None else [], examples=examples)]
     blocks = [b for b in blocks if not b.empty]
     order = list(dict.fromkeys(base["series"]))
     n = pd.concat([b["n"] for b in blocks], axis=1).max(axis=1)
@@ -479,13 +531,22 @@ def table1_compact(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> tupl
             f" Worst case: a {level} counts as robust only if it is classified correctly under every attack and "
             f"objective at eps {worst:g} or below."
         )
-    caption += (" Mean ± std over n models (seeds). Every level is in the full table, every classifier, objective, "
-                "attack and MCA in the long one (CSV files beside this one).")
+    if examples is None:
+        caption += " Mean ± std over n models (seeds)."
+    else:
+        plural = {"patch": "patches"}.get(level, f"{level}s")
+        caption += (f" Accuracy [95 % Wilson interval] on the {examples.get(level, 0)} attacked {plural} per model "
+                    "(n models pooled): the sampling error of the subset, not the spread over seeds.")
+    caption += (" Every level is in the full table, every classifier, objective, attack and MCA in the long one "
+                "(CSV files beside this one).")
     return table, caption
 
 
-def table1_long(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> pd.DataFrame:
-    """Table 1's CSV: Acc and MCA mean/std over seeds for every (classifier, objective, attack, eps, level)."""
+def table1_long(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any],
+                coverage: Mapping[str, int] | None = None) -> pd.DataFrame:
+    """Table 1's CSV: Acc and MCA mean/std over seeds for every (classifier, objective, attack, eps, level);
+    with `coverage`, also `examples` (per model) and the accuracy's 95 % Wilson interval
+    (`acc_ci_low`, `acc_ci_high`; the n models pooled as n x examples trials)."""
     _check_columns(whitebox, WHITEBOX_REQUIRED, "whitebox results")
     df = whitebox.copy()
     if "objective" not in df:
@@ -512,7 +573,13 @@ def table1_long(whitebox: pd.DataFrame, study_cfg: Mapping[str, Any]) -> pd.Data
     long["_worst"] = long["attack"] == WORST_CASE
     sort = ["group", "method", "backbone", "_classifier", "classifier", "_worst", "_objective", "objective", "_attack", "attack", "eps", "_level"]
     long = long.sort_values(sort, kind="stable")
-    return long.drop(columns=[f"_{c}" for c in [*ranks, "worst"]]).reset_index(drop=True)
+    long = long.drop(columns=[f"_{c}" for c in [*ranks, "worst"]]).reset_index(drop=True)
+    if coverage:
+        long["examples"] = [examples_per_level(coverage, c).get(lvl, 0) for c, lvl in zip(long["classifier"], long["level"])]
+        bounds = [wilson_interval(a, int(n) * int(e)) for a, n, e in zip(long["acc_mean"], long["n"], long["examples"])]
+        long["acc_ci_low"] = [round(b[0], 2) for b in bounds]
+        long["acc_ci_high"] = [round(b[1], 2) for b in bounds]
+    return long
 
 
 def _models_for(study_cfg: Mapping[str, Any], df: pd.DataFrame, key: str, methods: Sequence[str]) -> list[str]:
@@ -909,8 +976,13 @@ def write_tables(
     labels = dict(zip(names["model"], names["label"]))
     shown = [m for m in names["model"] if not matrix.empty and m in set(matrix.index.get_level_values("Surrogate"))]
     runs = pd.DataFrame({"Model": [labels[m] for m in shown], "Run (results/runs/...)": shown}).set_index("Model")
+    table1_notes = [(f"Table 1 at every level ({TABLE1_FULL}): {full_caption.removeprefix('Table 1: ')}", full)]
+    if coverage:
+        # The intervals beside the paper's layout, as a note: the compact table keeps its cells.
+        ci, ci_caption = table1_compact(whitebox, study_cfg, coverage=coverage)
+        table1_notes.insert(0, (f"Table 1 with 95 % confidence intervals: {ci_caption.removeprefix('Table 1: ')}", ci))
     extras: dict[str, dict[str, Any]] = {
-        "table1": {"long": table1_long(whitebox, study_cfg), "notes": [(f"Table 1 at every level ({TABLE1_FULL}): {full_caption.removeprefix('Table 1: ')}", full)]},
+        "table1": {"long": table1_long(whitebox, study_cfg, coverage=coverage), "notes": table1_notes},
         "table2": {"blocks": [(summary_caption, summary)] if not summary.empty else [],
                    "notes": [("The models' runs:", runs)] if shown else []},
         **({"table6": {"long": table6_long(shift, study_cfg)}} if shift is not None and not shift.empty else {}),
