@@ -301,7 +301,9 @@ for _name, _run in RUN_CONFIGS.items():
 
 def pretrain_inputs(wildcards):
     """The manifest; for an HLSS model its attribute embeddings; for a model initialised from a
-    local weights file (model.pretrained_path), that file, so replacing it retrains the model."""
+    local weights file (model.pretrained_path), that file, so replacing it retrains the model;
+    for a model fine-tuned from another (init_from), that model's weights, so it runs after it
+    and retrains when they change."""
     out = {"manifest": MANIFEST}
     cfg = RUN_CONFIGS[wildcards.model]
     hlss = cfg["method"].get("hlss")
@@ -309,6 +311,8 @@ def pretrain_inputs(wildcards):
         out["text"] = hlss["text_embeddings"]
     if cfg["model"].get("pretrained_path"):
         out["weights"] = cfg["model"]["pretrained_path"]
+    if cfg["init_from"]:
+        out["init"] = f"{run_dir(cfg['init_from']['model'])}/model.safetensors"
     return out
 
 

@@ -4,6 +4,7 @@ refused with exit status 2, naming the file or the key, and nothing is written."
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 import textwrap
@@ -306,3 +307,276 @@ def test_dry_run_imports_the_external_encoder_and_evaluates_it(tmp_path):
     (workdir / "ext.safetensors").unlink()  # the weights file is the import's input: its absence stops the plan
     proc = snakemake("-n", "all", "--configfile", overlay, cwd=workdir)
     assert proc.returncode != 0 and "ext.safetensors" in proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- fine-tuning from an encoder
+
+
+def _encoder_run(tmp_path: Path, name: str = "enc", seed: int = 7, backbone: str = "test_resnet", **kwargs) -> tuple[Path, torch.nn.Module]:
+    """An imported timm encoder's run directory (16 px) and the timm model whose weights it holds."""
+    torch.manual_seed(seed)
+    saved = timm.create_model(backbone, **kwargs).eval()
+    weights = _save(saved, tmp_path / f"{name}.safetensors")
+    args = {"patch_size": kwargs["patch_size"]} if "patch_size" in kwargs else {}
+    run = import_encoder({"method": {"name": "pretrained"}, "data": {"image_size": 16},
+                          "model": {"backbone": backbone, "pretrained_path": str(weights), "backbone_args": args,
+                                    "head_hidden": [8], "embed_dim": 4}}, tmp_path / name)
+    return run, saved
+
+
+def _fine_tune_cfg(manifest: Path, source: Path, **model) -> dict:
+    from test_train import tiny_cfg
+
+    cfg = tiny_cfg(manifest, train={"steps": 2, "log_every": 1, "checkpoint_every": 2},
+                   init_from={"model": "enc", "run": str(source)})
+    cfg["model"].update(model)
+    return cfg
+
+
+def test_fine_tuning_starts_from_the_encoders_backbone_and_pins_its_hash(tiny_manifest, tmp_path, monkeypatch):
+    import hsat.train
+    from hsat.config import read_yaml
+    from hsat.encoders import file_sha256
+
+    source, saved = _encoder_run(tmp_path)
+    first: dict[str, torch.Tensor] = {}
+    real_step = hsat.train.hsat_step
+
+    def spy(model, *args, **kwargs):  # the backbone the first optimiser step starts from
+        if not first:
+            first.update({k: v.detach().clone() for k, v in model.backbone.state_dict().items()})
+        return real_step(model, *args, **kwargs)
+
+    monkeypatch.setattr(hsat.train, "hsat_step", spy)
+    run = pretrain(_fine_tune_cfg(tiny_manifest, source), tmp_path / "tuned")
+
+    want = {k: v for k, v in saved.state_dict().items() if not k.startswith("fc.")}  # the classifier is not the backbone's
+    assert set(first) == set(want)
+    for key, value in want.items():
+        torch.testing.assert_close(first[key], value, rtol=0, atol=0, msg=key)
+    recorded = read_yaml(run / "config.yaml")["init_from"]
+    assert recorded == {"model": "enc", "run": str(source), "sha256": file_sha256(source / "model.safetensors")}
+    trained = load_trained_model(run).backbone.state_dict()
+    assert any(not torch.equal(trained[k], want[k]) for k in want if want[k].is_floating_point())  # and it trained
+
+    # The same source: a finished run, nothing to do. Another source: a changed config, not resumed.
+    assert pretrain(_fine_tune_cfg(tiny_manifest, source), run) == run
+    _encoder_run(tmp_path, seed=8)  # the encoder's weights replaced in the same run directory
+    with pytest.raises(HSATError, match="init_from.sha256"):
+        pretrain(_fine_tune_cfg(tiny_manifest, source), run)
+
+
+def test_a_pinned_hash_that_does_not_match_is_refused(tiny_manifest, tmp_path):
+    source, _ = _encoder_run(tmp_path)
+    cfg = _fine_tune_cfg(tiny_manifest, source)
+    cfg["init_from"]["sha256"] = "0" * 64
+    with pytest.raises(HSATError, match=f"init_from.sha256: {source / 'model.safetensors'}"):
+        pretrain(cfg, tmp_path / "tuned")
+    assert not (tmp_path / "tuned" / "config.yaml").exists()
+
+
+def test_a_source_of_another_architecture_exits_2_naming_the_file_and_writes_nothing(tiny_manifest, tmp_path, capsys):
+    source, _ = _encoder_run(tmp_path, backbone="test_vit", img_size=16, patch_size=4)
+    cfg = write_yaml(tmp_path / "run.yaml", _fine_tune_cfg(tiny_manifest, source, backbone="test_resnet")) or tmp_path / "run.yaml"
+    assert main(["pretrain", "--run-config", str(cfg), "--out", str(tmp_path / "tuned")]) == 2
+    err = capsys.readouterr().err
+    assert str(source / "model.safetensors") in err and "does not fit this model's backbone" in err and "missing" in err
+    assert not (tmp_path / "tuned" / "config.yaml").exists() and not (tmp_path / "tuned" / "model.safetensors").exists()
+
+
+def test_a_missing_source_run_is_named(tiny_manifest, tmp_path):
+    with pytest.raises(HSATError, match=r"init_from.run: .*nowhere.*model.safetensors not found \(train or import model 'enc'"):
+        pretrain(_fine_tune_cfg(tiny_manifest, tmp_path / "nowhere"), tmp_path / "tuned")
+
+
+STUDY_BASE = {"results_dir": "res", "pretrain": {"model": {"backbone": "test_resnet"}, "data": {"image_size": 16}},
+              "models": {"hsat": {"method": {"name": "hsat"}}}}
+
+
+def _study(models: dict, **extra) -> dict:
+    from hsat.config import resolve_study
+
+    return resolve_study({**STUDY_BASE, **extra}, [{"models": models}])[0]
+
+
+def test_a_fine_tuned_model_inherits_the_encoders_architecture_unless_it_sets_it():
+    from hsat.config import run_config_for_model
+
+    enc = {"method": {"name": "pretrained"}, "data": {"image_size": 24},
+           "model": {"backbone": "test_vit", "pretrained_path": "w.safetensors", "backbone_args": {"patch_size": 4},
+                     "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}}
+    study = _study({"enc": enc, "tuned": {"method": {"name": "hsat"}, "init_from": "enc"},
+                    "own": {"method": {"name": "hidisc"}, "init_from": "enc", "group": "mine",
+                            "model": {"backbone_args": {"drop_path_rate": 0.1}}, "data": {"image_size": 32}}})
+    tuned = run_config_for_model(study, "tuned")
+    assert tuned["model"]["backbone"] == "test_vit" and tuned["model"]["backbone_args"] == {"patch_size": 4}
+    assert tuned["model"]["mean"] == [0.5, 0.5, 0.5] and tuned["data"]["image_size"] == 24
+    assert tuned["model"]["pretrained_path"] is None  # the weights come from the run, not the file again
+    assert tuned["init_from"] == {"model": "enc", "run": str(Path("res") / "runs" / "enc"), "sha256": None}
+    own = run_config_for_model(study, "own")
+    assert own["model"]["backbone_args"] == {"patch_size": 4, "drop_path_rate": 0.1} and own["data"]["image_size"] == 32
+    assert study["models"]["tuned"]["group"] == "from enc" and study["models"]["own"]["group"] == "mine"
+    assert run_config_for_model(study, "enc")["init_from"] is None
+
+
+@pytest.mark.parametrize(("models", "says"), [
+    ({"tuned": {"method": {"name": "hsat"}, "init_from": "nope"}}, "models.tuned.init_from: 'nope' is not a model of the study"),
+    ({"a": {"init_from": "b"}, "b": {"init_from": "a"}}, "starts a cycle"),
+    ({"tuned": {"method": {"name": "hsat"}, "init_from": "tuned"}}, "starts a cycle"),
+    ({"enc": {"method": {"name": "pretrained"}, "model": {"pretrained_path": "w.safetensors"}},
+      "bad": {"method": {"name": "pretrained"}, "init_from": "enc"}}, "models.bad.init_from: 'enc': method 'pretrained' trains nothing"),
+    ({"enc": {"method": {"name": "pretrained"}, "model": {"pretrained_path": "w.safetensors"}},
+      "both": {"init_from": "enc", "model": {"pretrained_path": "x.safetensors"}}}, "model.pretrained_path both"),
+    ({"tuned": {"init_from": 3}}, "models.tuned.init_from: 3 is not of type 'string'"),
+])
+def test_bad_init_from_is_refused_naming_the_key_and_value(models, says):
+    with pytest.raises(HSATError, match=re.escape(says)):
+        _study(models)
+
+
+def test_bad_init_from_exits_2_from_the_command_line(tmp_path, capsys):
+    study = tmp_path / "study.yaml"
+    write_yaml(study, {"models": {"tuned": {"method": {"name": "hsat"}, "init_from": "missing_encoder"}}})
+    assert main(["config", "show", "--study", str(study)]) == 2
+    assert "models.tuned.init_from: 'missing_encoder' is not a model of the study" in capsys.readouterr().err
+
+
+def _claim_rows(models: dict[str, tuple[str, str, int, float, float]]):
+    """Patch-level whitebox rows (kNN, eps 8): model -> (method, group, seed, clean acc, worst-case acc)."""
+    import pandas as pd
+
+    rows = []
+    for model, (method, group, seed, clean, worst) in models.items():
+        for attack, eps, acc in (("none", 0.0, clean), ("pgd", 8.0, worst + 1), ("worst_case", 8.0, worst)):
+            rows.append({"model": model, "method": method, "group": group, "seed": seed, "attack": attack, "eps": eps,
+                         "objective": "none" if attack == "none" else "feature", "classifier": "knn", "level": "patch",
+                         "acc": acc, "mca": acc})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("sources", [3, 1])
+def test_the_fine_tuning_claim_judges_the_worst_case_gain_and_measures_the_clean_cost(sources):
+    from hsat.report.claims import HOLDS, UNJUDGED, claims
+
+    models, entries = {}, {}
+    for s in range(3):
+        enc = f"enc_s{s}" if sources == 3 else "enc"
+        entries[enc] = {"method": {"name": "pretrained"}, "model": {"pretrained_path": "w.safetensors"}, "group": "from enc", "seed": s}
+        entries[f"tuned_s{s}"] = {"method": {"name": "hsat"}, "init_from": enc, "seed": s}
+        spread = s if sources == 3 else 1  # one encoder: the three sources' mean
+        models[enc] = ("pretrained", "from enc", s, 80.0 + spread, 10.0 + spread)
+        models[f"tuned_s{s}"] = ("hsat", "from enc", s, 70.0 + s, 40.0 + s)
+    study = _study(entries, evaluation={"max_val_patches": 100})
+    found = [c for c in claims(_claim_rows(models), None, None, study) if c["id"] == "finetune_worst_case"]
+    assert len(found) == 1
+    c = found[0]
+    assert c["group"] == "from enc" and c["numbers"]["clean_cost"] == pytest.approx(10.0)
+    assert c["numbers"]["difference"] == pytest.approx(30.0) and "clean" in c["measured"]
+    if sources == 3:
+        assert c["verdict"] == HOLDS and len(c["numbers"]["tests"]) == 2  # the gain and the clean cost, each tested
+        lo, hi = c["numbers"]["tests"][1]["interval"]
+        assert lo < 10.0 < hi
+    else:
+        assert c["verdict"] == UNJUDGED and "fewer than 3 seeds" in c["reason"]
+
+
+def _fine_tune_study(workdir: Path, weights: str, init_from: str = "ext") -> str:
+    """The tiny study's `ext` and `hsat_ext` alone (as config/tiny.yaml names them), `ext` read
+    from the timm encoder the test saved to `weights`; the evaluations beside the sweep off."""
+    import yaml
+
+    tiny = yaml.safe_load((workdir / "config" / "tiny.yaml").read_text(encoding="utf-8"))
+    ext, tuned = tiny["models"]["ext"], tiny["models"]["hsat_ext"]
+    ext["model"] = {"backbone": "test_resnet", "pretrained_path": weights}
+    tuned["init_from"] = init_from
+    tiny["results_dir"] = "results/ft"
+    tiny["models"] = {"ext": ext, "hsat_ext": tuned}
+    ev = tiny["evaluation"]
+    for section in ("transfer", "sanity", "mil", "attention", "language", "shift"):
+        ev[section] = {"enabled": False, "models": []}
+    (workdir / "config" / "ft.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False), encoding="utf-8")
+    return "config/ft.yaml"
+
+
+def _dag_edges(dot: str) -> set[tuple[str, str]]:
+    """(rule model, rule model) edges of `snakemake --dag` (Graphviz) output."""
+    import re as _re
+
+    labels = {m.group(1): m.group(2).replace("\\n", " ") for m in _re.finditer(r'^\s*(\d+)\[label = "([^"]*)"', dot, _re.M)}
+    return {(labels[a], labels[b]) for a, b in _re.findall(r"^\s*(\d+) -> (\d+)", dot, _re.M)}
+
+
+@pytest.mark.slow
+def test_dry_run_orders_the_fine_tuning_after_its_encoder(tmp_path):
+    from test_workflow import copy_workflow, planned_jobs, snakemake
+
+    workdir = copy_workflow(tmp_path / "wf")
+    torch.manual_seed(0)
+    _save(timm.create_model("test_resnet"), workdir / "ext.safetensors")
+    study = _fine_tune_study(workdir, "ext.safetensors")
+
+    proc = snakemake("-n", "all", "--configfile", study, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = planned_jobs(proc)
+    assert jobs["import_encoder"] == 1 and jobs["pretrain"] == 1 and jobs["evaluate"] == 2
+    block = next(b for b in proc.stdout.split("rule ") if b.startswith("pretrain:") and "model=hsat_ext" in b)
+    assert "results/ft/runs/ext/model.safetensors" in block.split("input:", 1)[1].splitlines()[0]
+    dag = snakemake("--dag", "dot", "all", "--configfile", study, cwd=workdir)
+    assert dag.returncode == 0, dag.stderr[-3000:]
+    edges = _dag_edges(dag.stdout)
+    assert ("import_encoder model: ext", "pretrain model: hsat_ext") in edges
+
+    study = _fine_tune_study(workdir, "ext.safetensors", init_from="no_such_model")
+    proc = snakemake("-n", "all", "--configfile", study, cwd=workdir)
+    assert proc.returncode == 2 and "models.hsat_ext.init_from: 'no_such_model' is not a model of the study" in proc.stderr
+
+
+@pytest.mark.slow
+def test_tiny_study_evaluates_the_encoder_and_hsat_fine_tuned_from_it(tmp_path):
+    """One real run of the tiny DAG for the two models: the fine-tuned backbone starts from the
+    encoder's, both are in whitebox.csv, the claim names them; replacing the encoder's weights
+    reruns both chains."""
+    import json
+
+    import pandas as pd
+
+    from hsat.config import read_yaml
+    from hsat.encoders import file_sha256
+    from test_workflow import copy_workflow, planned_jobs, snakemake
+
+    workdir = copy_workflow(tmp_path / "wf")
+    torch.manual_seed(0)
+    saved = timm.create_model("test_resnet").eval()
+    _save(saved, workdir / "ext.safetensors")
+    study = _fine_tune_study(workdir, "ext.safetensors")
+    proc = snakemake("results/ft/claims.md", "--cores", "2", "--configfile", study, cwd=workdir)  # figures aside
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = workdir / "results" / "ft"
+
+    assert (res / "benchmarks" / "import_encoder" / "ext.tsv").is_file()
+    assert not (res / "benchmarks" / "pretrain" / "ext.tsv").exists()  # the encoder trains nothing
+    tuned_cfg = read_yaml(res / "runs" / "hsat_ext" / "config.yaml")
+    assert tuned_cfg["init_from"]["sha256"] == file_sha256(res / "runs" / "ext" / "model.safetensors")
+    # 3 steps at lr <= 1e-3 move a parameter by a few 1e-3 (Adam; batch-norm running statistics
+    # move faster and are left out): the backbone is still the encoder's, while an independently
+    # initialised one differs by far more.
+    tuned = load_trained_model(res / "runs" / "hsat_ext").backbone.state_dict()
+    want = {k: v.detach() for k, v in saved.named_parameters() if k in tuned}
+    assert len(want) > 10
+    torch.manual_seed(1)
+    other = timm.create_model("test_resnet").state_dict()
+    assert max(float((tuned[k] - v).abs().max()) for k, v in want.items()) < 0.05
+    assert max(float((other[k] - v).abs().max()) for k, v in want.items()) > 0.2
+
+    wb = pd.read_csv(res / "whitebox.csv")
+    assert {"ext", "hsat_ext"} <= set(wb.loc[wb["attack"] == "worst_case", "model"])
+    assert set(wb.loc[wb["model"] == "hsat_ext", "group"]) == {"from ext"}
+    claims_md = (res / "claims.md").read_text(encoding="utf-8")
+    assert "finetune_worst_case" in claims_md and "HSAT from ext" in claims_md
+    metrics = json.loads((res / "metrics.json").read_text(encoding="utf-8"))
+    assert "finetune_worst_case" in json.dumps(metrics)
+
+    torch.manual_seed(2)  # another encoder in the same file: both models are redone
+    _save(timm.create_model("test_resnet"), workdir / "ext.safetensors")
+    jobs = planned_jobs(snakemake("-n", "results/ft/claims.md", "--configfile", study, cwd=workdir))
+    assert jobs.get("import_encoder") == 1 and jobs.get("pretrain") == 1 and jobs.get("evaluate") == 2, jobs

@@ -129,7 +129,9 @@ def test_dry_run_builds_the_dag(workdir, configfile):
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = planned_jobs(proc)
     models = yaml.safe_load((workdir / configfile).read_text())["models"]
-    assert jobs["pretrain"] == len(models) and jobs["evaluate"] == len(models)
+    imported = [m for m, c in models.items() if c["method"]["name"] == "pretrained"]  # read, not trained
+    assert jobs["pretrain"] == len(models) - len(imported) and jobs.get("import_encoder", 0) == len(imported)
+    assert jobs["evaluate"] == len(models)
     assert jobs["tables"] == 1 and jobs["figures"] == 1
     # One job per model embeds, sweeps and (when MIL covers every model, as by default) fits and
     # attacks the MIL head, chaining the verbs in one process; a MIL subset keeps its own rule.
@@ -228,8 +230,8 @@ def test_tiny_study_under_dvc_then_nothing_to_do_then_one_model_reruns(tiny_dvc)
     resolved = load_study_config(res / "config.resolved.yaml")
     jobs, dropped = job_costs(res / "benchmarks", resolved)
     assert dropped == 0 and len(jobs) == len(list((res / "benchmarks").rglob("*.tsv")))
-    for rule in ("pretrain", "evaluate"):
-        assert set(jobs.loc[jobs["rule"] == rule, "model"]) == set(resolved["models"])
+    for rules in (("pretrain", "import_encoder"), ("evaluate",)):
+        assert set(jobs.loc[jobs["rule"].isin(rules), "model"]) == set(resolved["models"])
     assert cost_tables(jobs)["total"].iloc[0]["job_seconds"] == pytest.approx(jobs["seconds"].sum())
 
     status = run("status")

@@ -271,6 +271,10 @@ def resolve_study(
         named |= leaf_paths(extra) | set_paths(extra)
     source = " + ".join(sources)
     cfg = validate(cfg, "study", source=source)
+    check_init_from(cfg, source)
+    for spec in cfg["models"].values():  # a fine-tuned model's rows: a group of their own by default
+        if spec.get("init_from") and "group" not in spec:
+            spec["group"] = f"from {spec['init_from']}"
     # The shared run settings with the run defaults filled in, so the resolved study shows them.
     cfg["pretrain"] = validate(cfg["pretrain"], "run", source=f"{source}: pretrain")
     return cfg, named
@@ -305,14 +309,72 @@ def resolve_evaluation(cfg_eval: Mapping[str, Any], source: str = "evaluation") 
     return validate(cfg_eval, "evaluation", source=source)
 
 
+INHERITED_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("model", "backbone"), ("model", "backbone_args"), ("model", "factory"), ("model", "mean"), ("model", "std"),
+    ("data", "image_size"), ("data", "resize"),
+)
+"""What a model with `init_from` takes from the model it starts from unless its own entry sets it:
+the architecture its weights fit and the preprocessing they were made for (backbone_args merge
+key by key)."""
+
+
+def check_init_from(study: Mapping[str, Any], source: str = "config") -> None:
+    """Every `init_from` names another model of the study, one that trains or imports an encoder,
+    without a cycle, and a model that starts from it trains (HSATError naming the key and value)."""
+    from hsat.methods import trains_encoder  # local: keeps torch out of the workflow's own process
+
+    models = study.get("models") or {}
+    if (study.get("pretrain") or {}).get("init_from"):
+        raise HSATError(f"{source}: pretrain.init_from: set init_from in the model entries that start from "
+                        "another model (models.NAME.init_from: OTHER)")
+    for name, spec in models.items():
+        chain = [name]
+        while (init := (models.get(chain[-1]) or {}).get("init_from")) is not None:
+            key = f"models.{chain[-1]}.init_from"
+            if init not in models:
+                raise HSATError(f"{source}: {key}: {init!r} is not a model of the study (have: {', '.join(models)})")
+            if init in chain:
+                raise HSATError(f"{source}: {key}: {init!r} starts a cycle ({' -> '.join([*chain, init])})")
+            chain.append(init)
+        if spec.get("init_from") is None:
+            continue
+        if not trains_encoder(spec.get("method") or {}):
+            raise HSATError(f"{source}: models.{name}.init_from: {spec['init_from']!r}: method "
+                            f"{(spec.get('method') or {}).get('name')!r} trains nothing to start from it "
+                            "(give the fine-tuning model a training method, e.g. hsat)")
+        own = spec.get("model") or {}
+        for key in ("pretrained_path", "pretrained"):
+            if own.get(key):
+                raise HSATError(f"{source}: models.{name}: init_from {spec['init_from']!r} and model.{key} both "
+                                "give the initial weights; keep one")
+
+
+def _init_settings(study: Mapping[str, Any], model: str) -> dict:
+    """The settings a model with `init_from` inherits (`INHERITED_SETTINGS`), its weights'
+    origin (`init_from`: the source's name and run directory) and no other initial weights."""
+    init = study["models"][model]["init_from"]
+    source = run_config_for_model(study, init)
+    out: dict = {"model": {"pretrained": False, "pretrained_path": None}}
+    for section, key in INHERITED_SETTINGS:
+        if source[section].get(key) is not None:
+            out.setdefault(section, {})[key] = copy.deepcopy(source[section][key])
+    out["init_from"] = {"model": init, "run": str(Path(study.get("results_dir", "results")) / "runs" / init)}
+    return out
+
+
 def run_config_for_model(study: Mapping[str, Any], model: str, manifest: str | None = None) -> dict:
-    """The resolved run config of one model of the study matrix."""
+    """The resolved run config of one model of the study matrix (a model with `init_from`: the
+    source model's architecture settings under its own, `_init_settings`)."""
     if model not in study["models"]:
         raise HSATError(f"model {model!r} is not in the study config (have: {', '.join(study['models'])})")
     from hsat.methods import resolve_method  # local: keeps torch out of the workflow's own process
 
-    overrides = {k: v for k, v in study["models"][model].items() if k != "group"}
-    cfg = deep_merge(study.get("pretrain", {}), overrides)
+    overrides = {k: v for k, v in study["models"][model].items() if k not in ("group", "init_from")}
+    base = study.get("pretrain", {})
+    if study["models"][model].get("init_from") is not None:
+        check_init_from(study)
+        base = deep_merge(base, _init_settings(study, model))
+    cfg = deep_merge(base, overrides)
     if manifest is not None:
         cfg = deep_merge(cfg, {"data": {"manifest": str(manifest)}})
     cfg = validate(cfg, "run", source=f"models.{model}")

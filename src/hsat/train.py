@@ -60,6 +60,7 @@ from hsat.data.sampler import HierarchicalBatchSampler, HierarchicalDataset, mak
 from hsat.data.srh import read_image
 from hsat.data.transforms import check_patch_size, loss_weights, strength_at
 from hsat.distributed import convert_sync_batchnorm, gather_with_grad, init_distributed, wrap_ddp
+from hsat.encoders import init_weights, load_init_backbone
 from hsat.errors import HSATError
 from hsat.io import atomic_stream, remove_temporaries, write_text, write_yaml
 from hsat.methods import Objective, Robust, build_objective, resolve_method, trains_encoder
@@ -663,6 +664,7 @@ def pretrain(
     _check_first_patch(cfg)  # a patch too small for the crop stops here, before anything is written
     fit_to_data(cfg)
     build_objective(method).complete_config(cfg, out_dir)  # HLSS: the text embeddings' shape
+    init_path = init_weights(cfg)  # fine-tuning: the source's hash joins the config, so a changed source retrains
 
     # ============ processes, device, precision ... ============
     rank, world, _local_rank, device = init_distributed(cfg["device"])
@@ -694,6 +696,9 @@ def pretrain(
     if state is not None:
         model.load_state_dict(state["model"])
     else:
+        if init_path is not None:
+            load_init_backbone(model, init_path)  # robust fine-tuning: the source's backbone at step 0
+            log.info("%s: backbone initialised from %s (sha256 %s)", out_dir, init_path, cfg["init_from"]["sha256"])
         build_objective(method).init_model(model)  # HLSS: level heads from the attribute embeddings
     model = model.to(device)
     if cfg["channels_last"]:

@@ -81,6 +81,7 @@ ROBUSTNESS_CLAIMS = (
     "whitebox_worst_case", "whitebox_pgd", "blackbox_contrast", "level_order_worst_case",
     "lmax_ablation", "reference_learnable", "reference_ceiling", "robust_hlss_worst_case", "robust_hlss_transfer",
     "robust_dino_worst_case", "robust_dino_transfer", "language_attack", "vit_vs_cnn_baseline", "vit_vs_cnn_dino",
+    "finetune_worst_case",
 )
 """Claims about robust accuracy: a failed sanity check of the attacks puts a caveat on each."""
 _CONFIDENCE = f"{100 * (1 - ALPHA):g} %"
@@ -635,6 +636,44 @@ def vit_cnn_claims(df: pd.DataFrame, seeds: Mapping[str, Any], baseline: str, wo
     return out
 
 
+def fine_tune_claims(df: pd.DataFrame, study_cfg: Mapping[str, Any], seeds: Mapping[str, Any], worst_eps: float | None,
+                     setting: Mapping[str, Any], sets: Mapping[str, frozenset]) -> list[dict[str, Any]]:
+    """HSAT fine-tuned from an encoder (`init_from`) vs that encoder frozen, per (group, backbone)
+    of the fine-tuned models: the worst case it gains (the verdict) and the clean accuracy it
+    gives up (measured beside it, with its interval). The frozen side's units are the source
+    models the fine-tuned ones start from, so each side needs MIN_SEEDS models (e.g. the encoder
+    listed under three seeds, one fine-tuning from each) to be judged."""
+    tuned = {str(m): str(spec["init_from"]) for m, spec in (study_cfg.get("models") or {}).items() if spec.get("init_from")}
+    if df.empty or not tuned:
+        return []
+    out = []
+    at_worst = dict(setting, attack=WORST_CASE, eps=worst_eps)
+    eps_text = f"eps {worst_eps:g}/255" if worst_eps is not None else "eps –"
+    rows = df[df["model"].isin(list(tuned)) & (df["method"] == "hsat")]
+    for (group, backbone), g in rows.groupby(["group", "backbone"], sort=True):
+        sources = sorted({tuned[m] for m in g["model"]})
+        frozen = df[df["model"].isin(sources)].assign(method="frozen")
+        arm = lambda rows, method, attack, eps: _whitebox_arm(rows, method, attack, eps, seeds, setting.get("n_examples"))  # noqa: E731
+        tuned_worst, frozen_worst = arm(g, "hsat", WORST_CASE, worst_eps), arm(frozen, "frozen", WORST_CASE, worst_eps)
+        tuned_clean, frozen_clean = arm(g, "hsat", "none", 0.0), arm(frozen, "frozen", "none", 0.0)
+        for tuned_arm, frozen_arm in ((tuned_worst, frozen_worst), (tuned_clean, frozen_clean)):
+            tuned_arm["label"], frozen_arm["label"] = f"HSAT from {', '.join(sources)}", f"{', '.join(sources)} frozen"
+        cost = welch_gap(frozen_clean, tuned_clean)
+        c = _comparison(
+            "finetune_worst_case",
+            f"fine-tuning {', '.join(sources)} with HSAT raises its worst-case accuracy ({eps_text}) over the frozen "
+            "encoder, at the clean cost measured",
+            "not reported: robust fine-tuning of a pathology encoder with HSAT's min-max is this study's question",
+            tuned_worst, frozen_worst, group, backbone, clean_cost=cost["gap"], **at_worst,
+        )
+        c["measured"] += f"; clean {_describe(frozen_clean)} -> {_describe(tuned_clean)}: {_gap_text(cost)}"
+        c["numbers"]["tests"].append(_test_record(cost))
+        if worst_eps is None:
+            c["verdict"], c["reason"] = UNJUDGED, "no worst_case rows"
+        out.append(_same_attacks(c, [tuned_worst, frozen_worst], sets))
+    return out
+
+
 def language_claims(language: pd.DataFrame | None, seeds: Mapping[str, Any]) -> list[dict[str, Any]]:
     """What the marker-similarity figure shows, as claims: a sample lies nearest its own class's
     markers (zero-shot marker MCA above chance), and an attack moves HLSS's samples to other
@@ -854,6 +893,7 @@ def claims(
     if whitebox is not None and not whitebox.empty:
         out += vit_cnn_claims(df, seeds, baseline, worst_eps, setting, sets, examples)
         out += dino_claims(df, study_cfg, seeds, worst_eps, setting, sets, transfer, examples)
+        out += fine_tune_claims(df, study_cfg, seeds, worst_eps, setting, sets)
     out += language_claims(language, seeds)
     out += shift_claims(shift, study_cfg, seeds, baseline, setting)
 

@@ -93,7 +93,8 @@ def model_info(study_cfg: Mapping[str, Any]) -> pd.DataFrame:
             {
                 "model": name,
                 "backbone": run["model"]["backbone"],
-                "pretrained": bool(run["model"]["pretrained"] or run["model"]["pretrained_path"] or run["model"].get("factory")),
+                "pretrained": bool(run["model"]["pretrained"] or run["model"]["pretrained_path"] or run["model"].get("factory")
+                                   or run.get("init_from")),
                 "cfg_group": spec.get("group"),
                 "cfg_method": run["method"]["name"],
                 "min_levels": "+".join(run["method"]["min_levels"]),
