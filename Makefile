@@ -11,7 +11,7 @@ CORES ?= 2
 # pip's extra indexes on some machines print one warning per package; keep the log readable.
 QUIET_PIP := { grep -v '^WARNING: Location' || true; }
 
-.PHONY: setup study study-all test lint bench cost clean-results slurm-check gpu-check
+.PHONY: setup study study-all test rehearsal lint bench cost clean-results slurm-check gpu-check
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ study-all: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The tests `make test` leaves out for time (marker `long`): the paper-scale rehearsal of the whole
+# DAG under `dvc repro` on a fake OpenSRH (10.6 minutes on 2 shared cores) and gpu_check's CPU path.
+rehearsal: $(STAMP)
+	$(BIN)/python -m pytest -q -m long
 
 # The study through profiles/slurm on a throwaway one-node SLURM, checked against a local run
 # (tests/slurm_check.py: as root it installs Debian's slurm-wlm and munge when missing; exit 77 =

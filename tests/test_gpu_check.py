@@ -20,6 +20,7 @@ def test_without_a_gpu_it_says_so_and_exits_77(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(1800)
 def test_dry_path_on_the_cpu_writes_every_figure(tmp_path):
     out = tmp_path / "gpu_check.json"

@@ -185,6 +185,7 @@ def test_every_paper_model_takes_a_training_and_an_attack_step(name, fake_manife
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.timeout(3600)  # a hang guard above dvc()'s own 3000 s
 def test_rehearsal_whole_dag_under_dvc_repro(tmp_path):
     """DAG_MODELS through every stage under `dvc repro` from the fake download: the data stage
