@@ -197,6 +197,20 @@ def workflow_copy(tmp_path: Path, tiny_cohort: Path, tiny_manifest: Path) -> Pat
     cfg = yaml.safe_load(opensrh.read_text(encoding="utf-8"))
     cfg["dataset"]["root"] = str(tiny_cohort)
     opensrh.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    # The paper-scale rehearsal reads the same fake root (its test writes a format-exact one), and
+    # the foundation-model overlay's placeholder weights path is the reader's to edit: a file there.
+    rehearsal = tmp_path / "config" / "opensrh_rehearsal.yaml"
+    cfg = yaml.safe_load(rehearsal.read_text(encoding="utf-8"))
+    cfg["dataset"]["root"] = str(tiny_cohort)
+    rehearsal.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    foundation = tmp_path / "config" / "foundation.yaml"
+    cfg = yaml.safe_load(foundation.read_text(encoding="utf-8"))
+    for entry in cfg["models"].values():
+        weights = tmp_path / "weights" / Path(entry["model"]["pretrained_path"]).name
+        weights.parent.mkdir(exist_ok=True)
+        weights.touch()
+        entry["model"]["pretrained_path"] = str(weights)
+    foundation.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     # The files the docs have the reader write, and a stand-in for the manifest one names (a dry
     # run only needs it to exist: the manifest of the embedded cohort).
     for name, body in READER_FILES.items():
@@ -205,6 +219,12 @@ def workflow_copy(tmp_path: Path, tiny_cohort: Path, tiny_manifest: Path) -> Pat
         if manifest and not (tmp_path / manifest).exists():
             (tmp_path / manifest).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(tiny_manifest, tmp_path / manifest)
+        # A dry run only needs the weights files the reader's file names to exist.
+        for entry in (yaml.safe_load(body).get("models") or {}).values():
+            weights = ((entry or {}).get("model") or {}).get("pretrained_path")
+            if weights and not Path(weights).is_absolute():
+                (tmp_path / weights).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / weights).touch()
     return tmp_path
 
 
@@ -294,7 +314,7 @@ def test_readme_make_command_dry_runs(workflow_copy, command):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stdout + proc.stderr
     ran = _dry_run_snakemake_lines(proc.stdout, workflow_copy)
-    assert ran or words[1] in {"setup", "test"}, f"{command} runs no Snakemake command: {proc.stdout}"
+    assert ran or words[1] in {"setup", "test", "rehearsal", "gpu-check"}, f"{command} runs no Snakemake command: {proc.stdout}"
     if words[1] == "test":
         assert "pytest" in proc.stdout
 

@@ -280,6 +280,7 @@ def _overlay_with_an_external_encoder(workdir: Path, weights: str) -> str:
     ev["transfer"]["models"] = ev["mil"]["models"] = ["hsat", "ext"]
     ev["sanity"]["models"] = ["ext"]
     ev["attention"] = {"enabled": True, "models": []}
+    ev["shift"] = {"enabled": False}  # the tiny study's shift list names models this overlay drops
     (workdir / "config" / "ext.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False), encoding="utf-8")
     return "config/ext.yaml"
 
