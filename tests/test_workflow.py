@@ -478,7 +478,7 @@ def test_opensrh_root_data_stage_runs_and_dvc_outputs_exist(workdir):
     proc = snakemake("-n", "all", "--configfile", "config/root.yaml", cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = planned_jobs(proc)
-    assert "synth" not in jobs and "prepare" not in jobs and jobs["pretrain"] == len(cfg["models"])
+    assert "synth" not in jobs and "prepare" not in jobs and jobs["pretrain"] + jobs.get("import_encoder", 0) == len(cfg["models"])
 
     params = workdir / "params.yaml"
     p = yaml.safe_load(params.read_text())
